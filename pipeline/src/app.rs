@@ -1,0 +1,126 @@
+//! Start-up shared by every stage binary: arguments, logging, topology,
+//! metrics, connections; then the runtime until SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, BusError};
+use crate::error::StageError;
+use crate::runtime::{self, Ctx, Handler};
+use crate::store::{Store, StoreError};
+use crate::topology::{StageName, Topology, TopologyError, TOPOLOGY_ENV};
+
+/// Command-line arguments every stage binary takes.
+#[derive(Debug, clap::Parser)]
+pub struct StageArgs {
+    /// Topology file describing the deployment.
+    #[arg(long, short, env = TOPOLOGY_ENV, default_value = "topology.toml")]
+    pub topology: PathBuf,
+    /// Prometheus listen address, overriding the stage's `metrics_addr` (use one port per process).
+    #[arg(long, env = "PIPELINE_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+    /// Log format: `human` or `json`.
+    #[arg(long, env = "PIPELINE_LOG_FORMAT", default_value = "human")]
+    pub log_format: LogFormat,
+}
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One readable line per event.
+    Human,
+    /// One JSON object per event.
+    Json,
+}
+
+/// Why a stage could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The topology is unreadable or invalid.
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    /// NATS is unreachable.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// The object store cannot be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The metrics listener could not start.
+    #[error("metrics listener on {addr}: {reason}")]
+    Metrics {
+        /// Address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The stage's own set-up failed.
+    #[error("{0}")]
+    Stage(String),
+}
+
+/// Installs the `tracing` subscriber (filter from `RUST_LOG`, default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Serves Prometheus metrics on `addr` (`host:port`; port 0 disables).
+pub fn init_metrics(addr: &str) -> Result<(), StartError> {
+    let err = |reason: String| StartError::Metrics { addr: addr.to_string(), reason };
+    let socket: SocketAddr = addr.parse().map_err(|e: std::net::AddrParseError| err(e.to_string()))?;
+    if socket.port() == 0 {
+        return Ok(());
+    }
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(socket)
+        .install()
+        .map_err(|e| err(e.to_string()))
+}
+
+/// A started stage process, ready to run its handler.
+pub struct Stage {
+    /// Shared infrastructure for the handler.
+    pub ctx: Arc<Ctx>,
+}
+
+impl Stage {
+    /// Parses arguments, sets up logging and metrics, loads the topology and connects.
+    pub async fn start(stage: StageName) -> Result<Self, StartError> {
+        use clap::Parser;
+        let args = StageArgs::parse();
+        init_logging(args.log_format);
+        let topology = Topology::load(&args.topology)?;
+        let metrics_addr = args
+            .metrics_addr
+            .or_else(|| topology.stage(stage).metrics_addr.map(String::from));
+        if let Some(addr) = metrics_addr {
+            // A second replica on the same host finds the port taken; it keeps working without metrics.
+            if let Err(e) = init_metrics(&addr) {
+                tracing::warn!(error = %e, "metrics disabled");
+            }
+        }
+        let bus = Bus::connect(&topology.nats.url, &format!("facepipe-{stage}"), true).await?;
+        let store = Store::open(&topology.object_store.url)?;
+        Ok(Self { ctx: Arc::new(Ctx { stage, topology, bus, store }) })
+    }
+
+    /// Runs `handler` until SIGINT or SIGTERM, then shuts down gracefully.
+    pub async fn run<H: Handler>(self, handler: H) -> Result<(), StageError> {
+        let shutdown = CancellationToken::new();
+        let trigger = shutdown.clone();
+        tokio::spawn(async move {
+            runtime::shutdown_signal().await;
+            tracing::info!("shutdown requested");
+            trigger.cancel();
+        });
+        runtime::run(self.ctx, Arc::new(handler), shutdown).await
+    }
+}

@@ -1,0 +1,195 @@
+//! Reading a ZIP entry by entry with bounded memory.
+//!
+//! Only the central directory and one entry at a time are held in memory, so
+//! an archive of any size unpacks in constant memory per entry. Each entry
+//! becomes an [`Entry`]: an image to process, a non-image to skip, or an image
+//! that cannot be read (recorded as that image's failure, not the batch's).
+
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::Path;
+
+use crate::keys;
+use crate::topology::ExtractParams;
+
+/// Why an archive could not be read at all.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    /// The file is missing or unreadable.
+    #[error("cannot open archive: {0}")]
+    Io(#[from] std::io::Error),
+    /// The file is not a ZIP, or its central directory is corrupt.
+    #[error("not a readable ZIP archive: {0}")]
+    Invalid(#[from] zip::result::ZipError),
+}
+
+/// One entry of the archive.
+#[derive(Debug)]
+pub enum Entry {
+    /// An image entry and its bytes.
+    Image {
+        /// Dense index among image entries (0, 1, 2, ...), stable for the same archive.
+        index: usize,
+        /// Entry name in the archive.
+        name: String,
+        /// Uncompressed content.
+        bytes: Vec<u8>,
+    },
+    /// An image entry that could not be read (too large, encrypted, corrupt data).
+    Unreadable {
+        /// Dense index among image entries.
+        index: usize,
+        /// Entry name in the archive.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// A file whose extension is not an image's; skipped and counted.
+    Skipped {
+        /// Entry name in the archive.
+        name: String,
+    },
+}
+
+/// Totals after the whole archive was read.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// Image entries (readable or not): the batch's image count.
+    pub images: usize,
+    /// Names of skipped non-image entries.
+    pub skipped: Vec<String>,
+}
+
+/// Reads `path` entry by entry, handing each to `sink`; stops early when `sink` returns false.
+pub fn read_entries(
+    path: &Path,
+    params: &ExtractParams,
+    mut sink: impl FnMut(Entry) -> bool,
+) -> Result<Summary, ArchiveError> {
+    let mut archive = zip::ZipArchive::new(BufReader::new(File::open(path)?))?;
+    let mut summary = Summary::default();
+    for i in 0..archive.len() {
+        let read = match archive.by_index(i) {
+            Ok(entry) => Ok(read_entry(entry, summary.images, params)),
+            Err(e) => Err(e),
+        };
+        let entry = match read {
+            Ok(entry) => entry,
+            Err(e) => {
+                let name = archive.name_for_index(i).unwrap_or("<unnamed>").to_string();
+                if is_image_name(&name, params) {
+                    Some(Entry::Unreadable { index: summary.images, name, reason: e.to_string() })
+                } else {
+                    Some(Entry::Skipped { name })
+                }
+            }
+        };
+        let Some(entry) = entry else { continue };
+        match &entry {
+            Entry::Image { .. } | Entry::Unreadable { .. } => summary.images += 1,
+            Entry::Skipped { name } => summary.skipped.push(name.clone()),
+        }
+        if !sink(entry) {
+            break;
+        }
+    }
+    Ok(summary)
+}
+
+fn is_image_name(name: &str, params: &ExtractParams) -> bool {
+    keys::extension(name).is_some_and(|ext| params.image_extensions.iter().any(|e| e.eq_ignore_ascii_case(&ext)))
+}
+
+/// Classifies and reads one entry; `None` for directories.
+fn read_entry<R: Read>(mut entry: zip::read::ZipFile<'_, R>, index: usize, params: &ExtractParams) -> Option<Entry> {
+    if entry.is_dir() {
+        return None;
+    }
+    let name = entry.name().to_string();
+    if !is_image_name(&name, params) {
+        return Some(Entry::Skipped { name });
+    }
+    if entry.size() > params.max_entry_bytes {
+        let reason = format!("entry of {} bytes exceeds the {} byte limit", entry.size(), params.max_entry_bytes);
+        return Some(Entry::Unreadable { index, name, reason });
+    }
+    // The declared size can lie; never read past the limit whatever it says.
+    let mut bytes = Vec::with_capacity(entry.size() as usize);
+    let read = (&mut entry).take(params.max_entry_bytes + 1).read_to_end(&mut bytes);
+    match read {
+        Err(e) => Some(Entry::Unreadable { index, name, reason: format!("cannot read entry: {e}") }),
+        Ok(n) if n as u64 > params.max_entry_bytes => Some(Entry::Unreadable {
+            index,
+            name,
+            reason: format!("entry exceeds the {} byte limit", params.max_entry_bytes),
+        }),
+        Ok(_) => Some(Entry::Image { index, name, bytes }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn zip_with(entries: &[(&str, &[u8])]) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let mut w = zip::ZipWriter::new(file.reopen().unwrap());
+        for (name, data) in entries {
+            if name.ends_with('/') {
+                w.add_directory(*name, zip::write::SimpleFileOptions::default()).unwrap();
+            } else {
+                w.start_file(*name, zip::write::SimpleFileOptions::default()).unwrap();
+                w.write_all(data).unwrap();
+            }
+        }
+        w.finish().unwrap();
+        file
+    }
+
+    #[test]
+    fn classifies_entries_with_dense_image_indices() {
+        let zip = zip_with(&[
+            ("photos/", b""),
+            ("photos/a.jpg", b"aaa"),
+            ("notes.txt", b"hello"),
+            ("photos/B.PNG", b"bbbb"),
+        ]);
+        let mut seen = Vec::new();
+        let summary = read_entries(zip.path(), &ExtractParams::default(), |e| {
+            seen.push(match e {
+                Entry::Image { index, name, bytes } => format!("image {index} {name} {}", bytes.len()),
+                Entry::Unreadable { index, name, .. } => format!("bad {index} {name}"),
+                Entry::Skipped { name } => format!("skip {name}"),
+            });
+            true
+        })
+        .unwrap();
+        assert_eq!(seen, vec!["image 0 photos/a.jpg 3", "skip notes.txt", "image 1 photos/B.PNG 4"]);
+        assert_eq!(summary, Summary { images: 2, skipped: vec!["notes.txt".into()] });
+    }
+
+    #[test]
+    fn oversized_entries_are_unreadable_images() {
+        let zip = zip_with(&[("big.jpg", &[0u8; 2048]), ("ok.jpg", b"x")]);
+        let params = ExtractParams { max_entry_bytes: 1024, ..ExtractParams::default() };
+        let mut kinds = Vec::new();
+        read_entries(zip.path(), &params, |e| {
+            kinds.push(matches!(e, Entry::Unreadable { .. }));
+            true
+        })
+        .unwrap();
+        assert_eq!(kinds, vec![true, false]);
+    }
+
+    #[test]
+    fn not_a_zip_is_an_archive_error() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), b"this is not a zip").unwrap();
+        assert!(matches!(read_entries(file.path(), &ExtractParams::default(), |_| true), Err(ArchiveError::Invalid(_))));
+        assert!(matches!(
+            read_entries(Path::new("/nonexistent/x.zip"), &ExtractParams::default(), |_| true),
+            Err(ArchiveError::Io(_))
+        ));
+    }
+}

@@ -1,0 +1,366 @@
+//! NATS JetStream: the connection, the streams and consumers a topology
+//! describes, and acknowledged, de-duplicated publishing.
+//!
+//! One WorkQueue stream per stage (`<prefix>_<STAGE>`) rather than one stream
+//! with a subject per stage: each stage's backlog, limits and purge are then
+//! independent, `nats stream info FACES_DETECT` reads as the stage's queue, and
+//! a WorkQueue stream allows exactly one consumer per subject anyway.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+
+use crate::topology::{StageName, StorageKind, Topology};
+
+/// Why a NATS operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// Could not connect to the server.
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Connect {
+        /// Server URL (without credentials).
+        url: String,
+        /// Client's reason.
+        reason: String,
+    },
+    /// A stream or consumer could not be read, created or updated.
+    #[error("JetStream {what}: {reason}")]
+    Setup {
+        /// Which stream or consumer.
+        what: String,
+        /// Server's reason.
+        reason: String,
+    },
+    /// A publish was not acknowledged by the server.
+    #[error("publish to {subject} failed: {reason}")]
+    Publish {
+        /// Target subject.
+        subject: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A connected client with its JetStream context.
+#[derive(Clone, Debug)]
+pub struct Bus {
+    /// Core NATS client.
+    pub client: async_nats::Client,
+    /// JetStream context on it.
+    pub js: jetstream::Context,
+}
+
+/// Strips `user:password@` from a URL before it is shown.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+impl Bus {
+    /// Connects, retrying until the server answers when `wait` is set (stages
+    /// start before or alongside NATS); the client reconnects on its own later.
+    pub async fn connect(url: &str, name: &str, wait: bool) -> Result<Self, BusError> {
+        let mut options = async_nats::ConnectOptions::new()
+            .name(name)
+            .connection_timeout(Duration::from_secs(5))
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                    other => tracing::debug!(event = %other, "NATS event"),
+                }
+            });
+        if wait {
+            options = options.retry_on_initial_connect();
+        }
+        let client = options.connect(url).await.map_err(|e| BusError::Connect {
+            url: redact_url(url),
+            reason: e.to_string(),
+        })?;
+        let js = jetstream::new(client.clone());
+        Ok(Self { client, js })
+    }
+
+    /// Publishes with a `Nats-Msg-Id` and waits for the server's acknowledgement,
+    /// so the message is stored (or recognized as a duplicate) when this returns.
+    pub async fn publish(&self, subject: &str, msg_id: &str, payload: Bytes) -> Result<(), BusError> {
+        let err = |reason: String| BusError::Publish { subject: subject.to_string(), reason };
+        let ack = self
+            .js
+            .send_publish(
+                subject.to_string(),
+                jetstream::message::PublishMessage::build().payload(payload).message_id(msg_id),
+            )
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        ack.await.map_err(|e| err(e.to_string()))?;
+        Ok(())
+    }
+
+    /// The stage's durable pull consumer, which every replica shares.
+    pub async fn stage_consumer(
+        &self,
+        topology: &Topology,
+        stage: StageName,
+    ) -> Result<consumer::PullConsumer, BusError> {
+        let stream = topology.stream_name(stage);
+        let durable = topology.stage(stage).durable;
+        self.js
+            .get_consumer_from_stream(durable, &stream)
+            .await
+            .map_err(|e| BusError::Setup {
+                what: format!("consumer {stream}/{durable}"),
+                reason: format!("{e} (run `pipeline apply` first)"),
+            })
+    }
+}
+
+/// The stream configuration a topology asks for, per stage.
+pub fn stage_stream(topology: &Topology, stage: StageName) -> stream::Config {
+    stream::Config {
+        name: topology.stream_name(stage),
+        description: Some(format!("face pipeline: input of the {stage} stage")),
+        subjects: vec![topology.stage(stage).subject.to_string()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: storage(topology.nats.storage),
+        num_replicas: topology.nats.replicas,
+        duplicate_window: topology.nats.duplicate_window,
+        ..Default::default()
+    }
+}
+
+/// The dead-letter stream: kept by limits (30 days), not consumed away.
+pub fn dead_letter_stream(topology: &Topology) -> stream::Config {
+    stream::Config {
+        name: topology.dead_letter_stream(),
+        description: Some("face pipeline: messages that failed for good".into()),
+        subjects: vec![format!("{}.>", topology.nats.dead_letter_subject)],
+        retention: stream::RetentionPolicy::Limits,
+        storage: storage(topology.nats.storage),
+        num_replicas: topology.nats.replicas,
+        duplicate_window: topology.nats.duplicate_window,
+        max_age: Duration::from_secs(30 * 24 * 3600),
+        ..Default::default()
+    }
+}
+
+/// The durable pull consumer configuration of a stage.
+pub fn stage_consumer(topology: &Topology, stage: StageName) -> consumer::pull::Config {
+    let s = topology.stage(stage);
+    consumer::pull::Config {
+        durable_name: Some(s.durable.to_string()),
+        description: Some(format!("face pipeline: {stage} workers")),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: s.ack_wait,
+        max_deliver: s.max_deliver,
+        max_ack_pending: s.max_ack_pending,
+        ..Default::default()
+    }
+}
+
+fn storage(kind: StorageKind) -> stream::StorageType {
+    match kind {
+        StorageKind::File => stream::StorageType::File,
+        StorageKind::Memory => stream::StorageType::Memory,
+    }
+}
+
+/// What `apply` does to one stream or consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// It does not exist yet.
+    Create,
+    /// It exists and differs in settings the server can change in place.
+    Update(Vec<String>),
+    /// It exists and matches.
+    Unchanged,
+    /// It differs in settings the server cannot change in place (e.g. retention, storage).
+    Recreate(Vec<String>),
+}
+
+/// One line of the plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanItem {
+    /// `stream FACES_DETECT` or `consumer FACES_DETECT/detect`.
+    pub target: String,
+    /// What happens to it.
+    pub action: Action,
+}
+
+impl std::fmt::Display for PlanItem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.action {
+            Action::Create => write!(f, "+ create    {}", self.target),
+            Action::Unchanged => write!(f, "= unchanged {}", self.target),
+            Action::Update(d) => write!(f, "~ update    {} ({})", self.target, d.join(", ")),
+            Action::Recreate(d) => write!(
+                f,
+                "! recreate  {} ({}): the server cannot change this in place; drain it, delete it, and apply again",
+                self.target,
+                d.join(", ")
+            ),
+        }
+    }
+}
+
+fn diff_stream(want: &stream::Config, have: &stream::Config) -> Action {
+    let mut live = Vec::new();
+    let mut fixed = Vec::new();
+    if want.subjects != have.subjects {
+        live.push(format!("subjects {:?} -> {:?}", have.subjects, want.subjects));
+    }
+    if want.duplicate_window != have.duplicate_window {
+        live.push(format!("duplicate_window {:?} -> {:?}", have.duplicate_window, want.duplicate_window));
+    }
+    if want.max_age != have.max_age {
+        live.push(format!("max_age {:?} -> {:?}", have.max_age, want.max_age));
+    }
+    if want.num_replicas != have.num_replicas {
+        live.push(format!("replicas {} -> {}", have.num_replicas, want.num_replicas));
+    }
+    if want.retention != have.retention {
+        fixed.push(format!("retention {:?} -> {:?}", have.retention, want.retention));
+    }
+    if want.storage != have.storage {
+        fixed.push(format!("storage {:?} -> {:?}", have.storage, want.storage));
+    }
+    classify(live, fixed)
+}
+
+fn diff_consumer(want: &consumer::pull::Config, have: &consumer::Config) -> Action {
+    let mut live = Vec::new();
+    if want.ack_wait != have.ack_wait {
+        live.push(format!("ack_wait {:?} -> {:?}", have.ack_wait, want.ack_wait));
+    }
+    if want.max_deliver != have.max_deliver {
+        live.push(format!("max_deliver {} -> {}", have.max_deliver, want.max_deliver));
+    }
+    if want.max_ack_pending != have.max_ack_pending {
+        live.push(format!("max_ack_pending {} -> {}", have.max_ack_pending, want.max_ack_pending));
+    }
+    let fixed = if want.ack_policy != have.ack_policy {
+        vec![format!("ack_policy {:?} -> {:?}", have.ack_policy, want.ack_policy)]
+    } else {
+        Vec::new()
+    };
+    classify(live, fixed)
+}
+
+fn classify(live: Vec<String>, fixed: Vec<String>) -> Action {
+    if !fixed.is_empty() {
+        Action::Recreate(fixed.into_iter().chain(live).collect())
+    } else if !live.is_empty() {
+        Action::Update(live)
+    } else {
+        Action::Unchanged
+    }
+}
+
+fn is_not_found(e: &impl std::fmt::Display) -> bool {
+    // Both the stream (10059) and consumer (10014) lookups report "not found".
+    e.to_string().to_lowercase().contains("not found")
+}
+
+/// Compares the streams and consumers a topology describes with the server's.
+pub async fn plan(bus: &Bus, topology: &Topology) -> Result<Vec<PlanItem>, BusError> {
+    let mut items = Vec::new();
+    let mut streams: Vec<stream::Config> =
+        StageName::ALL.iter().map(|s| stage_stream(topology, *s)).collect();
+    streams.push(dead_letter_stream(topology));
+    for want in &streams {
+        let target = format!("stream {}", want.name);
+        let action = match bus.js.get_stream(&want.name).await {
+            Ok(mut s) => {
+                let info = s.info().await.map_err(|e| setup(&target, e))?;
+                diff_stream(want, &info.config)
+            }
+            Err(e) if is_not_found(&e) => Action::Create,
+            Err(e) => return Err(setup(&target, e)),
+        };
+        items.push(PlanItem { target, action });
+    }
+    for stage in StageName::ALL {
+        let want = stage_consumer(topology, stage);
+        let stream_name = topology.stream_name(stage);
+        let durable = want.durable_name.clone().unwrap_or_default();
+        let target = format!("consumer {stream_name}/{durable}");
+        let action = match bus.js.get_stream(&stream_name).await {
+            Ok(s) => match s.consumer_info(&durable).await {
+                Ok(info) => diff_consumer(&want, &info.config),
+                Err(e) if is_not_found(&e) => Action::Create,
+                Err(e) => return Err(setup(&target, e)),
+            },
+            Err(_) => Action::Create,
+        };
+        items.push(PlanItem { target, action });
+    }
+    Ok(items)
+}
+
+fn setup(what: &str, e: impl std::fmt::Display) -> BusError {
+    BusError::Setup { what: what.to_string(), reason: e.to_string() }
+}
+
+/// Carries out a plan: creates and updates streams and consumers. Refuses the
+/// whole plan, before changing anything, when an item needs a recreate.
+pub async fn apply(bus: &Bus, topology: &Topology, plan: &[PlanItem]) -> Result<(), BusError> {
+    if let Some(item) = plan.iter().find(|i| matches!(i.action, Action::Recreate(_))) {
+        return Err(setup(&item.target, "needs a drained recreate; nothing was applied"));
+    }
+    let mut streams: Vec<stream::Config> =
+        StageName::ALL.iter().map(|s| stage_stream(topology, *s)).collect();
+    streams.push(dead_letter_stream(topology));
+    for want in streams {
+        let target = format!("stream {}", want.name);
+        match plan.iter().find(|i| i.target == target).map(|i| &i.action) {
+            Some(Action::Create) => {
+                bus.js.create_stream(want).await.map_err(|e| setup(&target, e))?;
+            }
+            Some(Action::Update(_)) => {
+                bus.js.update_stream(want).await.map_err(|e| setup(&target, e))?;
+            }
+            _ => {}
+        }
+    }
+    for stage in StageName::ALL {
+        let want = stage_consumer(topology, stage);
+        let stream_name = topology.stream_name(stage);
+        let target = format!("consumer {stream_name}/{}", topology.stage(stage).durable);
+        let action = plan.iter().find(|i| i.target == target).map(|i| &i.action);
+        if matches!(action, Some(Action::Create) | Some(Action::Update(_))) {
+            let stream = bus.js.get_stream(&stream_name).await.map_err(|e| setup(&target, e))?;
+            if matches!(action, Some(Action::Create)) {
+                stream.create_consumer(want).await.map_err(|e| setup(&target, e))?;
+            } else {
+                stream.update_consumer(want).await.map_err(|e| setup(&target, e))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_credentials() {
+        assert_eq!(redact_url("nats://u:p@host:4222"), "nats://***@host:4222");
+        assert_eq!(redact_url("nats://host:4222"), "nats://host:4222");
+    }
+
+    #[test]
+    fn retention_change_needs_recreate() {
+        let a = stream::Config { name: "S".into(), subjects: vec!["a".into()], ..Default::default() };
+        let mut b = a.clone();
+        assert_eq!(diff_stream(&a, &b), Action::Unchanged);
+        b.retention = stream::RetentionPolicy::WorkQueue;
+        assert!(matches!(diff_stream(&a, &b), Action::Recreate(_)));
+        let mut c = a.clone();
+        c.duplicate_window = Duration::from_secs(1);
+        assert!(matches!(diff_stream(&a, &c), Action::Update(_)));
+    }
+}

@@ -1,0 +1,420 @@
+//! PostgreSQL: connection pool, schema migrations, and every query the pipeline runs.
+//!
+//! Idempotency lives here. Images are inserted as `pending` by extract and
+//! leave `pending` exactly once (the first outcome wins); the batch counters
+//! move in the same transaction, so redelivered outcomes change nothing, and a
+//! batch flips to `completed` by a conditional update that succeeds only once.
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use serde::Serialize;
+use tokio_postgres::NoTls;
+
+use crate::messages::{FaceBox, ImageStatus, Outcome};
+
+/// Schema migrations in order; each runs once, recorded in `schema_migrations`.
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/0001_batches_and_images.sql"))];
+
+/// Arbitrary constant for the advisory lock that serializes concurrent migrators.
+const MIGRATION_LOCK: i64 = 0x6661_6365_7069_7065; // "facepipe"
+
+/// Why a database operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The URL could not be parsed.
+    #[error("invalid database url: {0}")]
+    Config(String),
+    /// No connection could be had from the pool.
+    #[error("database unavailable: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// A statement failed.
+    #[error("database query failed: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    /// An outcome names an image extract never registered.
+    #[error("unknown image {image_id} in batch {batch_id}")]
+    UnknownImage {
+        /// Batch named by the outcome.
+        batch_id: String,
+        /// Image named by the outcome.
+        image_id: String,
+    },
+}
+
+impl DbError {
+    /// True when retrying cannot help.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Config(_) | Self::UnknownImage { .. })
+    }
+}
+
+/// A pooled connection to the pipeline's database.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+}
+
+/// Parses a URL into a tokio-postgres config, without echoing it (it may hold a password).
+fn parse_config(url: &str) -> Result<tokio_postgres::Config, DbError> {
+    url.parse::<tokio_postgres::Config>()
+        .map_err(|e| DbError::Config(e.to_string()))
+}
+
+/// Creates the database named in `url` when it does not exist, via the `postgres` database.
+pub async fn ensure_database(url: &str) -> Result<bool, DbError> {
+    let config = parse_config(url)?;
+    let name = config.get_dbname().unwrap_or("postgres").to_string();
+    let mut admin = config.clone();
+    admin.dbname("postgres");
+    let (client, conn) = admin.connect(NoTls).await?;
+    let conn = tokio::spawn(conn);
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await?
+        .is_some();
+    if !exists {
+        let quoted = name.replace('"', "\"\"");
+        client.batch_execute(&format!("CREATE DATABASE \"{quoted}\"")).await?;
+    }
+    drop(client);
+    let _ = conn.await;
+    Ok(!exists)
+}
+
+/// Progress of one batch, as `pipeline status` shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BatchStatus {
+    /// Batch id.
+    pub batch_id: String,
+    /// Owner.
+    pub project_id: String,
+    /// 1-10.
+    pub priority: i16,
+    /// `ingesting`, `processing`, `completed` or `failed`.
+    pub status: String,
+    /// Images in the archive, once known.
+    pub image_count: Option<i32>,
+    /// Images with a terminal outcome.
+    pub processed: i32,
+    /// Of those, failed ones.
+    pub failed: i32,
+    /// Faces found so far.
+    pub faces: i32,
+    /// Archive entries that were not images.
+    pub skipped: i32,
+    /// Share of images processed, 0-100 (0 while the count is unknown).
+    pub progress_percent: f64,
+    /// Why the batch failed, when it did.
+    pub error: Option<String>,
+    /// When the batch was created.
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// When its last image was recorded.
+    pub completed_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// One image's recorded outcome, as `pipeline results` prints it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ImageResult {
+    /// Image id.
+    pub image_id: String,
+    /// Name of the ZIP entry.
+    pub entry: String,
+    /// `pending`, `cropped`, `no_face` or `failed`.
+    pub status: String,
+    /// Upright original width.
+    pub width: Option<i32>,
+    /// Upright original height.
+    pub height: Option<i32>,
+    /// Face boxes in original pixels.
+    pub faces: Vec<FaceBox>,
+    /// Crop object keys.
+    pub crop_keys: Vec<String>,
+    /// Original object key.
+    pub original_key: Option<String>,
+    /// Detector used.
+    pub detector: Option<String>,
+    /// Failure reason.
+    pub error: Option<String>,
+    /// Stage that failed.
+    pub failed_stage: Option<String>,
+    /// Delivery attempts.
+    pub attempts: i32,
+}
+
+/// A newly registered image.
+#[derive(Debug, Clone)]
+pub struct NewImage {
+    /// Image id.
+    pub image_id: String,
+    /// ZIP entry name.
+    pub entry_name: String,
+    /// Original object key.
+    pub original_key: String,
+}
+
+/// What recording an outcome changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recorded {
+    /// False when the image already had an outcome (a redelivery): nothing changed.
+    pub first: bool,
+    /// True when this outcome completed its batch.
+    pub completed_batch: bool,
+}
+
+impl Db {
+    /// Builds a pool for `url` (connections are opened lazily).
+    pub fn connect(url: &str, pool_size: usize) -> Result<Self, DbError> {
+        let config = parse_config(url)?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .build()
+            .map_err(|e| DbError::Config(e.to_string()))?;
+        Ok(Self { pool })
+    }
+
+    /// Applies the migrations not yet applied. Safe to run from many processes at once.
+    pub async fn migrate(&self) -> Result<Vec<i32>, DbError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version integer PRIMARY KEY,
+                applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+        let mut applied = Vec::new();
+        for (version, sql) in MIGRATIONS {
+            let done = tx
+                .query_opt("SELECT 1 FROM schema_migrations WHERE version = $1", &[version])
+                .await?
+                .is_some();
+            if !done {
+                tx.batch_execute(sql).await?;
+                tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[version]).await?;
+                applied.push(*version);
+            }
+        }
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    /// Cheap connectivity check.
+    pub async fn ping(&self) -> Result<(), DbError> {
+        self.pool.get().await?.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
+    /// Registers a batch (no-op when it exists).
+    pub async fn insert_batch(
+        &self,
+        batch_id: &str,
+        project_id: &str,
+        priority: u8,
+        source: &str,
+    ) -> Result<(), DbError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "INSERT INTO batches (batch_id, project_id, priority, source)
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (batch_id) DO NOTHING",
+                &[&batch_id, &project_id, &(priority as i16), &source],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Registers images as `pending` (existing rows are left alone).
+    pub async fn insert_images(&self, batch_id: &str, images: &[NewImage]) -> Result<(), DbError> {
+        if images.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = images.iter().map(|i| i.image_id.as_str()).collect();
+        let names: Vec<&str> = images.iter().map(|i| i.entry_name.as_str()).collect();
+        let keys: Vec<&str> = images.iter().map(|i| i.original_key.as_str()).collect();
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "INSERT INTO images (batch_id, image_id, entry_name, original_key)
+                 SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[])
+                 ON CONFLICT (batch_id, image_id) DO NOTHING",
+                &[&batch_id, &ids, &names, &keys],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Marks the archive fully read: the image count is now known. Returns true when
+    /// this also completed the batch (every image already had an outcome, or none exist).
+    pub async fn finish_ingest(
+        &self,
+        batch_id: &str,
+        image_count: usize,
+        skipped: &[String],
+    ) -> Result<bool, DbError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "UPDATE batches SET image_count = $2, skipped_count = $3, skipped_entries = $4,
+                    status = 'processing', updated_at = now()
+             WHERE batch_id = $1 AND status = 'ingesting'",
+            &[&batch_id, &(image_count as i32), &(skipped.len() as i32), &serde_json::json!(skipped)],
+        )
+        .await?;
+        let completed = try_complete(&tx, batch_id).await?;
+        tx.commit().await?;
+        Ok(completed)
+    }
+
+    /// Marks a batch failed as a whole (its archive could not be read).
+    pub async fn fail_batch(&self, batch_id: &str, error: &str) -> Result<(), DbError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "UPDATE batches SET status = 'failed', error = $2, updated_at = now(), completed_at = now()
+                 WHERE batch_id = $1 AND status IN ('ingesting', 'processing')",
+                &[&batch_id, &error],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Records an image's outcome. Only the first outcome for an image counts.
+    pub async fn record_outcome(&self, outcome: &Outcome) -> Result<Recorded, DbError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let image = &outcome.image;
+        let faces = serde_json::to_value(&outcome.faces).expect("faces serialize");
+        let updated = tx
+            .execute(
+                "UPDATE images SET status = $3, width = $4, height = $5, faces = $6, crop_keys = $7,
+                        detector = $8, error = $9, failed_stage = $10, attempts = $11, updated_at = now()
+                 WHERE batch_id = $1 AND image_id = $2 AND status = 'pending'",
+                &[
+                    &image.batch_id,
+                    &image.image_id,
+                    &outcome.status.as_str(),
+                    &outcome.width.map(|v| v as i32),
+                    &outcome.height.map(|v| v as i32),
+                    &faces,
+                    &outcome.crop_keys,
+                    &outcome.detector,
+                    &outcome.error,
+                    &outcome.failed_stage,
+                    &(outcome.attempts as i32),
+                ],
+            )
+            .await?;
+        if updated == 0 {
+            let exists = tx
+                .query_opt(
+                    "SELECT 1 FROM images WHERE batch_id = $1 AND image_id = $2",
+                    &[&image.batch_id, &image.image_id],
+                )
+                .await?
+                .is_some();
+            tx.commit().await?;
+            return if exists {
+                Ok(Recorded { first: false, completed_batch: false })
+            } else {
+                Err(DbError::UnknownImage {
+                    batch_id: image.batch_id.clone(),
+                    image_id: image.image_id.clone(),
+                })
+            };
+        }
+        let failed = i32::from(outcome.status == ImageStatus::Failed);
+        tx.execute(
+            "UPDATE batches SET processed = processed + 1, failed = failed + $2,
+                    faces = faces + $3, updated_at = now()
+             WHERE batch_id = $1",
+            &[&image.batch_id, &failed, &(outcome.faces.len() as i32)],
+        )
+        .await?;
+        let completed_batch = try_complete(&tx, &image.batch_id).await?;
+        tx.commit().await?;
+        Ok(Recorded { first: true, completed_batch })
+    }
+
+    /// A batch's progress, or `None` when it does not exist.
+    pub async fn batch_status(&self, batch_id: &str) -> Result<Option<BatchStatus>, DbError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT batch_id, project_id, priority, status, image_count, processed, failed,
+                        faces, skipped_count, error, created_at, completed_at
+                 FROM batches WHERE batch_id = $1",
+                &[&batch_id],
+            )
+            .await?;
+        Ok(row.map(|r| {
+            let image_count: Option<i32> = r.get(4);
+            let processed: i32 = r.get(5);
+            let progress_percent = match image_count {
+                Some(0) => 100.0,
+                Some(n) => (processed as f64 * 100.0 / n as f64).min(100.0),
+                None => 0.0,
+            };
+            BatchStatus {
+                batch_id: r.get(0),
+                project_id: r.get(1),
+                priority: r.get(2),
+                status: r.get(3),
+                image_count,
+                processed,
+                failed: r.get(6),
+                faces: r.get(7),
+                skipped: r.get(8),
+                progress_percent,
+                error: r.get(9),
+                created_at: r.get(10),
+                completed_at: r.get(11),
+            }
+        }))
+    }
+
+    /// Every image of a batch with its outcome, in image-id order.
+    pub async fn results(&self, batch_id: &str) -> Result<Vec<ImageResult>, DbError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT image_id, entry_name, status, width, height, faces, crop_keys, original_key,
+                        detector, error, failed_stage, attempts
+                 FROM images WHERE batch_id = $1 ORDER BY image_id",
+                &[&batch_id],
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| ImageResult {
+                image_id: r.get(0),
+                entry: r.get(1),
+                status: r.get(2),
+                width: r.get(3),
+                height: r.get(4),
+                faces: serde_json::from_value(r.get(5)).unwrap_or_default(),
+                crop_keys: r.get(6),
+                original_key: r.get(7),
+                detector: r.get(8),
+                error: r.get(9),
+                failed_stage: r.get(10),
+                attempts: r.get(11),
+            })
+            .collect())
+    }
+}
+
+/// Flips a batch to `completed` when every image has an outcome; true only for the call that flipped it.
+async fn try_complete(tx: &deadpool_postgres::Transaction<'_>, batch_id: &str) -> Result<bool, DbError> {
+    let flipped = tx
+        .execute(
+            "UPDATE batches SET status = 'completed', completed_at = now(), updated_at = now()
+             WHERE batch_id = $1 AND status = 'processing' AND processed >= image_count",
+            &[&batch_id],
+        )
+        .await?;
+    Ok(flipped == 1)
+}

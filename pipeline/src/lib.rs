@@ -1,0 +1,44 @@
+//! # pipeline: the shared library of the face-crop pipeline
+//!
+//! A batch of photos (a ZIP) flows through four stage binaries connected by
+//! NATS JetStream subjects:
+//!
+//! ```text
+//! faces.extract -> [extract] -> faces.detect -> [detect] -> faces.crop -> [crop] -> faces.persist -> [persist]
+//!   ZIP job          originals     image refs     face boxes   boxes         crops     outcomes        PostgreSQL
+//! ```
+//!
+//! Messages carry object-store keys, never image bytes. Each stage consumes
+//! through one durable pull consumer shared by all its replicas; delivery is
+//! at-least-once and every effect is idempotent, so the end state after any
+//! number of redeliveries equals that of one clean run.
+//!
+//! ## Layout
+//! - [`topology`]: `topology.toml`, the typed description of a deployment.
+//! - [`messages`]: the JSON message of each subject.
+//! - [`keys`]: deterministic object keys, ids and `Nats-Msg-Id`s.
+//! - [`bus`]: NATS connection, stream/consumer plan and apply, acknowledged publishing.
+//! - [`store`]: the object store (`file://`, `s3://`).
+//! - [`db`]: PostgreSQL pool, migrations and the idempotent queries.
+//! - [`runtime`]: the stage runtime (pull, ack, retry, dead letters, graceful shutdown).
+//! - [`app`]: start-up shared by every stage binary.
+//! - [`archive`]: reading a ZIP entry by entry with bounded memory.
+//! - [`vision`]: OpenCV decoding, detection and cropping.
+//! - [`error`]: the transient/permanent classification of stage errors.
+//!
+//! The operator CLI (`pipeline apply | submit | status | results | up`) is
+//! `src/bin/pipeline.rs`; the stage binaries live in `stages/`.
+
+pub mod app;
+pub mod archive;
+pub mod bus;
+pub mod db;
+pub mod error;
+pub mod keys;
+pub mod messages;
+pub mod runtime;
+pub mod store;
+pub mod topology;
+pub mod vision;
+
+pub use error::{ErrorKind, StageError};

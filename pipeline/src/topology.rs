@@ -1,0 +1,725 @@
+//! `topology.toml`: the one typed description of a deployment.
+//!
+//! Every section maps onto a struct below; unknown keys are rejected so a typo
+//! is an error naming the key, not a silently ignored setting. URLs and
+//! secrets can be overridden from the environment (see [`ENV_OVERRIDES`]).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Environment variables that override the file, applied by [`Topology::load`].
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("PIPELINE_NATS_URL", "nats.url"),
+    ("PIPELINE_OBJECT_STORE_URL", "object_store.url"),
+    ("PIPELINE_DATABASE_URL", "postgres.url"),
+];
+
+/// Environment variable naming the topology file when `--topology` is not given.
+pub const TOPOLOGY_ENV: &str = "PIPELINE_TOPOLOGY";
+
+/// Why a topology could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    /// The file could not be read.
+    #[error("cannot read topology file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not match the schema; the message names the key.
+    #[error("invalid topology file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message, which names the offending key and line.
+        message: String,
+    },
+    /// The file parses but a value is out of range or inconsistent.
+    #[error("invalid topology: `{key}`: {reason}")]
+    Invalid {
+        /// Dotted path of the offending key.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// The whole deployment.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    /// NATS connection and stream settings.
+    pub nats: NatsConfig,
+    /// Where originals and crops are stored.
+    pub object_store: ObjectStoreConfig,
+    /// Where outcomes are recorded.
+    pub postgres: PostgresConfig,
+    /// Retry policy shared by all stages (Nak delays).
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// The four stages.
+    pub stages: Stages,
+}
+
+/// NATS connection and JetStream stream settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL, e.g. `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// Prefix of stream names: the stage `detect` uses stream `<prefix>_DETECT`.
+    #[serde(default = "default_stream_prefix")]
+    pub stream_prefix: String,
+    /// `file` (survives a server restart) or `memory`.
+    #[serde(default)]
+    pub storage: StorageKind,
+    /// Stream replicas (1 on a single server).
+    #[serde(default = "one")]
+    pub replicas: usize,
+    /// Window in which a repeated `Nats-Msg-Id` is dropped; must cover the retry horizon.
+    #[serde(default = "default_duplicate_window", with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// Subject prefix of the dead-letter stream: dead letters go to `<subject>.<stage>`.
+    #[serde(default = "default_dead_letter_subject")]
+    pub dead_letter_subject: String,
+}
+
+/// JetStream storage backend.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    /// On disk.
+    #[default]
+    File,
+    /// In memory (lost on server restart).
+    Memory,
+}
+
+/// Object store location.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectStoreConfig {
+    /// `file:///abs/path`, `file://relative/path` (relative to the working directory),
+    /// or `s3://bucket/prefix` (credentials from the usual `AWS_*` variables).
+    pub url: String,
+}
+
+/// PostgreSQL connection.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `postgres://user:password@host:port/database`; prefer setting the password
+    /// through `PIPELINE_DATABASE_URL` or `PGPASSWORD` rather than in the file.
+    pub url: String,
+    /// Connections per process.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+}
+
+/// Exponential delay before a transiently failed message is redelivered.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Delay after the first failed attempt.
+    #[serde(default = "default_retry_base", with = "humantime_serde")]
+    pub base: Duration,
+    /// Multiplier per further attempt.
+    #[serde(default = "default_retry_factor")]
+    pub factor: f64,
+    /// Upper bound of the delay.
+    #[serde(default = "default_retry_max", with = "humantime_serde")]
+    pub max: Duration,
+    /// Random share of the delay added or removed so replicas do not retry in lockstep (0..1).
+    #[serde(default = "default_retry_jitter")]
+    pub jitter: f64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            base: default_retry_base(),
+            factor: default_retry_factor(),
+            max: default_retry_max(),
+            jitter: default_retry_jitter(),
+        }
+    }
+}
+
+impl RetryConfig {
+    /// The Nak delay after the `delivered`-th failed delivery (1-based), with jitter drawn from `rng`.
+    pub fn delay(&self, delivered: u64, rng: &mut impl rand::Rng) -> Duration {
+        let exp = self.factor.powi(delivered.saturating_sub(1).min(62) as i32);
+        let raw = (self.base.as_secs_f64() * exp).min(self.max.as_secs_f64());
+        let jitter = if self.jitter > 0.0 {
+            rng.random_range(-self.jitter..=self.jitter)
+        } else {
+            0.0
+        };
+        Duration::from_secs_f64((raw * (1.0 + jitter)).clamp(0.0, self.max.as_secs_f64()))
+    }
+}
+
+/// The four stages, each with its consumer settings and parameters.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Stages {
+    /// Unpacks ZIPs into originals.
+    pub extract: StageConfig<ExtractParams>,
+    /// Finds faces.
+    pub detect: StageConfig<DetectParams>,
+    /// Crops faces.
+    pub crop: StageConfig<CropParams>,
+    /// Records outcomes.
+    pub persist: StageConfig<PersistParams>,
+}
+
+/// Identifies a stage; used for stream names, metrics labels and dead letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StageName {
+    /// ZIP -> originals.
+    Extract,
+    /// Original -> face boxes.
+    Detect,
+    /// Face boxes -> crops.
+    Crop,
+    /// Outcome -> PostgreSQL.
+    Persist,
+}
+
+impl StageName {
+    /// All stages in flow order.
+    pub const ALL: [StageName; 4] = [Self::Extract, Self::Detect, Self::Crop, Self::Persist];
+
+    /// Lower-case name, as in the topology and the binary's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Extract => "extract",
+            Self::Detect => "detect",
+            Self::Crop => "crop",
+            Self::Persist => "persist",
+        }
+    }
+}
+
+impl std::fmt::Display for StageName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Settings every stage has: where it reads, where it writes, and its consumer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig<P> {
+    /// Subject the stage consumes.
+    pub subject: String,
+    /// Subject its output goes to (absent for the last stage).
+    #[serde(default)]
+    pub next: Option<String>,
+    /// Durable consumer name shared by every replica of the stage.
+    pub durable: String,
+    /// How long the server waits for an ack before redelivering.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// Delivery attempts before a message becomes a dead letter.
+    pub max_deliver: i64,
+    /// Most unacknowledged messages the consumer hands out across all replicas.
+    #[serde(default = "default_max_ack_pending")]
+    pub max_ack_pending: i64,
+    /// Messages one process works on at once.
+    pub concurrency: usize,
+    /// How long a stopping process lets in-flight work finish before it Naks it.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Prometheus listen address (`127.0.0.1:9101`); port 0 or absent disables it.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
+    /// The stage's own parameters.
+    #[serde(default)]
+    pub params: P,
+}
+
+/// Parameters of the extract stage.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExtractParams {
+    /// Lower-case file extensions treated as images; other entries are skipped and counted.
+    #[serde(default = "default_image_extensions")]
+    pub image_extensions: Vec<String>,
+    /// Largest uncompressed entry accepted, in bytes; bigger entries fail as images.
+    #[serde(default = "default_max_entry_bytes")]
+    pub max_entry_bytes: u64,
+    /// Entries written and published concurrently while unpacking.
+    #[serde(default = "default_extract_parallelism")]
+    pub parallelism: usize,
+}
+
+impl Default for ExtractParams {
+    fn default() -> Self {
+        Self {
+            image_extensions: default_image_extensions(),
+            max_entry_bytes: default_max_entry_bytes(),
+            parallelism: default_extract_parallelism(),
+        }
+    }
+}
+
+/// Which face detector to run.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DetectorKind {
+    /// YuNet (`cv::FaceDetectorYN`), falling back to Haar when the model is missing.
+    #[default]
+    Yunet,
+    /// OpenCV's Haar cascade (the old design's detector).
+    Haar,
+}
+
+/// Parameters of the detect stage.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DetectParams {
+    /// Detector to run.
+    #[serde(default)]
+    pub detector: DetectorKind,
+    /// YuNet ONNX file (`face_detection_yunet_2022mar.onnx` for OpenCV 4.6).
+    #[serde(default)]
+    pub model: Option<PathBuf>,
+    /// Haar cascade XML used as the fallback.
+    #[serde(default = "default_haar_cascade")]
+    pub haar_cascade: PathBuf,
+    /// Width (pixels) the image is scaled to before detection; boxes are reported in original pixels.
+    #[serde(default = "default_detect_width")]
+    pub width: u32,
+    /// YuNet score below which a box is dropped.
+    #[serde(default = "default_score_threshold")]
+    pub score_threshold: f32,
+    /// YuNet non-maximum-suppression IoU threshold.
+    #[serde(default = "default_nms_threshold")]
+    pub nms_threshold: f32,
+    /// Images whose header claims more megapixels are rejected before decoding.
+    #[serde(default = "default_max_megapixels")]
+    pub max_megapixels: f64,
+}
+
+impl Default for DetectParams {
+    fn default() -> Self {
+        Self {
+            detector: DetectorKind::default(),
+            model: None,
+            haar_cascade: default_haar_cascade(),
+            width: default_detect_width(),
+            score_threshold: default_score_threshold(),
+            nms_threshold: default_nms_threshold(),
+            max_megapixels: default_max_megapixels(),
+        }
+    }
+}
+
+/// Which faces the crop stage crops.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CropPolicy {
+    /// The largest face only.
+    #[default]
+    Largest,
+    /// One crop per face.
+    All,
+}
+
+/// Parameters of the crop stage.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CropParams {
+    /// Which faces to crop.
+    #[serde(default)]
+    pub policy: CropPolicy,
+    /// Padding added on each side, as a share of the face's larger side.
+    #[serde(default = "default_padding")]
+    pub padding: f64,
+    /// Side of the square output, in pixels.
+    #[serde(default = "default_output_size")]
+    pub output_size: u32,
+    /// JPEG quality of the crop (1-100).
+    #[serde(default = "default_jpeg_quality")]
+    pub jpeg_quality: i32,
+}
+
+impl Default for CropParams {
+    fn default() -> Self {
+        Self {
+            policy: CropPolicy::default(),
+            padding: default_padding(),
+            output_size: default_output_size(),
+            jpeg_quality: default_jpeg_quality(),
+        }
+    }
+}
+
+/// Parameters of the persist stage (none yet).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PersistParams {}
+
+impl Topology {
+    /// Reads, parses, overrides from the environment, and validates a topology file.
+    pub fn load(path: &Path) -> Result<Self, TopologyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TopologyError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut topology = Self::parse(&text).map_err(|e| match e {
+            TopologyError::Parse { message, .. } => TopologyError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })?;
+        topology.apply_env(|k| std::env::var(k).ok());
+        topology.validate()?;
+        Ok(topology)
+    }
+
+    /// Parses TOML text without environment overrides or validation.
+    pub fn parse(text: &str) -> Result<Self, TopologyError> {
+        toml::from_str(text).map_err(|e| TopologyError::Parse {
+            path: PathBuf::from("<text>"),
+            message: e.to_string(),
+        })
+    }
+
+    /// Applies [`ENV_OVERRIDES`] looked up through `lookup`.
+    pub fn apply_env(&mut self, lookup: impl Fn(&str) -> Option<String>) {
+        for (var, _) in ENV_OVERRIDES {
+            if let Some(value) = lookup(var).filter(|v| !v.is_empty()) {
+                match *var {
+                    "PIPELINE_NATS_URL" => self.nats.url = value,
+                    "PIPELINE_OBJECT_STORE_URL" => self.object_store.url = value,
+                    "PIPELINE_DATABASE_URL" => self.postgres.url = value,
+                    _ => unreachable!("every override is matched"),
+                }
+            }
+        }
+    }
+
+    /// Checks ranges and that the stages connect extract -> detect -> crop -> persist.
+    pub fn validate(&self) -> Result<(), TopologyError> {
+        let invalid = |key: &str, reason: &str| {
+            Err(TopologyError::Invalid {
+                key: key.to_string(),
+                reason: reason.to_string(),
+            })
+        };
+        if self.nats.url.is_empty() {
+            return invalid("nats.url", "must not be empty");
+        }
+        if !is_token(&self.nats.stream_prefix) {
+            return invalid("nats.stream_prefix", "use letters, digits, '-' or '_'");
+        }
+        if !(self.retry.factor >= 1.0) {
+            return invalid("retry.factor", "must be at least 1");
+        }
+        if !(0.0..1.0).contains(&self.retry.jitter) {
+            return invalid("retry.jitter", "must be in [0, 1)");
+        }
+        let mut seen = std::collections::HashSet::new();
+        for name in StageName::ALL {
+            let s = self.stage(name);
+            let key = |field: &str| format!("stages.{name}.{field}");
+            if !is_subject(&s.subject) {
+                return invalid(&key("subject"), "not a valid NATS subject (no wildcards)");
+            }
+            if !seen.insert(s.subject) {
+                return invalid(&key("subject"), "two stages consume the same subject");
+            }
+            if !is_token(&s.durable) {
+                return invalid(&key("durable"), "use letters, digits, '-' or '_'");
+            }
+            if s.concurrency == 0 {
+                return invalid(&key("concurrency"), "must be at least 1");
+            }
+            if s.max_deliver < 1 {
+                return invalid(&key("max_deliver"), "must be at least 1");
+            }
+            if s.ack_wait < Duration::from_secs(1) {
+                return invalid(&key("ack_wait"), "must be at least 1s");
+            }
+        }
+        // The flow must be a path: each stage's `next` is the following stage's subject.
+        for pair in StageName::ALL.windows(2) {
+            let (from, to) = (self.stage(pair[0]), self.stage(pair[1]));
+            if from.next.as_deref() != Some(to.subject) {
+                return invalid(
+                    &format!("stages.{}.next", pair[0]),
+                    &format!("must be `{}` (stages.{}.subject)", to.subject, pair[1]),
+                );
+            }
+        }
+        if self.stages.persist.next.is_some() {
+            return invalid("stages.persist.next", "the last stage has no next subject");
+        }
+        if !is_subject(&self.nats.dead_letter_subject) {
+            return invalid("nats.dead_letter_subject", "not a valid NATS subject");
+        }
+        let d = &self.stages.detect.params;
+        if !(32..=8192).contains(&d.width) {
+            return invalid("stages.detect.params.width", "must be in 32..=8192");
+        }
+        if !(0.0..=1.0).contains(&d.score_threshold) {
+            return invalid("stages.detect.params.score_threshold", "must be in [0, 1]");
+        }
+        if !(0.0..=1.0).contains(&d.nms_threshold) {
+            return invalid("stages.detect.params.nms_threshold", "must be in [0, 1]");
+        }
+        if !(d.max_megapixels > 0.0) {
+            return invalid("stages.detect.params.max_megapixels", "must be positive");
+        }
+        let c = &self.stages.crop.params;
+        if !(0.0..=2.0).contains(&c.padding) {
+            return invalid("stages.crop.params.padding", "must be in [0, 2]");
+        }
+        if !(16..=4096).contains(&c.output_size) {
+            return invalid("stages.crop.params.output_size", "must be in 16..=4096");
+        }
+        if !(1..=100).contains(&c.jpeg_quality) {
+            return invalid("stages.crop.params.jpeg_quality", "must be in 1..=100");
+        }
+        if self.stages.extract.params.parallelism == 0 {
+            return invalid("stages.extract.params.parallelism", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The settings common to every stage, by name.
+    pub fn stage(&self, name: StageName) -> StageView<'_> {
+        fn view<P>(s: &StageConfig<P>) -> StageView<'_> {
+            StageView {
+                subject: &s.subject,
+                next: s.next.as_deref(),
+                durable: &s.durable,
+                ack_wait: s.ack_wait,
+                max_deliver: s.max_deliver,
+                max_ack_pending: s.max_ack_pending,
+                concurrency: s.concurrency,
+                shutdown_grace: s.shutdown_grace,
+                metrics_addr: s.metrics_addr.as_deref(),
+            }
+        }
+        match name {
+            StageName::Extract => view(&self.stages.extract),
+            StageName::Detect => view(&self.stages.detect),
+            StageName::Crop => view(&self.stages.crop),
+            StageName::Persist => view(&self.stages.persist),
+        }
+    }
+
+    /// Stream name of a stage: `<prefix>_<STAGE>`.
+    pub fn stream_name(&self, name: StageName) -> String {
+        format!("{}_{}", self.nats.stream_prefix, name.as_str().to_uppercase())
+    }
+
+    /// Stream name of the dead letters: `<prefix>_DLQ`.
+    pub fn dead_letter_stream(&self) -> String {
+        format!("{}_DLQ", self.nats.stream_prefix)
+    }
+
+    /// Subject of a dead letter from `stage`.
+    pub fn dead_letter_subject(&self, stage: StageName) -> String {
+        format!("{}.{}", self.nats.dead_letter_subject, stage)
+    }
+
+    /// The persist stage's input subject, where image outcomes (including failures) go.
+    pub fn outcome_subject(&self) -> &str {
+        &self.stages.persist.subject
+    }
+}
+
+/// Borrowed view of a stage's common settings, whatever its parameter type.
+#[derive(Debug, Clone, Copy)]
+pub struct StageView<'a> {
+    /// Input subject.
+    pub subject: &'a str,
+    /// Output subject.
+    pub next: Option<&'a str>,
+    /// Durable consumer name.
+    pub durable: &'a str,
+    /// Ack wait.
+    pub ack_wait: Duration,
+    /// Delivery attempts.
+    pub max_deliver: i64,
+    /// Unacknowledged messages across replicas.
+    pub max_ack_pending: i64,
+    /// In-flight messages per process.
+    pub concurrency: usize,
+    /// Shutdown deadline.
+    pub shutdown_grace: Duration,
+    /// Prometheus listen address.
+    pub metrics_addr: Option<&'a str>,
+}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn is_subject(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('.').all(|t| {
+            !t.is_empty() && t != "*" && t != ">" && !t.chars().any(|c| c.is_whitespace())
+        })
+}
+
+fn default_stream_prefix() -> String {
+    "FACES".into()
+}
+fn one() -> usize {
+    1
+}
+fn default_duplicate_window() -> Duration {
+    Duration::from_secs(20 * 60)
+}
+fn default_dead_letter_subject() -> String {
+    "faces.dead".into()
+}
+fn default_pool_size() -> usize {
+    4
+}
+fn default_retry_base() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_retry_factor() -> f64 {
+    4.0
+}
+fn default_retry_max() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_retry_jitter() -> f64 {
+    0.2
+}
+fn default_max_ack_pending() -> i64 {
+    1000
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_image_extensions() -> Vec<String> {
+    ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"]
+        .map(String::from)
+        .to_vec()
+}
+fn default_max_entry_bytes() -> u64 {
+    100 << 20
+}
+fn default_extract_parallelism() -> usize {
+    16
+}
+fn default_haar_cascade() -> PathBuf {
+    "/usr/share/opencv4/haarcascades/haarcascade_frontalface_default.xml".into()
+}
+fn default_detect_width() -> u32 {
+    640
+}
+fn default_score_threshold() -> f32 {
+    0.6
+}
+fn default_nms_threshold() -> f32 {
+    0.3
+}
+fn default_max_megapixels() -> f64 {
+    100.0
+}
+fn default_padding() -> f64 {
+    0.2
+}
+fn default_output_size() -> u32 {
+    300
+}
+fn default_jpeg_quality() -> i32 {
+    90
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo_topology() -> String {
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../topology.toml")).unwrap()
+    }
+
+    #[test]
+    fn repo_topology_is_valid() {
+        let t = Topology::parse(&repo_topology()).unwrap();
+        t.validate().unwrap();
+        assert_eq!(t.stages.crop.params.output_size, 300);
+        assert_eq!(t.stages.crop.params.jpeg_quality, 90);
+        assert_eq!(t.stages.detect.params.width, 640);
+        assert_eq!(t.stream_name(StageName::Detect), "FACES_DETECT");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = repo_topology().replace("[stages.crop.params]", "[stages.crop.params]\npaddin = 0.3");
+        let err = Topology::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("paddin"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let text = repo_topology().replacen("ack_wait = \"30s\"", "ack_wait = \"thirty\"", 1);
+        let err = Topology::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("ack_wait"), "{err}");
+    }
+
+    #[test]
+    fn broken_path_is_rejected() {
+        let mut t = Topology::parse(&repo_topology()).unwrap();
+        t.stages.detect.next = Some("faces.elsewhere".into());
+        let err = t.validate().unwrap_err().to_string();
+        assert!(err.contains("stages.detect.next"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_named() {
+        let mut t = Topology::parse(&repo_topology()).unwrap();
+        t.stages.crop.params.jpeg_quality = 0;
+        assert!(t.validate().unwrap_err().to_string().contains("jpeg_quality"));
+        let mut t = Topology::parse(&repo_topology()).unwrap();
+        t.stages.persist.concurrency = 0;
+        assert!(t.validate().unwrap_err().to_string().contains("stages.persist.concurrency"));
+    }
+
+    #[test]
+    fn env_overrides_urls() {
+        let mut t = Topology::parse(&repo_topology()).unwrap();
+        t.apply_env(|k| match k {
+            "PIPELINE_NATS_URL" => Some("nats://10.0.0.1:4222".into()),
+            "PIPELINE_DATABASE_URL" => Some("postgres://u:secret@db/x".into()),
+            _ => None,
+        });
+        assert_eq!(t.nats.url, "nats://10.0.0.1:4222");
+        assert_eq!(t.postgres.url, "postgres://u:secret@db/x");
+        assert!(t.object_store.url.starts_with("file://"));
+    }
+
+    #[test]
+    fn retry_delay_grows_and_is_capped() {
+        let r = RetryConfig {
+            base: Duration::from_secs(1),
+            factor: 2.0,
+            max: Duration::from_secs(5),
+            jitter: 0.0,
+        };
+        let mut rng = rand::rng();
+        let d: Vec<u64> = (1..=5).map(|n| r.delay(n, &mut rng).as_secs()).collect();
+        assert_eq!(d, vec![1, 2, 4, 5, 5]);
+        let jittered = RetryConfig { jitter: 0.5, ..r };
+        for _ in 0..100 {
+            let d = jittered.delay(2, &mut rng).as_secs_f64();
+            assert!((1.0..=3.0).contains(&d), "{d}");
+        }
+    }
+}

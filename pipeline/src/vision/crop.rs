@@ -1,0 +1,167 @@
+//! Cropping: which faces, which window around each, and the encoded crop.
+//!
+//! The window is a square (so resizing to the square output never distorts)
+//! centred on the face, whose side is the face's larger side plus `padding` of
+//! it on each side. At an image border the window is shifted back inside the
+//! image, keeping the face as central as possible; only when the image is
+//! smaller than the window is the window shrunk to fit.
+
+use opencv::core::{Mat, Rect, Size, Vector};
+use opencv::imgcodecs;
+use opencv::imgproc;
+use opencv::prelude::*;
+
+use super::decode;
+use super::VisionError;
+use crate::messages::FaceBox;
+use crate::topology::{CropParams, CropPolicy};
+
+/// A square window in full-resolution pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// Left edge.
+    pub x: u32,
+    /// Top edge.
+    pub y: u32,
+    /// Side length.
+    pub side: u32,
+}
+
+/// The crop window for `face` in an image of `width` x `height`.
+pub fn window(face: &FaceBox, width: u32, height: u32, padding: f64) -> Window {
+    let cx = face.x as f64 + face.w as f64 / 2.0;
+    let cy = face.y as f64 + face.h as f64 / 2.0;
+    let wanted = (face.w.max(face.h) as f64 * (1.0 + 2.0 * padding)).round().max(1.0);
+    let side = (wanted as u32).min(width).min(height).max(1);
+    let place = |centre: f64, limit: u32| -> u32 {
+        let start = (centre - side as f64 / 2.0).round();
+        start.clamp(0.0, (limit - side) as f64) as u32
+    };
+    Window { x: place(cx, width), y: place(cy, height), side }
+}
+
+/// Indices of the faces to crop, in the order their crops are numbered.
+pub fn chosen_faces(faces: &[FaceBox], policy: CropPolicy) -> Vec<usize> {
+    match policy {
+        CropPolicy::All => (0..faces.len()).collect(),
+        CropPolicy::Largest => faces
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.area().total_cmp(&b.1.area()))
+            .map(|(i, _)| vec![i])
+            .unwrap_or_default(),
+    }
+}
+
+/// Crops the chosen faces of an image and encodes each as a JPEG of
+/// `output_size` squared. Decodes once, at the largest DCT reduction that
+/// still leaves every window at least `output_size` pixels wide.
+pub fn crop_faces(
+    bytes: &[u8],
+    faces: &[FaceBox],
+    chosen: &[usize],
+    params: &CropParams,
+    max_megapixels: f64,
+) -> Result<Vec<Vec<u8>>, VisionError> {
+    if chosen.is_empty() {
+        return Ok(Vec::new());
+    }
+    let header = decode::probe(bytes, max_megapixels)?;
+    let smallest_side = chosen
+        .iter()
+        .map(|&i| faces[i].w.max(faces[i].h) as f64 * (1.0 + 2.0 * params.padding))
+        .fold(f64::MAX, f64::min);
+    let ratio = (smallest_side / params.output_size as f64).max(1.0);
+    let reduction = [8u32, 4, 2].into_iter().find(|r| (*r as f64) <= ratio).unwrap_or(1);
+    let decoded = decode::decode(bytes, header, reduction)?;
+    let (sx, sy) = decoded.scale();
+    let image = &decoded.image;
+    let (dw, dh) = (image.cols(), image.rows());
+    let out_size = Size::new(params.output_size as i32, params.output_size as i32);
+    let encode_params = Vector::<i32>::from_slice(&[imgcodecs::IMWRITE_JPEG_QUALITY, params.jpeg_quality]);
+
+    chosen
+        .iter()
+        .map(|&i| {
+            let win = window(&faces[i], decoded.full_width, decoded.full_height, params.padding);
+            // Map the window into the decoded image, clamped to its pixels.
+            let x = ((win.x as f64 / sx).round() as i32).clamp(0, dw - 1);
+            let y = ((win.y as f64 / sy).round() as i32).clamp(0, dh - 1);
+            let w = ((win.side as f64 / sx).round() as i32).clamp(1, dw - x);
+            let h = ((win.side as f64 / sy).round() as i32).clamp(1, dh - y);
+            let roi = Mat::roi(image, Rect::new(x, y, w, h))?;
+            let shrinking = w >= out_size.width;
+            let interpolation = if shrinking { imgproc::INTER_AREA } else { imgproc::INTER_CUBIC };
+            let mut resized = Mat::default();
+            imgproc::resize(&roi, &mut resized, out_size, 0.0, 0.0, interpolation)?;
+            let mut jpeg = Vector::<u8>::new();
+            imgcodecs::imencode(".jpg", &resized, &mut jpeg, &encode_params)?;
+            Ok(jpeg.to_vec())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn face(x: f32, y: f32, w: f32, h: f32) -> FaceBox {
+        FaceBox { x, y, w, h, score: 0.9 }
+    }
+
+    #[test]
+    fn padded_square_centred_on_the_face() {
+        let w = window(&face(400.0, 300.0, 100.0, 120.0), 1600, 1200, 0.2);
+        assert_eq!(w.side, 168); // 120 * 1.4
+        assert_eq!((w.x, w.y), (366, 276)); // centre (450, 360)
+    }
+
+    #[test]
+    fn shifted_inside_at_borders_not_shrunk() {
+        let w = window(&face(0.0, 0.0, 100.0, 100.0), 1600, 1200, 0.2);
+        assert_eq!(w, Window { x: 0, y: 0, side: 140 });
+        let w = window(&face(1550.0, 1150.0, 50.0, 50.0), 1600, 1200, 0.2);
+        assert_eq!(w, Window { x: 1530, y: 1130, side: 70 });
+    }
+
+    #[test]
+    fn huge_face_shrinks_to_the_image() {
+        let w = window(&face(0.0, 0.0, 1000.0, 1000.0), 800, 600, 0.2);
+        assert_eq!(w, Window { x: 0, y: 0, side: 600 });
+        let w = window(&face(100.0, 0.0, 600.0, 600.0), 800, 600, 0.2);
+        assert_eq!(w.side, 600);
+        assert!(w.x + w.side <= 800);
+    }
+
+    #[test]
+    fn tiny_face_and_tiny_image() {
+        let w = window(&face(5.0, 5.0, 0.5, 0.5), 10, 10, 0.2);
+        assert_eq!(w.side, 1);
+        let w = window(&face(0.0, 0.0, 3.0, 3.0), 2, 2, 0.2);
+        assert_eq!(w, Window { x: 0, y: 0, side: 2 });
+    }
+
+    #[test]
+    fn policy_picks_largest_or_all() {
+        let faces = [face(0.0, 0.0, 10.0, 10.0), face(0.0, 0.0, 30.0, 30.0), face(0.0, 0.0, 20.0, 20.0)];
+        assert_eq!(chosen_faces(&faces, CropPolicy::Largest), vec![1]);
+        assert_eq!(chosen_faces(&faces, CropPolicy::All), vec![0, 1, 2]);
+        assert!(chosen_faces(&[], CropPolicy::Largest).is_empty());
+    }
+
+    #[test]
+    fn crops_are_square_jpegs_of_the_output_size() {
+        // A synthetic 800x600 image, encoded as JPEG by OpenCV itself.
+        let img = Mat::new_rows_cols_with_default(600, 800, opencv::core::CV_8UC3, opencv::core::Scalar::all(128.0)).unwrap();
+        let mut jpeg = Vector::<u8>::new();
+        imgcodecs::imencode(".jpg", &img, &mut jpeg, &Vector::new()).unwrap();
+        let faces = [face(700.0, 500.0, 120.0, 120.0), face(10.0, 10.0, 40.0, 40.0)];
+        let params = CropParams { policy: CropPolicy::All, ..CropParams::default() };
+        let crops = crop_faces(jpeg.as_slice(), &faces, &[0, 1], &params, 100.0).unwrap();
+        assert_eq!(crops.len(), 2);
+        for crop in crops {
+            let decoded = imgcodecs::imdecode(&Vector::<u8>::from_slice(&crop), imgcodecs::IMREAD_COLOR).unwrap();
+            assert_eq!((decoded.cols(), decoded.rows()), (300, 300));
+        }
+    }
+}

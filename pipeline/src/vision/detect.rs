@@ -1,0 +1,200 @@
+//! Face detection: YuNet (`cv::FaceDetectorYN`), with OpenCV's Haar cascade as
+//! the fallback when no YuNet model is configured or it does not load.
+//!
+//! A detector is built once per worker thread and reused (only its input size
+//! changes between images), since loading the network costs far more than
+//! running it on one image.
+
+use std::cell::RefCell;
+use std::path::Path;
+
+use opencv::core::{self, Mat, Ptr, Rect, Size, Vector};
+use opencv::objdetect::{CascadeClassifier, FaceDetectorYN};
+use opencv::prelude::*;
+use opencv::imgproc;
+
+use super::decode::{self, Decoded};
+use super::VisionError;
+use crate::messages::FaceBox;
+use crate::topology::{DetectParams, DetectorKind};
+
+/// Faces found in one image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Detection {
+    /// Width of the upright original.
+    pub width: u32,
+    /// Height of the upright original.
+    pub height: u32,
+    /// Faces in original pixels, highest score first.
+    pub faces: Vec<FaceBox>,
+    /// `yunet` or `haar`.
+    pub detector: &'static str,
+}
+
+enum Model {
+    Yunet(Ptr<FaceDetectorYN>),
+    Haar(CascadeClassifier),
+}
+
+/// A loaded detector and the parameters it was built for.
+struct Loaded {
+    params: DetectParams,
+    model: Model,
+}
+
+thread_local! {
+    static DETECTOR: RefCell<Option<Loaded>> = const { RefCell::new(None) };
+}
+
+fn load(params: &DetectParams) -> Result<Model, VisionError> {
+    if params.detector == DetectorKind::Yunet {
+        match params.model.as_deref() {
+            Some(path) if path.is_file() => {
+                let model = FaceDetectorYN::create(
+                    &path.to_string_lossy(),
+                    "",
+                    Size::new(320, 320),
+                    params.score_threshold,
+                    params.nms_threshold,
+                    5000,
+                    0,
+                    0,
+                );
+                match model {
+                    Ok(model) => return Ok(Model::Yunet(model)),
+                    Err(e) => tracing::warn!(
+                        model = %path.display(), error = %e,
+                        "YuNet model does not load (OpenCV 4.6 needs face_detection_yunet_2022mar.onnx); falling back to Haar, which finds far fewer faces"
+                    ),
+                }
+            }
+            Some(path) => tracing::warn!(
+                model = %path.display(),
+                "YuNet model file not found; falling back to Haar, which finds far fewer faces"
+            ),
+            None => tracing::warn!("no YuNet model configured; falling back to Haar, which finds far fewer faces"),
+        }
+    }
+    load_haar(&params.haar_cascade).map(Model::Haar)
+}
+
+fn load_haar(path: &Path) -> Result<CascadeClassifier, VisionError> {
+    let cascade = CascadeClassifier::new(path)
+        .map_err(|e| VisionError::NoDetector(format!("{}: {e}", path.display())))?;
+    if cascade.empty()? {
+        return Err(VisionError::NoDetector(format!(
+            "Haar cascade {} does not load (install opencv-data)",
+            path.display()
+        )));
+    }
+    Ok(cascade)
+}
+
+/// Which detector `params` yields on this machine (`yunet`, or `haar` after a fallback).
+pub fn detector_name(params: &DetectParams) -> Result<&'static str, VisionError> {
+    with_model(params, |model| Ok(model_name(model)))
+}
+
+fn model_name(model: &Model) -> &'static str {
+    match model {
+        Model::Yunet(_) => "yunet",
+        Model::Haar(_) => "haar",
+    }
+}
+
+fn with_model<T>(
+    params: &DetectParams,
+    f: impl FnOnce(&mut Model) -> Result<T, VisionError>,
+) -> Result<T, VisionError> {
+    DETECTOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|l| &l.params != params) {
+            *slot = Some(Loaded { params: params.clone(), model: load(params)? });
+        }
+        f(&mut slot.as_mut().expect("just loaded").model)
+    })
+}
+
+/// Decodes `bytes` at the cheapest scale that still gives `params.width` pixels
+/// on the longer side, and returns the faces in original-image pixels.
+pub fn detect_faces(bytes: &[u8], params: &DetectParams) -> Result<Detection, VisionError> {
+    let header = decode::probe(bytes, params.max_megapixels)?;
+    let decoded = decode::decode(bytes, header, decode::reduction_for(header, params.width))?;
+    detect_decoded(&decoded, params)
+}
+
+/// Detects faces on an already decoded image.
+pub fn detect_decoded(decoded: &Decoded, params: &DetectParams) -> Result<Detection, VisionError> {
+    let image = &decoded.image;
+    let long = image.cols().max(image.rows());
+    // Shrink to the detection size; never enlarge.
+    let shrink = (params.width as f64 / long as f64).min(1.0);
+    let input = if shrink < 1.0 {
+        let mut small = Mat::default();
+        imgproc::resize(image, &mut small, Size::new(0, 0), shrink, shrink, imgproc::INTER_AREA)?;
+        small
+    } else {
+        image.clone()
+    };
+    let (sx, sy) = decoded.scale();
+    let (fx, fy) = (
+        sx * image.cols() as f64 / input.cols() as f64,
+        sy * image.rows() as f64 / input.rows() as f64,
+    );
+    let (w, h) = (decoded.full_width as f32, decoded.full_height as f32);
+
+    with_model(params, |model| {
+        let raw = match model {
+            Model::Yunet(net) => run_yunet(net, &input)?,
+            Model::Haar(cascade) => run_haar(cascade, &input)?,
+        };
+        let mut faces: Vec<FaceBox> = raw
+            .into_iter()
+            .filter_map(|f| {
+                // Map to original pixels and clip to the image.
+                let x0 = (f.x as f64 * fx).max(0.0) as f32;
+                let y0 = (f.y as f64 * fy).max(0.0) as f32;
+                let x1 = (((f.x + f.w) as f64) * fx).min(w as f64) as f32;
+                let y1 = (((f.y + f.h) as f64) * fy).min(h as f64) as f32;
+                (x1 - x0 >= 1.0 && y1 - y0 >= 1.0).then(|| FaceBox { x: x0, y: y0, w: x1 - x0, h: y1 - y0, score: f.score })
+            })
+            .collect();
+        faces.sort_by(|a, b| b.score.total_cmp(&a.score));
+        Ok(Detection { width: decoded.full_width, height: decoded.full_height, faces, detector: model_name(model) })
+    })
+}
+
+fn run_yunet(net: &mut Ptr<FaceDetectorYN>, input: &Mat) -> Result<Vec<FaceBox>, VisionError> {
+    net.set_input_size(Size::new(input.cols(), input.rows()))?;
+    let mut out = Mat::default();
+    net.detect(input, &mut out)?;
+    // One row per face: x, y, w, h, five landmarks (x, y), score.
+    let mut faces = Vec::with_capacity(out.rows().max(0) as usize);
+    for row in 0..out.rows() {
+        let v = |col: i32| out.at_2d::<f32>(row, col).copied();
+        faces.push(FaceBox { x: v(0)?, y: v(1)?, w: v(2)?, h: v(3)?, score: v(14)? });
+    }
+    Ok(faces)
+}
+
+fn run_haar(cascade: &mut CascadeClassifier, input: &Mat) -> Result<Vec<FaceBox>, VisionError> {
+    let mut gray = Mat::default();
+    imgproc::cvt_color(input, &mut gray, imgproc::COLOR_BGR2GRAY, 0)?;
+    let mut equalized = Mat::default();
+    imgproc::equalize_hist(&gray, &mut equalized)?;
+    let mut rects = Vector::<Rect>::new();
+    cascade.detect_multi_scale(&equalized, &mut rects, 1.1, 5, 0, Size::new(24, 24), Size::default())?;
+    // Haar gives no calibrated confidence; every accepted box scores 1.
+    Ok(rects
+        .iter()
+        .map(|r| FaceBox { x: r.x as f32, y: r.y as f32, w: r.width as f32, h: r.height as f32, score: 1.0 })
+        .collect())
+}
+
+/// Sets OpenCV's own worker-thread count (0 = sequential); stages run one image
+/// per worker thread, so nested OpenCV threads would only oversubscribe the cores.
+pub fn set_opencv_threads(n: i32) {
+    if let Err(e) = core::set_num_threads(n) {
+        tracing::warn!(error = %e, "cannot set OpenCV thread count");
+    }
+}

@@ -1,0 +1,46 @@
+//! Image work with OpenCV: header probing, DCT-scaled decoding, face
+//! detection and cropping. All functions here are blocking CPU work; async
+//! callers run them on `tokio::task::spawn_blocking`.
+//!
+//! Layout:
+//! - [`decode`]: read dimensions from the header, pick a JPEG DCT reduction, decode upright.
+//! - [`detect`]: YuNet (Haar fallback) per worker thread, boxes in original pixels.
+//! - [`crop`]: crop-window geometry (pure) and crop encoding.
+
+pub mod crop;
+pub mod decode;
+pub mod detect;
+
+/// Why an image could not be processed. Every variant is a property of the
+/// input (or of the installation), so retrying does not help.
+#[derive(Debug, thiserror::Error)]
+pub enum VisionError {
+    /// The bytes are not an image format we read.
+    #[error("not a supported image: {0}")]
+    Unsupported(String),
+    /// The header claims more pixels than allowed.
+    #[error("image of {width}x{height} exceeds the {limit_mp} megapixel limit")]
+    TooLarge {
+        /// Claimed width.
+        width: u64,
+        /// Claimed height.
+        height: u64,
+        /// Configured limit.
+        limit_mp: f64,
+    },
+    /// OpenCV could not decode the data (truncated or corrupt).
+    #[error("cannot decode image: {0}")]
+    Decode(String),
+    /// An OpenCV call failed.
+    #[error("opencv: {0}")]
+    OpenCv(#[from] opencv::Error),
+    /// No usable detector (neither the model nor the Haar cascade loads).
+    #[error("no face detector available: {0}")]
+    NoDetector(String),
+}
+
+impl From<VisionError> for crate::error::StageError {
+    fn from(e: VisionError) -> Self {
+        crate::error::StageError::permanent(e)
+    }
+}

@@ -1,0 +1,57 @@
+//! The crop stage: face boxes -> square JPEG crops in the object store -> outcome.
+
+use pipeline::keys;
+use pipeline::messages::{CropJob, ImageStatus, Outcome};
+use pipeline::runtime::{Ctx, Delivery, Handler};
+use pipeline::topology::StageName;
+use pipeline::vision::{crop, detect};
+use pipeline::StageError;
+
+struct Crop;
+
+impl Handler for Crop {
+    type Input = CropJob;
+
+    async fn handle(&self, ctx: &Ctx, job: CropJob, delivery: Delivery) -> Result<(), StageError> {
+        let params = ctx.topology.stages.crop.params.clone();
+        let max_megapixels = ctx.topology.stages.detect.params.max_megapixels;
+        let chosen = crop::chosen_faces(&job.faces, params.policy);
+        let mut crop_keys = Vec::with_capacity(chosen.len());
+        if !chosen.is_empty() {
+            let bytes = ctx.store.get(&job.key).await?;
+            let (faces, which) = (job.faces.clone(), chosen.clone());
+            let crops = tokio::task::spawn_blocking(move || {
+                crop::crop_faces(&bytes, &faces, &which, &params, max_megapixels)
+            })
+            .await
+            .map_err(|e| StageError::transient(format!("crop thread failed: {e}")))??;
+            for (face, jpeg) in chosen.iter().zip(crops) {
+                let key = keys::crop_key(&job.image.batch_id, &job.image.image_id, *face);
+                ctx.store.put(&key, jpeg.into()).await?;
+                crop_keys.push(key);
+            }
+        }
+        let outcome = Outcome {
+            status: if crop_keys.is_empty() { ImageStatus::NoFace } else { ImageStatus::Cropped },
+            width: Some(job.width),
+            height: Some(job.height),
+            faces: job.faces,
+            crop_keys,
+            error: None,
+            failed_stage: None,
+            attempts: delivery.attempt,
+            detector: job.detector,
+            image: job.image,
+        };
+        let msg_id = keys::msg_id("persist", &outcome.image.batch_id, &outcome.image.image_id);
+        ctx.publish_next(&msg_id, &outcome).await
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let stage = pipeline::app::Stage::start(StageName::Crop).await?;
+    detect::set_opencv_threads(1);
+    stage.run(Crop).await?;
+    Ok(())
+}

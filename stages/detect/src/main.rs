@@ -1,0 +1,52 @@
+//! The detect stage: original in the object store -> face boxes -> crop job.
+
+use pipeline::keys;
+use pipeline::messages::{CropJob, DetectJob};
+use pipeline::runtime::{Ctx, Delivery, Handler};
+use pipeline::topology::{DetectParams, StageName};
+use pipeline::vision::detect;
+use pipeline::StageError;
+
+struct Detect {
+    params: DetectParams,
+}
+
+impl Handler for Detect {
+    type Input = DetectJob;
+
+    async fn handle(&self, ctx: &Ctx, job: DetectJob, _: Delivery) -> Result<(), StageError> {
+        let bytes = ctx.store.get(&job.key).await?;
+        let params = self.params.clone();
+        let found = tokio::task::spawn_blocking(move || detect::detect_faces(&bytes, &params))
+            .await
+            .map_err(|e| StageError::transient(format!("detector thread failed: {e}")))??;
+        tracing::debug!(faces = found.faces.len(), "detected");
+        metrics::counter!("facepipe_faces_found_total", "stage" => "detect").increment(found.faces.len() as u64);
+        let crop = CropJob {
+            key: job.key,
+            width: found.width,
+            height: found.height,
+            faces: found.faces,
+            detector: Some(found.detector.to_string()),
+            image: job.image,
+        };
+        let msg_id = keys::msg_id("crop", &crop.image.batch_id, &crop.image.image_id);
+        ctx.publish_next(&msg_id, &crop).await
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let stage = pipeline::app::Stage::start(StageName::Detect).await?;
+    let params = stage.ctx.topology.stages.detect.params.clone();
+    // One image per worker thread: OpenCV's own threads would only oversubscribe the cores.
+    detect::set_opencv_threads(1);
+    let name = tokio::task::spawn_blocking({
+        let params = params.clone();
+        move || detect::detector_name(&params)
+    })
+    .await??;
+    tracing::info!(detector = name, width = params.width, "detector ready");
+    stage.run(Detect { params }).await?;
+    Ok(())
+}

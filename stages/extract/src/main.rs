@@ -1,0 +1,158 @@
+//! The extract stage: ZIP -> one original per image in the object store ->
+//! one detect job per image; records the batch and its image count.
+//!
+//! A blocking thread reads the archive entry by entry into a small channel;
+//! the async side stores, registers and publishes entries a chunk at a time,
+//! so memory stays bounded by `parallelism` entries whatever the archive's size.
+
+use std::path::PathBuf;
+
+use futures::StreamExt;
+use pipeline::archive::{self, Entry};
+use pipeline::db::{Db, NewImage};
+use pipeline::keys;
+use pipeline::messages::{DetectJob, ExtractJob, ImageRef, Outcome};
+use pipeline::runtime::{Ctx, Delivery, Handler};
+use pipeline::store::LocalCopy;
+use pipeline::topology::StageName;
+use pipeline::StageError;
+
+struct Extract {
+    db: Db,
+}
+
+impl Handler for Extract {
+    type Input = ExtractJob;
+
+    async fn handle(&self, ctx: &Ctx, job: ExtractJob, delivery: Delivery) -> Result<(), StageError> {
+        let batch_id = match &job.batch_id {
+            Some(id) if keys::is_valid_id(id) => id.clone(),
+            Some(id) => return Err(StageError::permanent(format!("invalid batch_id `{id}`: use letters, digits, '-' or '_'"))),
+            None => keys::derived_batch_id(&[
+                &job.project_id,
+                &job.zip,
+                &delivery.stream_sequence.to_string(),
+                &delivery.published,
+            ]),
+        };
+        if !(1..=10).contains(&job.priority) {
+            return Err(StageError::permanent(format!("priority {} is outside 1-10", job.priority)));
+        }
+        self.db.insert_batch(&batch_id, &job.project_id, job.priority, &job.zip).await?;
+        let result = self.unpack(ctx, &job, &batch_id).await;
+        if let Err(error) = &result {
+            let last = i64::from(delivery.attempt) >= ctx.topology.stages.extract.max_deliver;
+            if error.is_permanent() || last {
+                // The batch as a whole cannot be read: say so on the batch row.
+                if let Err(e) = self.db.fail_batch(&batch_id, &error.message).await {
+                    tracing::error!(batch = %batch_id, error = %e, "cannot record the batch failure");
+                }
+            }
+        }
+        result
+    }
+}
+
+impl Extract {
+    async fn unpack(&self, ctx: &Ctx, job: &ExtractJob, batch_id: &str) -> Result<(), StageError> {
+        let zip = locate(ctx, &job.zip).await?;
+        let params = ctx.topology.stages.extract.params.clone();
+        let parallelism = params.parallelism;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Entry>(parallelism);
+        let reader = tokio::task::spawn_blocking(move || {
+            archive::read_entries(zip.path(), &params, |entry| tx.blocking_send(entry).is_ok())
+        });
+
+        let entries = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let mut chunks = entries.ready_chunks(parallelism);
+        let mut published = 0usize;
+        while let Some(chunk) = chunks.next().await {
+            published += self.ingest_chunk(ctx, batch_id, chunk).await?;
+        }
+        let summary = reader
+            .await
+            .map_err(|e| StageError::transient(format!("archive reader failed: {e}")))?
+            .map_err(|e| match e {
+                archive::ArchiveError::Io(io) if io.kind() != std::io::ErrorKind::NotFound => StageError::transient(io),
+                other => StageError::permanent(other),
+            })?;
+        let completed = self.db.finish_ingest(batch_id, summary.images, &summary.skipped).await?;
+        tracing::info!(
+            batch = batch_id, images = summary.images, skipped = summary.skipped.len(), published, completed,
+            "archive unpacked"
+        );
+        Ok(())
+    }
+
+    /// Stores a chunk of entries, registers them, then publishes one message per image.
+    /// Rows exist before any message that could reach persist is published.
+    async fn ingest_chunk(&self, ctx: &Ctx, batch_id: &str, chunk: Vec<Entry>) -> Result<usize, StageError> {
+        let mut rows = Vec::new();
+        let mut images = Vec::new();
+        let mut failures = Vec::new();
+        for entry in chunk {
+            match entry {
+                Entry::Image { index, name, bytes } => {
+                    let image_id = keys::image_id(index);
+                    let key = keys::original_key(batch_id, &image_id, &name);
+                    rows.push(NewImage { image_id: image_id.clone(), entry_name: name, original_key: key.clone() });
+                    images.push((image_id, key, bytes::Bytes::from(bytes)));
+                }
+                Entry::Unreadable { index, name, reason } => {
+                    let image_id = keys::image_id(index);
+                    rows.push(NewImage { image_id: image_id.clone(), entry_name: name, original_key: String::new() });
+                    failures.push((image_id, reason));
+                }
+                Entry::Skipped { name } => tracing::debug!(entry = %name, "skipped non-image entry"),
+            }
+        }
+        let stores = images.iter().map(|(_, key, bytes)| ctx.store.put(key, bytes.clone().into()));
+        for stored in futures::future::join_all(stores).await {
+            stored?;
+        }
+        self.db.insert_images(batch_id, &rows).await?;
+
+        let image_ref = |image_id: &str| ImageRef { batch_id: batch_id.to_string(), image_id: image_id.to_string() };
+        let detect_jobs = images.iter().map(|(image_id, key, _)| async move {
+            let job = DetectJob { image: image_ref(image_id), key: key.clone() };
+            ctx.publish_next(&keys::msg_id("detect", batch_id, image_id), &job).await
+        });
+        let failed_outcomes = failures.iter().map(|(image_id, reason)| async move {
+            let outcome = Outcome::failed(image_ref(image_id), "extract", reason.clone(), 1);
+            ctx.publish_outcome(&keys::msg_id("failed", batch_id, image_id), &outcome).await
+        });
+        for published in futures::future::join_all(detect_jobs).await {
+            published?;
+        }
+        for published in futures::future::join_all(failed_outcomes).await {
+            published?;
+        }
+        Ok(images.len())
+    }
+}
+
+/// Finds the ZIP: a local path (`/x.zip`, `file:///x.zip`) or an object-store key.
+async fn locate(ctx: &Ctx, zip: &str) -> Result<LocalCopy, StageError> {
+    let local = zip.strip_prefix("file://").or_else(|| zip.starts_with('/').then_some(zip));
+    match local {
+        Some(path) => {
+            let path = PathBuf::from(path);
+            if path.is_file() {
+                Ok(LocalCopy::InPlace(path))
+            } else {
+                Err(StageError::permanent(format!("ZIP `{}` not found on this host", path.display())))
+            }
+        }
+        None => Ok(ctx.store.local_copy(zip).await?),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let stage = pipeline::app::Stage::start(StageName::Extract).await?;
+    let pg = &stage.ctx.topology.postgres;
+    let db = Db::connect(&pg.url, pg.pool_size)?;
+    db.migrate().await?;
+    stage.run(Extract { db }).await?;
+    Ok(())
+}

@@ -1,0 +1,36 @@
+//! The persist stage: image outcome -> idempotent upsert in PostgreSQL, batch progress and completion.
+
+use pipeline::db::Db;
+use pipeline::messages::Outcome;
+use pipeline::runtime::{Ctx, Delivery, Handler};
+use pipeline::topology::StageName;
+use pipeline::StageError;
+
+struct Persist {
+    db: Db,
+}
+
+impl Handler for Persist {
+    type Input = Outcome;
+
+    async fn handle(&self, _: &Ctx, outcome: Outcome, _: Delivery) -> Result<(), StageError> {
+        let recorded = self.db.record_outcome(&outcome).await?;
+        if !recorded.first {
+            tracing::debug!("outcome already recorded; redelivery ignored");
+        }
+        if recorded.completed_batch {
+            tracing::info!(batch = %outcome.image.batch_id, "batch completed");
+        }
+        Ok(())
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let stage = pipeline::app::Stage::start(StageName::Persist).await?;
+    let pg = &stage.ctx.topology.postgres;
+    let db = Db::connect(&pg.url, pg.pool_size)?;
+    db.migrate().await?;
+    stage.run(Persist { db }).await?;
+    Ok(())
+}
