@@ -61,10 +61,10 @@ pub enum StartError {
     Stage(String),
 }
 
-/// Installs the `tracing` subscriber (filter from `RUST_LOG`, default `info`).
-pub fn init_logging(format: LogFormat) {
+/// Installs the `tracing` subscriber (filter from `RUST_LOG`, else `default_filter`).
+pub fn init_logging(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Human => builder.try_init(),
@@ -96,7 +96,7 @@ impl Stage {
     pub async fn start(stage: StageName) -> Result<Self, StartError> {
         use clap::Parser;
         let args = StageArgs::parse();
-        init_logging(args.log_format);
+        init_logging(args.log_format, "info");
         let topology = Topology::load(&args.topology)?;
         let metrics_addr = args
             .metrics_addr

@@ -178,7 +178,7 @@ pub struct Stages {
 }
 
 /// Identifies a stage; used for stream names, metrics labels and dead letters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StageName {
     /// ZIP -> originals.

@@ -1,1 +1,304 @@
-fn main(){}
+//! `pipeline`: the operator CLI of the face-crop pipeline.
+//!
+//! `apply` sets up streams, consumers and the database; `submit` starts a
+//! batch; `status` and `results` read PostgreSQL; `up` runs every stage on
+//! this machine as child processes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+use pipeline::bus::{self, Bus};
+use pipeline::db::{self, Db};
+use pipeline::keys;
+use pipeline::messages::{self, ExtractJob};
+use pipeline::store::Store;
+use pipeline::topology::{StageName, Topology, TOPOLOGY_ENV};
+
+#[derive(Parser)]
+#[command(name = "pipeline", version, about = "Operate the face-crop pipeline")]
+struct Cli {
+    /// Topology file describing the deployment.
+    #[arg(long, short, global = true, env = TOPOLOGY_ENV, default_value = "topology.toml")]
+    topology: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check the topology file without touching any server.
+    Validate,
+    /// Create or update the streams, consumers and database schema the topology describes.
+    Apply {
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Upload a ZIP and start a batch; prints the batch id.
+    Submit {
+        /// The ZIP archive of photos.
+        zip: PathBuf,
+        /// Project the batch belongs to.
+        #[arg(long, default_value = "default")]
+        project: String,
+        /// Priority 1 (lowest) to 10 (highest).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u8).range(1..=10))]
+        priority: u8,
+        /// Batch id to use instead of a generated one.
+        #[arg(long)]
+        batch_id: Option<String>,
+        /// Wait until the batch completes and print its status.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show a batch's progress.
+    Status {
+        /// Batch id.
+        batch: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print one JSON line per image of a batch.
+    Results {
+        /// Batch id.
+        batch: String,
+    },
+    /// Run every stage on this machine as child processes until Ctrl-C.
+    Up {
+        /// Processes per stage, e.g. `--replicas detect=2` (default 1 each).
+        #[arg(long, value_parser = parse_replicas)]
+        replicas: Vec<(StageName, usize)>,
+    },
+}
+
+fn parse_replicas(s: &str) -> Result<(StageName, usize), String> {
+    let (name, n) = s.split_once('=').ok_or("expected STAGE=N")?;
+    let stage = StageName::ALL
+        .into_iter()
+        .find(|st| st.as_str() == name)
+        .ok_or_else(|| format!("unknown stage `{name}`"))?;
+    let n = n.parse::<usize>().map_err(|e| e.to_string())?;
+    Ok((stage, n))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    pipeline::app::init_logging(pipeline::app::LogFormat::Human, "warn");
+    let topology = Topology::load(&cli.topology)?;
+    match cli.command {
+        Command::Validate => {
+            println!("{}: valid", cli.topology.display());
+            Ok(())
+        }
+        Command::Apply { dry_run } => apply(&topology, dry_run).await,
+        Command::Submit { zip, project, priority, batch_id, wait } => {
+            submit(&topology, &zip, project, priority, batch_id, wait).await
+        }
+        Command::Status { batch, json } => status(&topology, &batch, json).await,
+        Command::Results { batch } => results(&topology, &batch).await,
+        Command::Up { replicas } => up(&cli.topology, &topology, replicas.into_iter().collect()).await,
+    }
+}
+
+fn database(topology: &Topology) -> anyhow::Result<Db> {
+    Ok(Db::connect(&topology.postgres.url, topology.postgres.pool_size)?)
+}
+
+async fn apply(topology: &Topology, dry_run: bool) -> anyhow::Result<()> {
+    let bus = Bus::connect(&topology.nats.url, "facepipe-cli", false).await?;
+    let plan = bus::plan(&bus, topology).await?;
+    println!("JetStream at {}:", bus::redact_url(&topology.nats.url));
+    for item in &plan {
+        println!("  {item}");
+    }
+    if dry_run {
+        println!("dry run: nothing changed");
+        return Ok(());
+    }
+    bus::apply(&bus, topology, &plan).await?;
+    if db::ensure_database(&topology.postgres.url).await? {
+        println!("PostgreSQL: created the database");
+    }
+    let applied = database(topology)?.migrate().await?;
+    println!("PostgreSQL: {} migration(s) applied", applied.len());
+    println!("applied");
+    Ok(())
+}
+
+async fn submit(
+    topology: &Topology,
+    zip: &Path,
+    project_id: String,
+    priority: u8,
+    batch_id: Option<String>,
+    wait: bool,
+) -> anyhow::Result<()> {
+    if !zip.is_file() {
+        bail!("{} is not a file", zip.display());
+    }
+    let batch_id = match batch_id {
+        Some(id) if keys::is_valid_id(&id) => id,
+        Some(id) => bail!("invalid batch id `{id}`: use letters, digits, '-' or '_'"),
+        None => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+            keys::derived_batch_id(&[&project_id, &zip.display().to_string(), &now.to_string()])
+        }
+    };
+    let store = Store::open(&topology.object_store.url)?;
+    let key = format!("uploads/{batch_id}.zip");
+    let bytes = store.put_file(&key, zip).await.context("uploading the ZIP")?;
+    let bus = Bus::connect(&topology.nats.url, "facepipe-cli", false).await?;
+    let job = ExtractJob { batch_id: Some(batch_id.clone()), project_id, priority, zip: key };
+    bus.publish(
+        &topology.stages.extract.subject,
+        &keys::msg_id("submit", &batch_id, "zip"),
+        messages::encode(&job),
+    )
+    .await?;
+    eprintln!("submitted {} ({bytes} bytes) as batch {batch_id}", zip.display());
+    println!("{batch_id}");
+    if wait {
+        let db = database(topology)?;
+        let started = Instant::now();
+        let last = wait_for_batch(&db, &batch_id).await?;
+        let secs = started.elapsed().as_secs_f64();
+        eprintln!(
+            "batch {batch_id} {}: {} images ({} failed, {} faces) in {secs:.1}s = {:.1} images/s",
+            last.status,
+            last.processed,
+            last.failed,
+            last.faces,
+            last.processed as f64 / secs.max(1e-9)
+        );
+    }
+    Ok(())
+}
+
+/// Polls until the batch completes or fails, printing progress to stderr.
+async fn wait_for_batch(db: &Db, batch_id: &str) -> anyhow::Result<db::BatchStatus> {
+    let mut shown = String::new();
+    loop {
+        if let Some(s) = db.batch_status(batch_id).await? {
+            let line = format!(
+                "{}: {}/{} processed, {} failed",
+                s.status,
+                s.processed,
+                s.image_count.map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
+                s.failed
+            );
+            if line != shown {
+                eprintln!("  {line}");
+                shown = line;
+            }
+            if s.status == "completed" || s.status == "failed" {
+                return Ok(s);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn status(topology: &Topology, batch_id: &str, json: bool) -> anyhow::Result<()> {
+    let Some(s) = database(topology)?.batch_status(batch_id).await? else {
+        bail!("no batch `{batch_id}`");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        println!("batch        {}", s.batch_id);
+        println!("project      {}", s.project_id);
+        println!("status       {}", s.status);
+        println!(
+            "image_count  {}",
+            s.image_count.map(|n| n.to_string()).unwrap_or_else(|| "(still reading the archive)".into())
+        );
+        println!("processed    {} ({:.1}%)", s.processed, s.progress_percent);
+        println!("failed       {}", s.failed);
+        println!("faces        {}", s.faces);
+        println!("skipped      {} non-image entries", s.skipped);
+        if let Some(e) = &s.error {
+            println!("error        {e}");
+        }
+    }
+    Ok(())
+}
+
+async fn results(topology: &Topology, batch_id: &str) -> anyhow::Result<()> {
+    let db = database(topology)?;
+    if db.batch_status(batch_id).await?.is_none() {
+        bail!("no batch `{batch_id}`");
+    }
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for row in db.results(batch_id).await? {
+        serde_json::to_writer(&mut out, &row)?;
+        writeln!(out)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Runs each stage binary (found beside this one) as child processes, restarts
+/// any that die, and stops them all with SIGTERM on Ctrl-C or SIGTERM.
+async fn up(
+    topology_path: &Path,
+    topology: &Topology,
+    replicas: BTreeMap<StageName, usize>,
+) -> anyhow::Result<()> {
+    let dir = std::env::current_exe()?.parent().context("binary directory")?.to_owned();
+    let mut children: Vec<(String, tokio::process::Command, tokio::process::Child)> = Vec::new();
+    for stage in StageName::ALL {
+        let bin = dir.join(stage.as_str());
+        if !bin.is_file() {
+            bail!("{} not found: build the workspace (cargo build --release)", bin.display());
+        }
+        let count = replicas.get(&stage).copied().unwrap_or(1);
+        for replica in 0..count {
+            let mut cmd = tokio::process::Command::new(&bin);
+            cmd.arg("--topology").arg(topology_path);
+            // Each replica gets its own metrics port: the stage's port + 10 * replica.
+            if let Some(addr) = topology.stage(stage).metrics_addr {
+                if let Ok(mut socket) = addr.parse::<std::net::SocketAddr>() {
+                    if socket.port() != 0 {
+                        socket.set_port(socket.port() + 10 * replica as u16);
+                        cmd.env("PIPELINE_METRICS_ADDR", socket.to_string());
+                    }
+                }
+            }
+            let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
+            children.push((format!("{stage}#{replica}"), cmd, child));
+        }
+    }
+    eprintln!("running {} stage processes; Ctrl-C stops them", children.len());
+    let mut stop = std::pin::pin!(pipeline::runtime::shutdown_signal());
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                for (name, cmd, child) in children.iter_mut() {
+                    if let Some(status) = child.try_wait()? {
+                        eprintln!("{name} exited ({status}); restarting");
+                        *child = cmd.spawn()?;
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("stopping stages");
+    for (_, _, child) in &children {
+        if let Some(pid) = child.id() {
+            // SAFETY: kill(2) with a pid we spawned and still own.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+    }
+    for (name, _, child) in children.iter_mut() {
+        let status = child.wait().await?;
+        eprintln!("{name} stopped ({status})");
+    }
+    Ok(())
+}

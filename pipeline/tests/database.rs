@@ -1,0 +1,94 @@
+//! Outcome recording against a real PostgreSQL: idempotent upserts, counters
+//! that cannot double count, and a batch that completes exactly once.
+
+mod support;
+
+use pipeline::db::{NewImage, Recorded};
+use pipeline::messages::{FaceBox, ImageRef, ImageStatus, Outcome};
+use support::TestDb;
+
+fn outcome(image_id: &str, status: ImageStatus) -> Outcome {
+    Outcome {
+        image: ImageRef { batch_id: "b-1".into(), image_id: image_id.into() },
+        status,
+        width: Some(640),
+        height: Some(480),
+        faces: vec![FaceBox { x: 1.0, y: 2.0, w: 30.0, h: 40.0, score: 0.9 }],
+        crop_keys: vec![format!("batches/b-1/crops/{image_id}-0.jpg")],
+        error: None,
+        failed_stage: None,
+        attempts: 1,
+        detector: Some("yunet".into()),
+    }
+}
+
+fn image(id: &str) -> NewImage {
+    NewImage { image_id: id.into(), entry_name: format!("{id}.jpg"), original_key: format!("batches/b-1/originals/{id}.jpg") }
+}
+
+#[tokio::test]
+async fn same_outcome_twice_leaves_one_row_and_unchanged_counters() {
+    let test_db = TestDb::create().await;
+    let db = test_db.pool().await;
+    assert!(db.migrate().await.unwrap().is_empty(), "migrations run once");
+
+    db.insert_batch("b-1", "proj", 5, "uploads/b-1.zip").await.unwrap();
+    db.insert_batch("b-1", "proj", 5, "uploads/b-1.zip").await.unwrap();
+    db.insert_images("b-1", &[image("0000000"), image("0000001")]).await.unwrap();
+    db.insert_images("b-1", &[image("0000000"), image("0000001")]).await.unwrap();
+    assert!(!db.finish_ingest("b-1", 2, &["notes.txt".into()]).await.unwrap());
+
+    let first = db.record_outcome(&outcome("0000000", ImageStatus::Cropped)).await.unwrap();
+    assert_eq!(first, Recorded { first: true, completed_batch: false });
+    let again = db.record_outcome(&outcome("0000000", ImageStatus::Cropped)).await.unwrap();
+    assert_eq!(again, Recorded { first: false, completed_batch: false });
+    // A later, different outcome for the same image does not overwrite the first either.
+    let failed = Outcome::failed(outcome("0000000", ImageStatus::Failed).image, "crop", "boom".into(), 3);
+    assert!(!db.record_outcome(&failed).await.unwrap().first);
+
+    let s = db.batch_status("b-1").await.unwrap().unwrap();
+    assert_eq!((s.processed, s.failed, s.faces, s.skipped), (1, 0, 1, 1));
+    assert_eq!(s.status, "processing");
+    assert_eq!(s.progress_percent, 50.0);
+
+    // The last image completes the batch, exactly once.
+    let last = db.record_outcome(&outcome("0000001", ImageStatus::NoFace)).await.unwrap();
+    assert_eq!(last, Recorded { first: true, completed_batch: true });
+    let replay = db.record_outcome(&outcome("0000001", ImageStatus::NoFace)).await.unwrap();
+    assert_eq!(replay, Recorded { first: false, completed_batch: false });
+    let s = db.batch_status("b-1").await.unwrap().unwrap();
+    assert_eq!((s.status.as_str(), s.processed, s.failed), ("completed", 2, 0));
+    assert!(s.completed_at.is_some());
+
+    let rows = db.results("b-1").await.unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].status, "cropped");
+    assert_eq!(rows[0].faces.len(), 1);
+    assert_eq!(rows[0].crop_keys, vec!["batches/b-1/crops/0000000-0.jpg"]);
+}
+
+#[tokio::test]
+async fn unknown_images_are_permanent_errors_and_empty_batches_complete() {
+    let test_db = TestDb::create().await;
+    let db = test_db.pool().await;
+    let err = db.record_outcome(&outcome("0000009", ImageStatus::Cropped)).await.unwrap_err();
+    assert!(err.is_permanent(), "{err}");
+
+    db.insert_batch("b-1", "proj", 5, "empty.zip").await.unwrap();
+    assert!(db.finish_ingest("b-1", 0, &[]).await.unwrap(), "an empty archive completes at once");
+    assert!(!db.finish_ingest("b-1", 0, &[]).await.unwrap(), "and only once");
+    assert_eq!(db.batch_status("b-1").await.unwrap().unwrap().status, "completed");
+}
+
+#[tokio::test]
+async fn batch_completes_when_ingest_finishes_after_the_last_outcome() {
+    let test_db = TestDb::create().await;
+    let db = test_db.pool().await;
+    db.insert_batch("b-1", "proj", 5, "x.zip").await.unwrap();
+    db.insert_images("b-1", &[image("0000000")]).await.unwrap();
+    // persist can record an image before extract has finished reading the archive.
+    assert!(!db.record_outcome(&outcome("0000000", ImageStatus::Cropped)).await.unwrap().completed_batch);
+    assert_eq!(db.batch_status("b-1").await.unwrap().unwrap().status, "ingesting");
+    assert!(db.finish_ingest("b-1", 1, &[]).await.unwrap());
+    assert_eq!(db.batch_status("b-1").await.unwrap().unwrap().status, "completed");
+}

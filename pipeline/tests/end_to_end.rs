@@ -1,0 +1,233 @@
+//! The whole flow through the real binaries, a real nats-server and a real PostgreSQL.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use pipeline::messages::{DeadLetter, ExtractJob};
+use pipeline::store::Store;
+use support::{iou, labelled_photos, shared_dir, write_zip, Deployment};
+
+const BATCH_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Every labelled photo, plus a corrupt "image" and a non-image, in one ZIP.
+fn faces_zip(dir: &std::path::Path) -> (std::path::PathBuf, usize) {
+    let faces_dir = shared_dir().join("data/faces");
+    let mut entries: Vec<(String, Vec<u8>)> = labelled_photos()
+        .iter()
+        .map(|p| (p.file.clone(), std::fs::read(faces_dir.join(&p.file)).unwrap()))
+        .collect();
+    let images = entries.len() + 1;
+    entries.push(("broken/truncated.jpg".into(), b"\xff\xd8\xff\xe0 not really a jpeg".to_vec()));
+    entries.push(("notes/README.txt".into(), b"not an image".to_vec()));
+    let path = dir.join("faces.zip");
+    write_zip(&path, &entries);
+    (path, images)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn zip_batch_flows_through_all_four_stages() {
+    let mut d = Deployment::start(|_| {}).await;
+    let (zip, image_count) = faces_zip(d.dir.path());
+    let batch = d.cli_ok(&["submit", zip.to_str().unwrap(), "--project", "e2e"]).trim().to_string();
+
+    let status = d.wait_for_batch(&batch, BATCH_TIMEOUT).await;
+    assert_eq!(status.status, "completed", "{status:?}");
+    assert_eq!(status.image_count, Some(image_count as i32));
+    assert_eq!(status.processed, image_count as i32);
+    assert_eq!(status.skipped, 1, "the README entry is skipped and counted");
+    assert_eq!(status.failed, 1, "only the planted broken image fails");
+    assert_eq!(status.progress_percent, 100.0);
+
+    // Every entry has exactly one terminal outcome.
+    let results = d.db().await.results(&batch).await.unwrap();
+    assert_eq!(results.len(), image_count);
+    let by_entry: BTreeMap<&str, &pipeline::db::ImageResult> =
+        results.iter().map(|r| (r.entry.as_str(), r)).collect();
+    assert_eq!(by_entry.len(), image_count, "entry names are unique");
+    assert!(results.iter().all(|r| ["cropped", "no_face", "failed"].contains(&r.status.as_str())));
+
+    let broken = by_entry["broken/truncated.jpg"];
+    assert_eq!(broken.status, "failed");
+    assert_eq!(broken.failed_stage.as_deref(), Some("detect"));
+    assert!(broken.error.as_deref().unwrap().contains("image"), "{broken:?}");
+
+    // Crops exist, one per cropped image (policy `largest`), and are 300x300 JPEGs.
+    let store = Store::open(&d.topology.object_store.url).unwrap();
+    let crop_objects = store.list(&format!("batches/{batch}/crops")).await.unwrap();
+    let cropped: Vec<_> = results.iter().filter(|r| r.status == "cropped").collect();
+    assert!(cropped.len() > 100, "most photos hold a face: {}", cropped.len());
+    assert_eq!(crop_objects.len(), cropped.len());
+    for r in &cropped {
+        assert_eq!(r.crop_keys.len(), 1);
+        let jpeg = store.get(&r.crop_keys[0]).await.unwrap();
+        let size = imagesize::blob_size(&jpeg).unwrap();
+        assert_eq!((size.width, size.height), (300, 300), "{}", r.crop_keys[0]);
+        assert_eq!(imagesize::image_type(&jpeg).unwrap(), imagesize::ImageType::Jpeg);
+        assert!(!r.faces.is_empty());
+    }
+
+    // Boxes are in original pixels: they overlap the labelled faces.
+    let (mut labelled, mut matched) = (0, 0);
+    for photo in labelled_photos() {
+        let Some(faces) = &photo.faces else { continue };
+        let detected: Vec<[f32; 4]> =
+            by_entry[photo.file.as_str()].faces.iter().map(|f| [f.x, f.y, f.w, f.h]).collect();
+        for (i, face) in faces.iter().enumerate() {
+            let invalid = photo.wider_attrs.as_ref().is_some_and(|a| a[i].get(3) == Some(&1));
+            if invalid || face[2].min(face[3]) < 40.0 {
+                continue; // small and invalid faces are scored by `pipeline eval`, not here
+            }
+            labelled += 1;
+            if detected.iter().any(|d| iou(*d, *face) >= 0.5) {
+                matched += 1;
+            }
+        }
+    }
+    eprintln!("labelled faces >= 40 px matched at IoU 0.5: {matched}/{labelled}");
+    assert!(labelled >= 50 && matched as f64 >= 0.8 * labelled as f64, "{matched}/{labelled}");
+
+    // Photos without faces end as `no_face` whenever the detector agrees there is none.
+    let no_face_photos: Vec<_> = labelled_photos().into_iter().filter(|p| p.faces.as_deref() == Some(&[])).collect();
+    let mut clean = 0;
+    for photo in &no_face_photos {
+        let r = by_entry[photo.file.as_str()];
+        if r.faces.is_empty() {
+            assert_eq!(r.status, "no_face", "{}", photo.file);
+            assert!(r.crop_keys.is_empty());
+            clean += 1;
+        }
+    }
+    assert!(clean * 4 >= no_face_photos.len() * 3, "{clean}/{} no-face photos without detections", no_face_photos.len());
+
+    // `pipeline results` prints the same records as JSON lines; `status --json` the progress.
+    let lines = d.cli_ok(&["results", &batch]);
+    assert_eq!(lines.lines().count(), image_count);
+    let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    for field in ["entry", "status", "faces", "crop_keys", "error"] {
+        assert!(first.get(field).is_some(), "results line lacks {field}: {first}");
+    }
+    let json: serde_json::Value = serde_json::from_str(&d.cli_ok(&["status", &batch, "--json"])).unwrap();
+    assert_eq!(json["status"], "completed");
+    assert_eq!(json["progress_percent"], 100.0);
+
+    // Graceful shutdown: every stage exits 0 on SIGTERM.
+    for (stage, code) in d.stop_stages() {
+        assert_eq!(code, Some(0), "{stage} did not exit cleanly\n{}", d.logs());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn job_published_by_hand_without_batch_id_makes_exactly_one_batch() {
+    let d = Deployment::start(|_| {}).await;
+    let faces_dir = shared_dir().join("data/faces");
+    let zip = d.dir.path().join("two.zip");
+    let entries: Vec<(String, Vec<u8>)> = ["skimage/astronaut.png", "opencv_doc/fruits.jpg"]
+        .iter()
+        .map(|f| (f.to_string(), std::fs::read(faces_dir.join(f)).unwrap()))
+        .collect();
+    write_zip(&zip, &entries);
+
+    // What `nats pub faces.extract '{...}'` does: a plain publish, no message id, local path.
+    let client = async_nats::connect(&d.nats.url).await.unwrap();
+    let job = format!(r#"{{"project_id": "proj-123", "priority": 5, "zip": "{}"}}"#, zip.display());
+    client.publish("faces.extract", job.into()).await.unwrap();
+    client.flush().await.unwrap();
+
+    let db = d.db().await;
+    let batch = loop {
+        let out = d.cli(&["status", "nonexistent"]);
+        assert!(!out.status.success(), "unknown batches are an error");
+        let (c, conn) = tokio_postgres::connect(&d.db.url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let rows = c.query("SELECT batch_id FROM batches WHERE project_id = 'proj-123'", &[]).await.unwrap();
+        if let Some(row) = rows.first() {
+            assert_eq!(rows.len(), 1);
+            break row.get::<_, String>(0);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let status = d.wait_for_batch(&batch, BATCH_TIMEOUT).await;
+    assert_eq!(status.status, "completed");
+    assert_eq!(status.image_count, Some(2));
+    let results = db.results(&batch).await.unwrap();
+    let statuses: Vec<&str> = results.iter().map(|r| r.status.as_str()).collect();
+    assert_eq!(statuses, vec!["cropped", "no_face"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_messages_are_dead_lettered_and_workers_keep_serving() {
+    let d = Deployment::start(|_| {}).await;
+    let client = async_nats::connect(&d.nats.url).await.unwrap();
+    client.publish("faces.detect", "this is not json".into()).await.unwrap();
+    client.publish("faces.crop", r#"{"batch_id": "b-x"}"#.into()).await.unwrap();
+    client.publish("faces.extract", r#"{"project_id": "p", "zip": "/nonexistent/x.zip"}"#.into()).await.unwrap();
+    client.flush().await.unwrap();
+
+    // The dead-letter stream receives one letter per bad message, with stage and reason.
+    let js = async_nats::jetstream::new(client.clone());
+    let stream = d.topology.dead_letter_stream();
+    let mut letters = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while letters.len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "dead letters: {letters:?}\n{}", d.logs());
+        letters.clear();
+        let mut s = js.get_stream(&stream).await.unwrap();
+        let last = s.info().await.unwrap().state.last_sequence;
+        for seq in 1..=last {
+            if let Ok(raw) = s.get_raw_message(seq).await {
+                letters.push(serde_json::from_slice::<DeadLetter>(&raw.payload).unwrap());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut stages: Vec<&str> = letters.iter().map(|l| l.stage.as_str()).collect();
+    stages.sort();
+    assert_eq!(stages, vec!["crop", "detect", "extract"]);
+    assert!(letters.iter().all(|l| l.permanent && l.attempts == 1), "no retries for bad input: {letters:?}");
+    let detect = letters.iter().find(|l| l.stage == "detect").unwrap();
+    assert_eq!(detect.payload, "this is not json");
+    assert!(detect.error.contains("malformed"), "{detect:?}");
+    let crop = letters.iter().find(|l| l.stage == "crop").unwrap();
+    assert!(crop.error.contains("key"), "names the missing field: {crop:?}");
+    let extract = letters.iter().find(|l| l.stage == "extract").unwrap();
+    assert!(extract.error.contains("not found"), "{extract:?}");
+
+    // The failed extract job is a failed batch with its reason.
+    let (c, conn) = tokio_postgres::connect(&d.db.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let row = c.query_one("SELECT status, error FROM batches WHERE project_id = 'p'", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "failed");
+    assert!(row.get::<_, String>(1).contains("not found"));
+
+    // The workers still serve: a good batch goes through.
+    let zip = d.dir.path().join("one.zip");
+    let astronaut = std::fs::read(shared_dir().join("data/faces/skimage/astronaut.png")).unwrap();
+    write_zip(&zip, &[("astronaut.png".into(), astronaut)]);
+    let job = ExtractJob { batch_id: Some("after-bad".into()), project_id: "p".into(), priority: 5, zip: zip.display().to_string() };
+    client.publish("faces.extract", serde_json::to_vec(&job).unwrap().into()).await.unwrap();
+    let status = d.wait_for_batch("after-bad", BATCH_TIMEOUT).await;
+    assert_eq!((status.status.as_str(), status.processed, status.failed), ("completed", 1, 0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn apply_is_idempotent_and_dry_run_changes_nothing() {
+    let d = Deployment::start(|_| {}).await;
+    let again = d.cli_ok(&["apply"]);
+    assert!(!again.contains("create") && !again.contains("update"), "{again}");
+    assert_eq!(again.matches("unchanged").count(), 9, "{again}");
+
+    // A changed consumer setting is planned as an in-place update; --dry-run leaves it alone.
+    let mut changed = d.topology.clone();
+    changed.stages.detect.max_deliver = 7;
+    let path = d.dir.path().join("changed.toml");
+    std::fs::write(&path, toml::to_string(&changed).unwrap()).unwrap();
+    let plan = d.cli_ok_with(&path, &["apply", "--dry-run"]);
+    assert!(plan.contains("update    consumer FACES_DETECT/detect (max_deliver 3 -> 7)"), "{plan}");
+    let still = d.cli_ok_with(&path, &["apply", "--dry-run"]);
+    assert!(still.contains("update"), "dry run applied nothing: {still}");
+    d.cli_ok_with(&path, &["apply"]);
+    let done = d.cli_ok_with(&path, &["apply", "--dry-run"]);
+    assert!(!done.contains("update"), "{done}");
+}

