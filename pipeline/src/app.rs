@@ -4,10 +4,12 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, BusError};
+use crate::db::Db;
 use crate::error::StageError;
 use crate::runtime::{self, Ctx, Handler};
 use crate::store::{Store, StoreError};
@@ -110,6 +112,24 @@ impl Stage {
         let bus = Bus::connect(&topology.nats.url, &format!("facepipe-{stage}"), true).await?;
         let store = Store::open(&topology.object_store.url)?;
         Ok(Self { ctx: Arc::new(Ctx { stage, topology, bus, store }) })
+    }
+
+    /// The topology's database, migrated; waits (with backoff) while PostgreSQL is unreachable.
+    pub async fn database(&self) -> Result<Db, StartError> {
+        let pg = &self.ctx.topology.postgres;
+        let db = Db::connect(&pg.url, pg.pool_size).map_err(|e| StartError::Stage(e.to_string()))?;
+        let mut delay = Duration::from_millis(250);
+        loop {
+            match db.migrate().await {
+                Ok(_) => return Ok(db),
+                Err(e) if e.is_permanent() => return Err(StartError::Stage(e.to_string())),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?delay, "PostgreSQL not ready");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
     }
 
     /// Runs `handler` until SIGINT or SIGTERM, then shuts down gracefully.

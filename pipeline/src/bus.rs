@@ -206,46 +206,30 @@ impl std::fmt::Display for PlanItem {
     }
 }
 
+/// Records `name old -> new` in `changes` when the two differ.
+fn compare<T: PartialEq + std::fmt::Debug>(changes: &mut Vec<String>, name: &str, have: &T, want: &T) {
+    if have != want {
+        changes.push(format!("{name} {have:?} -> {want:?}"));
+    }
+}
+
 fn diff_stream(want: &stream::Config, have: &stream::Config) -> Action {
-    let mut live = Vec::new();
-    let mut fixed = Vec::new();
-    if want.subjects != have.subjects {
-        live.push(format!("subjects {:?} -> {:?}", have.subjects, want.subjects));
-    }
-    if want.duplicate_window != have.duplicate_window {
-        live.push(format!("duplicate_window {:?} -> {:?}", have.duplicate_window, want.duplicate_window));
-    }
-    if want.max_age != have.max_age {
-        live.push(format!("max_age {:?} -> {:?}", have.max_age, want.max_age));
-    }
-    if want.num_replicas != have.num_replicas {
-        live.push(format!("replicas {} -> {}", have.num_replicas, want.num_replicas));
-    }
-    if want.retention != have.retention {
-        fixed.push(format!("retention {:?} -> {:?}", have.retention, want.retention));
-    }
-    if want.storage != have.storage {
-        fixed.push(format!("storage {:?} -> {:?}", have.storage, want.storage));
-    }
+    let (mut live, mut fixed) = (Vec::new(), Vec::new());
+    compare(&mut live, "subjects", &have.subjects, &want.subjects);
+    compare(&mut live, "duplicate_window", &have.duplicate_window, &want.duplicate_window);
+    compare(&mut live, "max_age", &have.max_age, &want.max_age);
+    compare(&mut live, "replicas", &have.num_replicas, &want.num_replicas);
+    compare(&mut fixed, "retention", &have.retention, &want.retention);
+    compare(&mut fixed, "storage", &have.storage, &want.storage);
     classify(live, fixed)
 }
 
 fn diff_consumer(want: &consumer::pull::Config, have: &consumer::Config) -> Action {
-    let mut live = Vec::new();
-    if want.ack_wait != have.ack_wait {
-        live.push(format!("ack_wait {:?} -> {:?}", have.ack_wait, want.ack_wait));
-    }
-    if want.max_deliver != have.max_deliver {
-        live.push(format!("max_deliver {} -> {}", have.max_deliver, want.max_deliver));
-    }
-    if want.max_ack_pending != have.max_ack_pending {
-        live.push(format!("max_ack_pending {} -> {}", have.max_ack_pending, want.max_ack_pending));
-    }
-    let fixed = if want.ack_policy != have.ack_policy {
-        vec![format!("ack_policy {:?} -> {:?}", have.ack_policy, want.ack_policy)]
-    } else {
-        Vec::new()
-    };
+    let (mut live, mut fixed) = (Vec::new(), Vec::new());
+    compare(&mut live, "ack_wait", &have.ack_wait, &want.ack_wait);
+    compare(&mut live, "max_deliver", &have.max_deliver, &want.max_deliver);
+    compare(&mut live, "max_ack_pending", &have.max_ack_pending, &want.max_ack_pending);
+    compare(&mut fixed, "ack_policy", &have.ack_policy, &want.ack_policy);
     classify(live, fixed)
 }
 

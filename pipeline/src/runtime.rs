@@ -115,6 +115,17 @@ pub trait Handler: Send + Sync + 'static {
     }
 }
 
+/// Runs blocking CPU work (OpenCV) on tokio's blocking pool, off the async reactor.
+pub async fn blocking<T, F>(work: F) -> Result<T, StageError>
+where
+    F: FnOnce() -> Result<T, StageError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| StageError::transient(format!("worker thread failed: {e}")))?
+}
+
 /// A future that resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};

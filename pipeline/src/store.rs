@@ -70,11 +70,10 @@ impl Store {
         }
         if url.starts_with("s3://") {
             let parsed = url::Url::parse(url).map_err(|_| StoreError::BadUrl(url.to_string()))?;
-            let options = std::env::vars()
-                .filter(|(k, _)| k.starts_with("AWS_"))
-                .map(|(k, v)| (k.to_ascii_lowercase(), v));
-            let (store, prefix) = object_store::parse_url_opts(&parsed, options)?;
-            return Ok(Self { inner: Arc::from(store), local_root: None, prefix });
+            // Credentials, region and endpoint (for S3-compatible stores) come from AWS_* variables.
+            let store = object_store::aws::AmazonS3Builder::from_env().with_url(url).build()?;
+            let prefix = Path::parse(parsed.path().trim_matches('/')).map_err(|_| StoreError::BadUrl(url.to_string()))?;
+            return Ok(Self { inner: Arc::new(store), local_root: None, prefix });
         }
         Err(StoreError::BadUrl(url.to_string()))
     }
@@ -208,6 +207,13 @@ mod tests {
         let temp_path = copy.path().to_owned();
         drop(copy);
         assert!(!temp_path.exists(), "temporary download is removed");
+    }
+
+    #[test]
+    fn opens_s3_urls_with_a_key_prefix() {
+        let store = Store::open("s3://bucket/some/prefix").unwrap();
+        assert_eq!(store.path("a/b.jpg").unwrap().as_ref(), "some/prefix/a/b.jpg");
+        assert!(store.local_root.is_none());
     }
 
     #[test]

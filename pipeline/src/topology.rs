@@ -14,6 +14,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("PIPELINE_NATS_URL", "nats.url"),
     ("PIPELINE_OBJECT_STORE_URL", "object_store.url"),
     ("PIPELINE_DATABASE_URL", "postgres.url"),
+    ("PIPELINE_DETECT_MODEL", "stages.detect.params.model"),
 ];
 
 /// Environment variable naming the topology file when `--topology` is not given.
@@ -401,6 +402,7 @@ impl Topology {
                     "PIPELINE_NATS_URL" => self.nats.url = value,
                     "PIPELINE_OBJECT_STORE_URL" => self.object_store.url = value,
                     "PIPELINE_DATABASE_URL" => self.postgres.url = value,
+                    "PIPELINE_DETECT_MODEL" => self.stages.detect.params.model = Some(value.into()),
                     _ => unreachable!("every override is matched"),
                 }
             }

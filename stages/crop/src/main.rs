@@ -2,7 +2,7 @@
 
 use pipeline::keys;
 use pipeline::messages::{CropJob, ImageStatus, Outcome};
-use pipeline::runtime::{Ctx, Delivery, Handler};
+use pipeline::runtime::{self, Ctx, Delivery, Handler};
 use pipeline::topology::StageName;
 use pipeline::vision::{crop, detect};
 use pipeline::StageError;
@@ -20,11 +20,10 @@ impl Handler for Crop {
         if !chosen.is_empty() {
             let bytes = ctx.store.get(&job.key).await?;
             let (faces, which) = (job.faces.clone(), chosen.clone());
-            let crops = tokio::task::spawn_blocking(move || {
-                crop::crop_faces(&bytes, &faces, &which, &params, max_megapixels)
+            let crops = runtime::blocking(move || {
+                Ok(crop::crop_faces(&bytes, &faces, &which, &params, max_megapixels)?)
             })
-            .await
-            .map_err(|e| StageError::transient(format!("crop thread failed: {e}")))??;
+            .await?;
             for (face, jpeg) in chosen.iter().zip(crops) {
                 let key = keys::crop_key(&job.image.batch_id, &job.image.image_id, *face);
                 ctx.store.put(&key, jpeg.into()).await?;

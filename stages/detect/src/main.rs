@@ -2,7 +2,7 @@
 
 use pipeline::keys;
 use pipeline::messages::{CropJob, DetectJob};
-use pipeline::runtime::{Ctx, Delivery, Handler};
+use pipeline::runtime::{self, Ctx, Delivery, Handler};
 use pipeline::topology::{DetectParams, StageName};
 use pipeline::vision::detect;
 use pipeline::StageError;
@@ -17,9 +17,7 @@ impl Handler for Detect {
     async fn handle(&self, ctx: &Ctx, job: DetectJob, _: Delivery) -> Result<(), StageError> {
         let bytes = ctx.store.get(&job.key).await?;
         let params = self.params.clone();
-        let found = tokio::task::spawn_blocking(move || detect::detect_faces(&bytes, &params))
-            .await
-            .map_err(|e| StageError::transient(format!("detector thread failed: {e}")))??;
+        let found = runtime::blocking(move || Ok(detect::detect_faces(&bytes, &params)?)).await?;
         tracing::debug!(faces = found.faces.len(), "detected");
         metrics::counter!("facepipe_faces_found_total", "stage" => "detect").increment(found.faces.len() as u64);
         let crop = CropJob {

@@ -150,9 +150,7 @@ async fn locate(ctx: &Ctx, zip: &str) -> Result<LocalCopy, StageError> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let stage = pipeline::app::Stage::start(StageName::Extract).await?;
-    let pg = &stage.ctx.topology.postgres;
-    let db = Db::connect(&pg.url, pg.pool_size)?;
-    db.migrate().await?;
+    let db = stage.database().await?;
     stage.run(Extract { db }).await?;
     Ok(())
 }

@@ -28,9 +28,7 @@ impl Handler for Persist {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let stage = pipeline::app::Stage::start(StageName::Persist).await?;
-    let pg = &stage.ctx.topology.postgres;
-    let db = Db::connect(&pg.url, pg.pool_size)?;
-    db.migrate().await?;
+    let db = stage.database().await?;
     stage.run(Persist { db }).await?;
     Ok(())
 }
