@@ -84,6 +84,11 @@ impl Bus {
         Ok(Self { client, js })
     }
 
+    /// True while the client is connected to a server.
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
     /// Publishes with a `Nats-Msg-Id` and waits for the server's acknowledgement,
     /// so the message is stored (or recognized as a duplicate) when this returns.
     pub async fn publish(&self, subject: &str, msg_id: &str, payload: Bytes) -> Result<(), BusError> {

@@ -14,6 +14,9 @@ use crate::messages::{FaceBox, ImageStatus, Outcome};
 /// Schema migrations in order; each runs once, recorded in `schema_migrations`.
 const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/0001_batches_and_images.sql"))];
 
+/// Longest wait for a connection before an operation fails as unavailable.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Arbitrary constant for the advisory lock that serializes concurrent migrators.
 const MIGRATION_LOCK: i64 = 0x6661_6365_7069_7065; // "facepipe"
 
@@ -162,7 +165,9 @@ pub struct Recorded {
 impl Db {
     /// Builds a pool for `url` (connections are opened lazily).
     pub fn connect(url: &str, pool_size: usize) -> Result<Self, DbError> {
-        let config = parse_config(url)?;
+        let mut config = parse_config(url)?;
+        // Fail fast while the server is down, so callers can back off instead of hanging.
+        config.connect_timeout(CONNECT_TIMEOUT);
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -170,6 +175,10 @@ impl Db {
         );
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|e| DbError::Config(e.to_string()))?;
         Ok(Self { pool })
@@ -337,6 +346,45 @@ impl Db {
         let completed_batch = try_complete(&tx, &image.batch_id).await?;
         tx.commit().await?;
         Ok(Recorded { first: true, completed_batch })
+    }
+
+    /// Returns a failed image to `pending` (and its batch to `processing`) so a
+    /// replayed message can record a new outcome. True when the image was failed.
+    pub async fn reopen_image(&self, batch_id: &str, image_id: &str) -> Result<bool, DbError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let reopened = tx
+            .execute(
+                "UPDATE images SET status = 'pending', error = NULL, failed_stage = NULL, updated_at = now()
+                 WHERE batch_id = $1 AND image_id = $2 AND status = 'failed'",
+                &[&batch_id, &image_id],
+            )
+            .await?;
+        if reopened == 1 {
+            tx.execute(
+                "UPDATE batches SET processed = processed - 1, failed = failed - 1, updated_at = now(),
+                        completed_at = NULL,
+                        status = CASE WHEN status = 'completed' THEN 'processing' ELSE status END
+                 WHERE batch_id = $1",
+                &[&batch_id],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(reopened == 1)
+    }
+
+    /// Returns a failed batch to `ingesting` so a replayed extract job can read it again.
+    pub async fn reopen_batch(&self, batch_id: &str) -> Result<bool, DbError> {
+        let client = self.pool.get().await?;
+        let n = client
+            .execute(
+                "UPDATE batches SET status = 'ingesting', error = NULL, completed_at = NULL, updated_at = now()
+                 WHERE batch_id = $1 AND status = 'failed'",
+                &[&batch_id],
+            )
+            .await?;
+        Ok(n == 1)
     }
 
     /// A batch's progress, or `None` when it does not exist.

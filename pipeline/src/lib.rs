@@ -20,6 +20,7 @@
 //! - [`bus`]: NATS connection, stream/consumer plan and apply, acknowledged publishing.
 //! - [`store`]: the object store (`file://`, `s3://`).
 //! - [`db`]: PostgreSQL pool, migrations and the idempotent queries.
+//! - [`deadletters`]: listing and replaying dead letters.
 //! - [`runtime`]: the stage runtime (pull, ack, retry, dead letters, graceful shutdown).
 //! - [`app`]: start-up shared by every stage binary.
 //! - [`archive`]: reading a ZIP entry by entry with bounded memory.
@@ -33,6 +34,7 @@ pub mod app;
 pub mod archive;
 pub mod bus;
 pub mod db;
+pub mod deadletters;
 pub mod error;
 pub mod keys;
 pub mod messages;

@@ -9,10 +9,17 @@
 //!   delivery count; a permanent error, or the last allowed attempt, becomes a
 //!   dead letter, the image's failure is recorded, and only then is it Term'd;
 //! - long work sends in-progress acks so it is not redelivered meanwhile;
+//! - while a service it needs is down (NATS, PostgreSQL) it stops pulling and
+//!   waits with backoff, and a message on its last attempt waits for the
+//!   service instead of becoming a dead letter for an outage;
+//! - a message that exhausts `max_deliver` by ack timeouts (its worker crashed
+//!   every time) is caught from JetStream's MAX_DELIVERIES advisory and
+//!   dead-lettered like any other, so it cannot vanish;
 //! - on shutdown it stops pulling, lets in-flight work finish within the grace
 //!   period, Naks what is left, and drains the connection.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -90,22 +97,24 @@ pub trait Handler: Send + Sync + 'static {
         delivery: Delivery,
     ) -> impl Future<Output = Result<(), StageError>> + Send;
 
+    /// True when every service this stage needs is reachable. The default checks
+    /// NATS; stages that use PostgreSQL also ping it.
+    fn ready(&self, ctx: &Ctx) -> impl Future<Output = bool> + Send {
+        async move { ctx.bus.is_connected() }
+    }
+
     /// Records that a message failed for good, after it was dead-lettered and
     /// before it is Term'd. The default records the image named in the payload
     /// as failed, so its batch can still complete.
-    fn on_dead_letter(
-        &self,
-        ctx: &Ctx,
-        payload: &[u8],
-        error: &StageError,
-        attempts: u32,
-    ) -> impl Future<Output = Result<(), StageError>> + Send {
-        let image = messages::decode::<ImageRef>(payload).ok();
-        let message = error.message.clone();
+    fn on_dead_letter(&self, ctx: &Ctx, failed: &Failed<'_>) -> impl Future<Output = Result<(), StageError>> + Send {
+        let image = messages::decode::<ImageRef>(failed.payload).ok();
+        let (message, attempts) = (failed.error.message.clone(), failed.attempts);
+        // Unique per failed message (a replay is a new message), stable across retries of this step.
+        let msg_id_suffix = format!("{}:{}", ctx.stage, failed.stream_sequence);
         async move {
             match image {
                 Some(image) if ctx.stage != StageName::Persist => {
-                    let msg_id = keys::msg_id("failed", &image.batch_id, &image.image_id);
+                    let msg_id = keys::msg_id("failed", &image.batch_id, &format!("{}:{msg_id_suffix}", image.image_id));
                     let outcome = Outcome::failed(image, ctx.stage.as_str(), message, attempts);
                     ctx.publish_outcome(&msg_id, &outcome).await
                 }
@@ -136,6 +145,23 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Environment variable of the fault-injection hook used by the chaos tests:
+/// a process aborts when a message's payload contains its value. Unset (the
+/// default) disables it.
+pub const FAULT_CRASH_ON_ENV: &str = "PIPELINE_FAULT_CRASH_ON";
+
+/// State shared by the pull loop and the message tasks of one process.
+struct Worker<H> {
+    ctx: Arc<Ctx>,
+    handler: Arc<H>,
+    /// Set by a transient failure; the pull loop then waits for readiness before pulling more.
+    degraded: AtomicBool,
+    /// Cancelled when the shutdown grace period is over: unfinished messages are Nak'd.
+    abandon: CancellationToken,
+    /// Fault-injection hook (see [`FAULT_CRASH_ON_ENV`]).
+    crash_on: Option<String>,
+}
+
 /// Runs `handler` on the stage's consumer until `shutdown` is cancelled.
 pub async fn run<H: Handler>(
     ctx: Arc<Ctx>,
@@ -144,12 +170,25 @@ pub async fn run<H: Handler>(
 ) -> Result<(), StageError> {
     let settings = ctx.topology.stage(ctx.stage);
     let consumer = ctx.bus.stage_consumer(&ctx.topology, ctx.stage).await?;
+    let worker = Arc::new(Worker {
+        ctx: ctx.clone(),
+        handler,
+        degraded: AtomicBool::new(false),
+        abandon: CancellationToken::new(),
+        crash_on: std::env::var(FAULT_CRASH_ON_ENV).ok().filter(|v| !v.is_empty()),
+    });
+    let sweeper = tokio::spawn(sweep_max_deliveries(worker.clone()));
     let slots = Arc::new(Semaphore::new(settings.concurrency));
-    let abandon = CancellationToken::new();
     let mut tasks = JoinSet::new();
     tracing::info!(stage = %ctx.stage, subject = settings.subject, concurrency = settings.concurrency, "stage started");
 
     'pull: loop {
+        if worker.degraded.swap(false, Ordering::SeqCst) {
+            tokio::select! {
+                _ = worker.wait_ready() => {}
+                _ = shutdown.cancelled() => break 'pull,
+            }
+        }
         let first = tokio::select! {
             permit = slots.clone().acquire_owned() => permit.expect("semaphore is never closed"),
             _ = shutdown.cancelled() => break 'pull,
@@ -161,6 +200,7 @@ pub async fn run<H: Handler>(
             Ok(batch) => batch,
             Err(e) => {
                 tracing::warn!(error = %e, "pull failed; retrying");
+                worker.degraded.store(true, Ordering::SeqCst);
                 tokio::select! {
                     _ = tokio::time::sleep(PULL_EXPIRES) => continue 'pull,
                     _ = shutdown.cancelled() => break 'pull,
@@ -179,9 +219,9 @@ pub async fn run<H: Handler>(
                 Some(p) => p,
                 None => slots.clone().acquire_owned().await.expect("semaphore is never closed"),
             };
-            let (ctx, handler, abandon) = (ctx.clone(), handler.clone(), abandon.clone());
+            let worker = worker.clone();
             tasks.spawn(async move {
-                process(&ctx, &*handler, msg, &abandon).await;
+                worker.process(msg).await;
                 drop(permit);
             });
         }
@@ -189,13 +229,14 @@ pub async fn run<H: Handler>(
     }
 
     tracing::info!(in_flight = tasks.len(), grace = ?settings.shutdown_grace, "stopping: finishing in-flight work");
+    sweeper.abort();
     let drained = tokio::time::timeout(settings.shutdown_grace, async {
         while tasks.join_next().await.is_some() {}
     })
     .await;
     if drained.is_err() {
         tracing::warn!(left = tasks.len(), "grace period over: returning unfinished messages");
-        abandon.cancel();
+        worker.abandon.cancel();
         while tasks.join_next().await.is_some() {}
     }
     if let Err(e) = ctx.bus.client.drain().await {
@@ -205,83 +246,235 @@ pub async fn run<H: Handler>(
     Ok(())
 }
 
-/// Handles one message from delivery to its final ack, Nak or Term.
-async fn process<H: Handler>(ctx: &Ctx, handler: &H, msg: Message, abandon: &CancellationToken) {
-    let stage = ctx.stage.as_str();
-    let settings = ctx.topology.stage(ctx.stage);
-    let delivery = match msg.info() {
-        Ok(info) => Delivery {
-            attempt: info.delivered.max(1) as u32,
-            stream_sequence: info.stream_sequence,
-            published: info.published.to_string(),
-        },
-        Err(e) => {
-            tracing::error!(error = %e, "message without JetStream metadata; dropping");
-            return;
+impl<H: Handler> Worker<H> {
+    /// Waits, with capped exponential backoff, until the handler reports its services reachable.
+    async fn wait_ready(&self) {
+        let mut delay = Duration::from_millis(100);
+        let mut warned = false;
+        while !self.handler.ready(&self.ctx).await {
+            if !warned {
+                tracing::warn!(stage = %self.ctx.stage, "a service is unavailable; pausing until it is back");
+                warned = true;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
         }
-    };
-    if delivery.attempt > 1 {
-        metrics::counter!("facepipe_redeliveries_total", "stage" => stage).increment(1);
+        if warned {
+            tracing::info!(stage = %self.ctx.stage, "services available again; resuming");
+        }
     }
-    let image = messages::decode::<ImageRef>(&msg.payload).ok();
-    let span = tracing::info_span!(
-        "message",
-        stage,
-        batch = image.as_ref().map(|i| i.batch_id.as_str()).unwrap_or(""),
-        image = image.as_ref().map(|i| i.image_id.as_str()).unwrap_or(""),
-        attempt = delivery.attempt,
-    );
-    let _in_flight = InFlight::new(stage);
-    let started = Instant::now();
-    let attempt = delivery.attempt;
 
-    let work = async {
-        let input = messages::decode::<H::Input>(&msg.payload)?;
-        handler.handle(ctx, input, delivery).await
-    };
-    let result = tokio::select! {
-        result = work => result,
-        _ = keep_alive(&msg, settings.ack_wait) => unreachable!("keep_alive never returns"),
-        _ = abandon.cancelled() => {
-            let _ = msg.ack_with(AckKind::Nak(None)).await;
-            tracing::info!(parent: &span, "returned to the queue at shutdown");
+    /// Handles one message from delivery to its final ack, Nak or Term.
+    async fn process(&self, msg: Message) {
+        let ctx = &*self.ctx;
+        let stage = ctx.stage.as_str();
+        let settings = ctx.topology.stage(ctx.stage);
+        let delivery = match msg.info() {
+            Ok(info) => Delivery {
+                attempt: info.delivered.max(1) as u32,
+                stream_sequence: info.stream_sequence,
+                published: info.published.to_string(),
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "message without JetStream metadata; dropping");
+                return;
+            }
+        };
+        let attempt = delivery.attempt;
+        let image = messages::decode::<ImageRef>(&msg.payload).ok();
+        let span = tracing::info_span!(
+            "message",
+            stage,
+            batch = image.as_ref().map(|i| i.batch_id.as_str()).unwrap_or(""),
+            image = image.as_ref().map(|i| i.image_id.as_str()).unwrap_or(""),
+            attempt,
+        );
+        if attempt > 1 {
+            metrics::counter!("facepipe_redeliveries_total", "stage" => stage).increment(1);
+            tracing::info!(parent: &span, "redelivered message");
+        }
+        if let Some(needle) = &self.crash_on {
+            if contains_bytes(&msg.payload, needle.as_bytes()) {
+                tracing::error!(parent: &span, "fault injection: aborting on this message");
+                std::process::abort();
+            }
+        }
+        let _in_flight = InFlight::new(stage);
+        let started = Instant::now();
+
+        let work = async {
+            loop {
+                let result = async {
+                    let input = messages::decode::<H::Input>(&msg.payload)?;
+                    self.handler.handle(ctx, input, delivery.clone()).await
+                }
+                .await;
+                match result {
+                    // On the last attempt, an outage must not turn a good message into a
+                    // dead letter: wait for the services and try again in place.
+                    Err(e) if !e.is_permanent()
+                        && i64::from(attempt) >= settings.max_deliver
+                        && !self.handler.ready(ctx).await =>
+                    {
+                        tracing::warn!(parent: &span, error = %e, "last attempt failed during an outage; waiting for the service");
+                        self.wait_ready().await;
+                    }
+                    other => return other,
+                }
+            }
+        };
+        let result = tokio::select! {
+            result = work => result,
+            _ = keep_alive(&msg, settings.ack_wait) => unreachable!("keep_alive never returns"),
+            _ = self.abandon.cancelled() => {
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
+                tracing::info!(parent: &span, "returned to the queue at shutdown");
+                return;
+            }
+        };
+        metrics::histogram!("facepipe_processing_seconds", "stage" => stage)
+            .record(started.elapsed().as_secs_f64());
+
+        let outcome = match result {
+            Ok(()) => match msg.ack().await {
+                Ok(()) => "ok",
+                Err(e) => {
+                    tracing::warn!(parent: &span, error = %e, "ack failed; the message will be redelivered");
+                    "ack_failed"
+                }
+            },
+            Err(error) if !error.is_permanent() && i64::from(attempt) < settings.max_deliver => {
+                self.degraded.store(true, Ordering::SeqCst);
+                let delay = ctx.topology.retry.delay(attempt as u64, &mut rand::rng());
+                tracing::warn!(parent: &span, %error, ?delay, "transient failure; retrying later");
+                let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+                "retried"
+            }
+            Err(error) => {
+                tracing::error!(parent: &span, %error, permanent = error.is_permanent(), "failed for good; dead-lettering");
+                let failed = Failed {
+                    subject: &msg.subject,
+                    payload: &msg.payload,
+                    stream_sequence: delivery.stream_sequence,
+                    error: &error,
+                    attempts: attempt,
+                };
+                match self.give_up(failed).await {
+                    Ok(()) => {
+                        let _ = msg.ack_with(AckKind::Term).await;
+                        "dead_lettered"
+                    }
+                    Err(e) => {
+                        // Leave it un-acked: it comes back after ack_wait, or is swept as a
+                        // max-deliveries dead letter, rather than vanishing unrecorded.
+                        tracing::error!(parent: &span, error = %e, "could not dead-letter; leaving the message un-acked");
+                        "dead_letter_failed"
+                    }
+                }
+            }
+        };
+        metrics::counter!("facepipe_messages_total", "stage" => stage, "outcome" => outcome).increment(1);
+    }
+
+    /// Publishes the dead letter, then lets the handler record the failure.
+    async fn give_up(&self, failed: Failed<'_>) -> Result<(), StageError> {
+        let ctx = &*self.ctx;
+        let image = messages::decode::<ImageRef>(failed.payload).ok();
+        let letter = DeadLetter {
+            stage: ctx.stage.to_string(),
+            subject: failed.subject.to_string(),
+            payload: String::from_utf8_lossy(failed.payload).into_owned(),
+            error: failed.error.message.clone(),
+            permanent: failed.error.is_permanent(),
+            attempts: failed.attempts,
+            batch_id: image.as_ref().map(|i| i.batch_id.clone()),
+            image_id: image.as_ref().map(|i| i.image_id.clone()),
+            time: chrono::Utc::now(),
+        };
+        let msg_id = format!("dead:{}:{}", ctx.topology.stream_name(ctx.stage), failed.stream_sequence);
+        ctx.bus
+            .publish(&ctx.topology.dead_letter_subject(ctx.stage), &msg_id, messages::encode(&letter))
+            .await?;
+        self.handler.on_dead_letter(ctx, &failed).await
+    }
+}
+
+/// A message that failed for good, however it was received.
+pub struct Failed<'a> {
+    /// Subject it was consumed from.
+    pub subject: &'a str,
+    /// Its payload.
+    pub payload: &'a [u8],
+    /// Its sequence in the stage's stream.
+    pub stream_sequence: u64,
+    /// Why it failed.
+    pub error: &'a StageError,
+    /// Deliveries made.
+    pub attempts: u32,
+}
+
+/// The body of JetStream's `CONSUMER.MAX_DELIVERIES` advisory (the fields we use).
+#[derive(serde::Deserialize)]
+struct MaxDeliveriesAdvisory {
+    stream_seq: u64,
+    deliveries: u32,
+}
+
+/// Dead-letters messages whose every delivery timed out without an ack (the
+/// worker crashed or hung each time). JetStream keeps such a message in the
+/// WorkQueue stream but never delivers it again; its advisory names it. The
+/// replicas of a stage share the subscription through a queue group, so each
+/// advisory is handled once.
+async fn sweep_max_deliveries<H: Handler>(worker: Arc<Worker<H>>) {
+    let ctx = &*worker.ctx;
+    let stream_name = ctx.topology.stream_name(ctx.stage);
+    let durable = ctx.topology.stage(ctx.stage).durable;
+    let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream_name}.{durable}");
+    let mut advisories = match ctx.bus.client.queue_subscribe(subject, format!("{durable}-sweeper")).await {
+        Ok(sub) => sub,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch max-deliveries advisories");
             return;
         }
     };
-    metrics::histogram!("facepipe_processing_seconds", "stage" => stage)
-        .record(started.elapsed().as_secs_f64());
+    while let Some(advisory) = advisories.next().await {
+        let Ok(advisory) = serde_json::from_slice::<MaxDeliveriesAdvisory>(&advisory.payload) else {
+            continue;
+        };
+        let seq = advisory.stream_seq;
+        let result = async {
+            let stream = ctx.bus.js.get_stream(&stream_name).await.map_err(StageError::transient)?;
+            let original = match stream.get_raw_message(seq).await {
+                Ok(m) => m,
+                Err(_) => return Ok(()), // already gone: acked late, or swept by another replica
+            };
+            let error = StageError::transient(format!(
+                "gave up after {} deliveries without an ack: the worker crashed or hung each time",
+                advisory.deliveries
+            ));
+            worker
+                .give_up(Failed {
+                    subject: &original.subject,
+                    payload: &original.payload,
+                    stream_sequence: seq,
+                    error: &error,
+                    attempts: advisory.deliveries,
+                })
+                .await?;
+            stream.delete_message(seq).await.map_err(StageError::transient)?;
+            metrics::counter!("facepipe_messages_total", "stage" => ctx.stage.as_str(), "outcome" => "dead_lettered").increment(1);
+            tracing::error!(stage = %ctx.stage, seq, deliveries = advisory.deliveries, "message exhausted its deliveries by ack timeout; dead-lettered");
+            Ok::<(), StageError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, seq, "cannot dead-letter a message that exhausted its deliveries");
+        }
+    }
+}
 
-    let outcome = match result {
-        Ok(()) => match msg.ack().await {
-            Ok(()) => "ok",
-            Err(e) => {
-                tracing::warn!(parent: &span, error = %e, "ack failed; the message will be redelivered");
-                "ack_failed"
-            }
-        },
-        Err(error) if !error.is_permanent() && i64::from(attempt) < settings.max_deliver => {
-            let delay = ctx.topology.retry.delay(attempt as u64, &mut rand::rng());
-            tracing::warn!(parent: &span, %error, ?delay, "transient failure; retrying later");
-            let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
-            "retried"
-        }
-        Err(error) => {
-            tracing::error!(parent: &span, %error, permanent = error.is_permanent(), "failed for good; dead-lettering");
-            match give_up(ctx, handler, &msg, &error, attempt).await {
-                Ok(()) => {
-                    let _ = msg.ack_with(AckKind::Term).await;
-                    "dead_lettered"
-                }
-                Err(e) => {
-                    // Leave it un-acked: it comes back after ack_wait (or is swept as a
-                    // max-deliveries dead letter) rather than vanishing unrecorded.
-                    tracing::error!(parent: &span, error = %e, "could not dead-letter; leaving the message un-acked");
-                    "dead_letter_failed"
-                }
-            }
-        }
-    };
-    metrics::counter!("facepipe_messages_total", "stage" => stage, "outcome" => outcome).increment(1);
+fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// Sends in-progress acks at a third of `ack_wait` so long work keeps its message.
@@ -292,34 +485,6 @@ async fn keep_alive(msg: &Message, ack_wait: Duration) {
         ticker.tick().await;
         let _ = msg.ack_with(AckKind::Progress).await;
     }
-}
-
-/// Publishes the dead letter, then lets the handler record the failure.
-async fn give_up<H: Handler>(
-    ctx: &Ctx,
-    handler: &H,
-    msg: &Message,
-    error: &StageError,
-    attempts: u32,
-) -> Result<(), StageError> {
-    let image = messages::decode::<ImageRef>(&msg.payload).ok();
-    let letter = DeadLetter {
-        stage: ctx.stage.to_string(),
-        subject: msg.subject.to_string(),
-        payload: String::from_utf8_lossy(&msg.payload).into_owned(),
-        error: error.message.clone(),
-        permanent: error.is_permanent(),
-        attempts,
-        batch_id: image.as_ref().map(|i| i.batch_id.clone()),
-        image_id: image.as_ref().map(|i| i.image_id.clone()),
-        time: chrono::Utc::now(),
-    };
-    let sequence = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
-    let msg_id = format!("dead:{}:{}", ctx.topology.stream_name(ctx.stage), sequence);
-    ctx.bus
-        .publish(&ctx.topology.dead_letter_subject(ctx.stage), &msg_id, messages::encode(&letter))
-        .await?;
-    handler.on_dead_letter(ctx, &msg.payload, error, attempts).await
 }
 
 /// Tracks the in-flight gauge for the lifetime of one message.

@@ -1,8 +1,8 @@
 //! `pipeline`: the operator CLI of the face-crop pipeline.
 //!
 //! `apply` sets up streams, consumers and the database; `submit` starts a
-//! batch; `status` and `results` read PostgreSQL; `up` runs every stage on
-//! this machine as child processes.
+//! batch; `status` and `results` read PostgreSQL; `dead-letters` lists and
+//! replays failures; `up` runs every stage on this machine as child processes.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,6 +12,7 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use pipeline::bus::{self, Bus};
 use pipeline::db::{self, Db};
+use pipeline::deadletters;
 use pipeline::keys;
 use pipeline::messages::{self, ExtractJob};
 use pipeline::store::Store;
@@ -67,11 +68,41 @@ enum Command {
         /// Batch id.
         batch: String,
     },
+    /// List or replay messages that failed for good.
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+    },
     /// Run every stage on this machine as child processes until Ctrl-C.
     Up {
         /// Processes per stage, e.g. `--replicas detect=2` (default 1 each).
         #[arg(long, value_parser = parse_replicas)]
         replicas: Vec<(StageName, usize)>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// Show dead letters, oldest first.
+    List {
+        /// Only those of this batch.
+        #[arg(long)]
+        batch: Option<String>,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead letters back on their subjects (reopening the failures they recorded).
+    Replay {
+        /// Every dead letter of this batch.
+        #[arg(long, conflicts_with_all = ["id", "all"])]
+        batch: Option<String>,
+        /// These dead letters (ids from `list`).
+        #[arg(long, num_args = 1..)]
+        id: Vec<u64>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -101,6 +132,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Status { batch, json } => status(&topology, &batch, json).await,
         Command::Results { batch } => results(&topology, &batch).await,
+        Command::DeadLetters { command } => dead_letters(&topology, command).await,
         Command::Up { replicas } => up(&cli.topology, &topology, replicas.into_iter().collect()).await,
     }
 }
@@ -240,6 +272,50 @@ async fn results(topology: &Topology, batch_id: &str) -> anyhow::Result<()> {
         writeln!(out)?;
     }
     out.flush()?;
+    Ok(())
+}
+
+async fn dead_letters(topology: &Topology, command: DeadLetterCommand) -> anyhow::Result<()> {
+    let bus = Bus::connect(&topology.nats.url, "facepipe-cli", false).await?;
+    match command {
+        DeadLetterCommand::List { batch, json } => {
+            let letters = deadletters::list(&bus, topology, batch.as_deref()).await?;
+            for stored in &letters {
+                if json {
+                    println!("{}", serde_json::to_string(stored)?);
+                } else {
+                    let l = &stored.letter;
+                    println!(
+                        "{:>6}  {}  {:<7}  batch={} image={} attempts={}  {}",
+                        stored.id,
+                        l.time.format("%Y-%m-%d %H:%M:%S"),
+                        l.stage,
+                        l.batch_id.as_deref().unwrap_or("-"),
+                        l.image_id.as_deref().unwrap_or("-"),
+                        l.attempts,
+                        l.error
+                    );
+                }
+            }
+            if !json {
+                eprintln!("{} dead letter(s)", letters.len());
+            }
+        }
+        DeadLetterCommand::Replay { batch, id, all } => {
+            if batch.is_none() && id.is_empty() && !all {
+                bail!("say which: --batch B, --id ID..., or --all");
+            }
+            let mut letters = deadletters::list(&bus, topology, batch.as_deref()).await?;
+            if !id.is_empty() {
+                letters.retain(|l| id.contains(&l.id));
+                if letters.len() != id.len() {
+                    bail!("no dead letter with some of the ids {id:?}");
+                }
+            }
+            let n = deadletters::replay(&bus, &database(topology)?, topology, &letters).await?;
+            println!("replayed {n} dead letter(s)");
+        }
+    }
     Ok(())
 }
 

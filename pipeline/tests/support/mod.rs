@@ -217,11 +217,19 @@ pub struct Deployment {
     pub db: TestDb,
     /// The NATS server.
     pub nats: NatsServer,
+    /// Extra environment for stage processes (e.g. fault-injection hooks).
+    pub stage_env: Vec<(String, String)>,
+    spawned: usize,
 }
 
 impl Deployment {
     /// Starts services, applies the topology (after `edit`) with `pipeline apply`, starts one process per stage.
     pub async fn start(edit: impl FnOnce(&mut Topology)) -> Self {
+        Self::start_with_env(edit, Vec::new()).await
+    }
+
+    /// Like [`Deployment::start`], with extra environment for the stage processes.
+    pub async fn start_with_env(edit: impl FnOnce(&mut Topology), stage_env: Vec<(String, String)>) -> Self {
         let nats = NatsServer::start();
         let db = TestDb::create().await;
         let dir = tempfile::tempdir().unwrap();
@@ -229,7 +237,7 @@ impl Deployment {
         edit(&mut topology);
         let topology_path = dir.path().join("topology.toml");
         std::fs::write(&topology_path, toml::to_string(&topology).unwrap()).unwrap();
-        let mut deployment = Self { stages: Vec::new(), topology, topology_path, dir, db, nats };
+        let mut deployment = Self { stages: Vec::new(), topology, topology_path, dir, db, nats, stage_env, spawned: 0 };
         let out = deployment.cli(&["apply"]);
         assert!(out.status.success(), "apply failed: {}", String::from_utf8_lossy(&out.stderr));
         for stage in StageName::ALL {
@@ -240,15 +248,46 @@ impl Deployment {
 
     /// Starts one more process of `stage`; its log goes to `<dir>/<stage>-<n>.log`.
     pub fn start_stage(&mut self, stage: StageName) {
-        let n = self.stages.iter().filter(|(s, _)| *s == stage).count();
-        let log = std::fs::File::create(self.dir.path().join(format!("{stage}-{n}.log"))).unwrap();
-        let child = self
-            .command(stage.as_str())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let child = self.spawn_stage(stage);
         self.stages.push((stage, child));
+    }
+
+    fn spawn_stage(&mut self, stage: StageName) -> Child {
+        self.spawned += 1;
+        let log_path = self.dir.path().join(format!("{stage}-{}.log", self.spawned));
+        let log = std::fs::File::create(log_path).unwrap();
+        let mut cmd = self.command(stage.as_str());
+        cmd.envs(self.stage_env.iter().map(|(k, v)| (k, v)));
+        cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap()
+    }
+
+    /// Restarts every stage process that has exited; returns how many.
+    pub fn restart_exited(&mut self) -> usize {
+        let mut restarted = 0;
+        for i in 0..self.stages.len() {
+            if self.stages[i].1.try_wait().unwrap().is_some() {
+                let stage = self.stages[i].0;
+                self.stages[i].1 = self.spawn_stage(stage);
+                restarted += 1;
+            }
+        }
+        restarted
+    }
+
+    /// Sends `signal` to the i-th stage process.
+    pub fn signal(&self, i: usize, signal: i32) {
+        // SAFETY: kill(2) on a child we spawned and have not reaped.
+        unsafe { libc::kill(self.stages[i].1.id() as i32, signal) };
+    }
+
+    /// Counts log lines containing `needle` across every stage process so far.
+    pub fn count_in_logs(&self, needle: &str) -> usize {
+        std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default().matches(needle).count())
+            .sum()
     }
 
     fn command(&self, binary: &str) -> Command {
@@ -402,4 +441,55 @@ pub fn iou(a: [f32; 4], b: [f32; 4]) -> f32 {
     let (x1, y1) = ((a[0] + a[2]).min(b[0] + b[2]), (a[1] + a[3]).min(b[1] + b[3]));
     let inter = (x1 - x0).max(0.0) * (y1 - y0).max(0.0);
     inter / (a[2] * a[3] + b[2] * b[3] - inter)
+}
+
+/// A TCP proxy in front of PostgreSQL that the test can cut: while down it
+/// closes every open connection and refuses new ones, as a stopped server would,
+/// without stopping the shared server other tests use.
+pub struct PgProxy {
+    /// Port the proxy listens on.
+    pub port: u16,
+    down: tokio::sync::watch::Sender<bool>,
+}
+
+impl PgProxy {
+    /// Starts a proxy to the PostgreSQL of `PIPELINE_TEST_DATABASE_URL`.
+    pub async fn start() -> Self {
+        let config: tokio_postgres::Config = admin_url().parse().unwrap();
+        let target_port = config.get_ports().first().copied().unwrap_or(5432);
+        let target = format!("127.0.0.1:{target_port}");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (down, watch) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else { continue };
+                if *watch.borrow() {
+                    continue; // dropped: connection refused, as far as the client can tell
+                }
+                let target = target.clone();
+                let mut watch = watch.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = watch.wait_for(|down| *down) => {}
+                    }
+                });
+            }
+        });
+        Self { port, down }
+    }
+
+    /// Cuts (true) or restores (false) the database.
+    pub fn set_down(&self, down: bool) {
+        self.down.send_replace(down);
+    }
+
+    /// `url` with its host and port replaced by the proxy's.
+    pub fn url_for(&self, url: &str) -> String {
+        let (scheme_user, rest) = url.split_once('@').unwrap();
+        let db = rest.split_once('/').unwrap().1;
+        format!("{scheme_user}@127.0.0.1:{}/{db}", self.port)
+    }
 }

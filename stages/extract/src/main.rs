@@ -24,6 +24,10 @@ struct Extract {
 impl Handler for Extract {
     type Input = ExtractJob;
 
+    async fn ready(&self, ctx: &Ctx) -> bool {
+        ctx.bus.is_connected() && self.db.ping().await.is_ok()
+    }
+
     async fn handle(&self, ctx: &Ctx, job: ExtractJob, delivery: Delivery) -> Result<(), StageError> {
         let batch_id = match &job.batch_id {
             Some(id) if keys::is_valid_id(id) => id.clone(),

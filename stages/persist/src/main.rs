@@ -13,6 +13,10 @@ struct Persist {
 impl Handler for Persist {
     type Input = Outcome;
 
+    async fn ready(&self, ctx: &Ctx) -> bool {
+        ctx.bus.is_connected() && self.db.ping().await.is_ok()
+    }
+
     async fn handle(&self, _: &Ctx, outcome: Outcome, _: Delivery) -> Result<(), StageError> {
         let recorded = self.db.record_outcome(&outcome).await?;
         if !recorded.first {
