@@ -145,10 +145,14 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Environment variable of the fault-injection hook used by the chaos tests:
-/// a process aborts when a message's payload contains its value. Unset (the
-/// default) disables it.
+/// Environment variable of a fault-injection hook for tests: a process aborts
+/// when a message's payload contains its value. Unset (the default) disables it.
 pub const FAULT_CRASH_ON_ENV: &str = "PIPELINE_FAULT_CRASH_ON";
+
+/// Environment variable of a fault-injection hook for tests, `<text>=<millis>`:
+/// handling a message whose payload contains `<text>` first sleeps that long
+/// (a slow image). Unset (the default) disables it.
+pub const FAULT_SLOW_ON_ENV: &str = "PIPELINE_FAULT_SLOW_ON";
 
 /// State shared by the pull loop and the message tasks of one process.
 struct Worker<H> {
@@ -160,6 +164,8 @@ struct Worker<H> {
     abandon: CancellationToken,
     /// Fault-injection hook (see [`FAULT_CRASH_ON_ENV`]).
     crash_on: Option<String>,
+    /// Fault-injection hook (see [`FAULT_SLOW_ON_ENV`]).
+    slow_on: Option<(String, Duration)>,
 }
 
 /// Runs `handler` on the stage's consumer until `shutdown` is cancelled.
@@ -176,6 +182,10 @@ pub async fn run<H: Handler>(
         degraded: AtomicBool::new(false),
         abandon: CancellationToken::new(),
         crash_on: std::env::var(FAULT_CRASH_ON_ENV).ok().filter(|v| !v.is_empty()),
+        slow_on: std::env::var(FAULT_SLOW_ON_ENV).ok().and_then(|v| {
+            let (needle, millis) = v.rsplit_once('=')?;
+            Some((needle.to_string(), Duration::from_millis(millis.parse().ok()?)))
+        }),
     });
     let sweeper = tokio::spawn(sweep_max_deliveries(worker.clone()));
     let slots = Arc::new(Semaphore::new(settings.concurrency));
@@ -303,6 +313,12 @@ impl<H: Handler> Worker<H> {
         let started = Instant::now();
 
         let work = async {
+            if let Some((needle, delay)) = &self.slow_on {
+                if contains_bytes(&msg.payload, needle.as_bytes()) {
+                    tracing::warn!(parent: &span, ?delay, "fault injection: slow message");
+                    tokio::time::sleep(*delay).await;
+                }
+            }
             loop {
                 let result = async {
                     let input = messages::decode::<H::Input>(&msg.payload)?;

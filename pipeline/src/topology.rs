@@ -465,6 +465,14 @@ impl Topology {
         if self.stages.persist.next.is_some() {
             return invalid("stages.persist.next", "the last stage has no next subject");
         }
+        // A retried message must still be recognized as a duplicate when it is published again.
+        let horizon = self.retry_horizon();
+        if self.nats.duplicate_window < horizon {
+            return invalid(
+                "nats.duplicate_window",
+                &format!("must cover the retry horizon ({horizon:?}: every stage's ack waits and retry delays)"),
+            );
+        }
         if !is_subject(&self.nats.dead_letter_subject) {
             return invalid("nats.dead_letter_subject", "not a valid NATS subject");
         }
@@ -495,6 +503,26 @@ impl Topology {
             return invalid("stages.extract.params.parallelism", "must be at least 1");
         }
         Ok(())
+    }
+
+    /// Longest time from a message's first delivery to its last retry, over all
+    /// stages: `max_deliver` ack waits plus the Nak delays between attempts.
+    pub fn retry_horizon(&self) -> Duration {
+        StageName::ALL
+            .iter()
+            .map(|name| {
+                let s = self.stage(*name);
+                let attempts = s.max_deliver.max(1) as u32;
+                let delays: f64 = (1..attempts as u64)
+                    .map(|n| {
+                        let raw = self.retry.base.as_secs_f64() * self.retry.factor.powi((n - 1) as i32);
+                        raw.min(self.retry.max.as_secs_f64()) * (1.0 + self.retry.jitter)
+                    })
+                    .sum();
+                s.ack_wait * attempts + Duration::from_secs_f64(delays)
+            })
+            .max()
+            .unwrap_or_default()
     }
 
     /// The settings common to every stage, by name.
@@ -692,6 +720,15 @@ mod tests {
         let mut t = Topology::parse(&repo_topology()).unwrap();
         t.stages.persist.concurrency = 0;
         assert!(t.validate().unwrap_err().to_string().contains("stages.persist.concurrency"));
+    }
+
+    #[test]
+    fn duplicate_window_must_cover_retries() {
+        let mut t = Topology::parse(&repo_topology()).unwrap();
+        assert!(t.retry_horizon() <= t.nats.duplicate_window);
+        t.nats.duplicate_window = Duration::from_secs(30);
+        let err = t.validate().unwrap_err().to_string();
+        assert!(err.contains("nats.duplicate_window"), "{err}");
     }
 
     #[test]

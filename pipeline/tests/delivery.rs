@@ -1,0 +1,109 @@
+//! Delivery guarantees that need a planted fault: a message whose worker
+//! crashes on every delivery must end as a dead letter and a recorded failure,
+//! and a replay must bring it back once the fault is gone.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use pipeline::runtime::{FAULT_CRASH_ON_ENV, FAULT_SLOW_ON_ENV};
+use pipeline::topology::StageName;
+use support::{shared_dir, write_zip, Deployment};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_on_every_delivery_becomes_a_dead_letter_then_replays() {
+    // Only the detect message of the batch's first image carries this text.
+    let needle = "crash-me-1/originals/0000000";
+    let mut d = Deployment::start_with_env(
+        |t| {
+            t.stages.detect.ack_wait = Duration::from_secs(2);
+            t.stages.detect.max_deliver = 2;
+        },
+        vec![(FAULT_CRASH_ON_ENV.into(), needle.into())],
+    )
+    .await;
+    let photo = std::fs::read(shared_dir().join("data/faces/skimage/astronaut.png")).unwrap();
+    let zip = d.dir.path().join("crash.zip");
+    write_zip(&zip, &[("first.png".into(), photo.clone()), ("second.png".into(), photo)]);
+    d.cli_ok(&["submit", zip.to_str().unwrap(), "--batch-id", "crash-me-1"]);
+
+    // Keep restarting the crashed detect process, as a supervisor would.
+    let db = d.db().await;
+    let started = Instant::now();
+    let mut crashes = 0;
+    let status = loop {
+        crashes += d.restart_exited();
+        let s = db.batch_status("crash-me-1").await.unwrap();
+        if let Some(s) = s.filter(|s| s.status == "completed") {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "batch never completed\n{}", d.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(crashes, 2, "one crash per delivery, max_deliver = 2");
+    assert_eq!((status.processed, status.failed), (2, 1));
+    let results = db.results("crash-me-1").await.unwrap();
+    assert_eq!(results[0].status, "failed");
+    assert!(results[0].error.as_deref().unwrap().contains("without an ack"), "{:?}", results[0]);
+    assert_eq!(results[1].status, "cropped");
+
+    let listed = d.cli_ok(&["dead-letters", "list", "--batch", "crash-me-1", "--json"]);
+    let letters: Vec<serde_json::Value> = listed.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(letters.len(), 1, "{listed}");
+    assert_eq!(letters[0]["stage"], "detect");
+    assert_eq!(letters[0]["attempts"], 2);
+    assert_eq!(letters[0]["image_id"], "0000000");
+    assert!(d.cli_ok(&["dead-letters", "list", "--batch", "other"]).is_empty());
+
+    // Fix the fault (stage processes without the hook) and replay.
+    d.stage_env.clear();
+    let codes = d.stop_stages();
+    assert!(codes.iter().all(|(_, code)| *code == Some(0)), "{codes:?}");
+    for stage in StageName::ALL {
+        d.start_stage(stage);
+    }
+    let refused = d.cli(&["dead-letters", "replay"]);
+    assert!(!refused.status.success(), "replay needs a selection");
+    let out = d.cli_ok(&["dead-letters", "replay", "--batch", "crash-me-1"]);
+    assert!(out.contains("replayed 1"), "{out}");
+
+    let started = Instant::now();
+    loop {
+        let s = db.batch_status("crash-me-1").await.unwrap().unwrap();
+        if s.status == "completed" && s.failed == 0 {
+            assert_eq!(s.processed, 2);
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "replay did not complete the image: {s:?}\n{}", d.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let results = db.results("crash-me-1").await.unwrap();
+    assert_eq!(results[0].status, "cropped");
+    assert!(d.cli_ok(&["dead-letters", "list"]).is_empty(), "a replayed letter leaves the stream");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_image_keeps_its_message_with_in_progress_acks() {
+    // Three times longer than ack_wait: without in-progress acks it would be redelivered.
+    let mut d = Deployment::start_with_env(
+        |t| {
+            t.stages.detect.ack_wait = Duration::from_secs(2);
+            t.stages.detect.concurrency = 2;
+        },
+        vec![(FAULT_SLOW_ON_ENV.into(), "slow-1/originals/0000000=6000".into())],
+    )
+    .await;
+    // A second detect replica that would take a redelivered message.
+    d.start_stage(StageName::Detect);
+    let photo = std::fs::read(shared_dir().join("data/faces/skimage/astronaut.png")).unwrap();
+    let zip = d.dir.path().join("slow.zip");
+    write_zip(&zip, &[("slow.png".into(), photo.clone()), ("fast.png".into(), photo)]);
+    d.cli_ok(&["submit", zip.to_str().unwrap(), "--batch-id", "slow-1"]);
+    let status = d.wait_for_batch("slow-1", Duration::from_secs(60)).await;
+    assert_eq!((status.status.as_str(), status.processed, status.failed), ("completed", 2, 0));
+    // detect and crop both see the key in their message; each handles it once.
+    assert_eq!(d.count_in_logs("fault injection: slow message"), 2, "{}", d.logs());
+    assert_eq!(d.count_in_logs("redelivered message"), 0, "{}", d.logs());
+    let results = d.db().await.results("slow-1").await.unwrap();
+    assert!(results.iter().all(|r| r.status == "cropped" && r.attempts == 1), "{results:?}");
+}
