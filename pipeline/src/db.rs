@@ -424,6 +424,19 @@ impl Db {
         }))
     }
 
+    /// Seconds from each image's registration by extract to its recorded outcome, sorted.
+    pub async fn latencies(&self, batch_id: &str) -> Result<Vec<f64>, DbError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT extract(epoch FROM updated_at - created_at)::float8 FROM images
+                 WHERE batch_id = $1 AND status <> 'pending' ORDER BY 1",
+                &[&batch_id],
+            )
+            .await?;
+        Ok(rows.into_iter().map(|r| r.get(0)).collect())
+    }
+
     /// Every image of a batch with its outcome, in image-id order.
     pub async fn results(&self, batch_id: &str) -> Result<Vec<ImageResult>, DbError> {
         let client = self.pool.get().await?;

@@ -18,6 +18,11 @@ use pipeline::messages::{self, ExtractJob};
 use pipeline::store::Store;
 use pipeline::topology::{StageName, Topology, TOPOLOGY_ENV};
 
+mod bench;
+mod processes;
+
+use processes::StageGroup;
+
 #[derive(Parser)]
 #[command(name = "pipeline", version, about = "Operate the face-crop pipeline")]
 struct Cli {
@@ -73,6 +78,8 @@ enum Command {
         #[command(subcommand)]
         command: DeadLetterCommand,
     },
+    /// Measure end-to-end throughput on a folder of photos against the in-process floor.
+    Bench(bench::BenchArgs),
     /// Run every stage on this machine as child processes until Ctrl-C.
     Up {
         /// Processes per stage, e.g. `--replicas detect=2` (default 1 each).
@@ -106,7 +113,7 @@ enum DeadLetterCommand {
     },
 }
 
-fn parse_replicas(s: &str) -> Result<(StageName, usize), String> {
+pub(crate) fn parse_replicas(s: &str) -> Result<(StageName, usize), String> {
     let (name, n) = s.split_once('=').ok_or("expected STAGE=N")?;
     let stage = StageName::ALL
         .into_iter()
@@ -132,6 +139,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Status { batch, json } => status(&topology, &batch, json).await,
         Command::Results { batch } => results(&topology, &batch).await,
+        Command::Bench(args) => bench::run(&cli.topology, &topology, args).await,
         Command::DeadLetters { command } => dead_letters(&topology, command).await,
         Command::Up { replicas } => up(&cli.topology, &topology, replicas.into_iter().collect()).await,
     }
@@ -319,62 +327,22 @@ async fn dead_letters(topology: &Topology, command: DeadLetterCommand) -> anyhow
     Ok(())
 }
 
-/// Runs each stage binary (found beside this one) as child processes, restarts
-/// any that die, and stops them all with SIGTERM on Ctrl-C or SIGTERM.
+/// Runs each stage binary as child processes, restarts any that die, and
+/// stops them all with SIGTERM on Ctrl-C or SIGTERM.
 async fn up(
     topology_path: &Path,
     topology: &Topology,
     replicas: BTreeMap<StageName, usize>,
 ) -> anyhow::Result<()> {
-    let dir = std::env::current_exe()?.parent().context("binary directory")?.to_owned();
-    let mut children: Vec<(String, tokio::process::Command, tokio::process::Child)> = Vec::new();
-    for stage in StageName::ALL {
-        let bin = dir.join(stage.as_str());
-        if !bin.is_file() {
-            bail!("{} not found: build the workspace (cargo build --release)", bin.display());
-        }
-        let count = replicas.get(&stage).copied().unwrap_or(1);
-        for replica in 0..count {
-            let mut cmd = tokio::process::Command::new(&bin);
-            cmd.arg("--topology").arg(topology_path);
-            // Each replica gets its own metrics port: the stage's port + 10 * replica.
-            if let Some(addr) = topology.stage(stage).metrics_addr {
-                if let Ok(mut socket) = addr.parse::<std::net::SocketAddr>() {
-                    if socket.port() != 0 {
-                        socket.set_port(socket.port() + 10 * replica as u16);
-                        cmd.env("PIPELINE_METRICS_ADDR", socket.to_string());
-                    }
-                }
-            }
-            let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
-            children.push((format!("{stage}#{replica}"), cmd, child));
-        }
-    }
-    eprintln!("running {} stage processes; Ctrl-C stops them", children.len());
+    let mut group = StageGroup::spawn(topology_path, topology, &replicas, &[])?;
+    eprintln!("running {} stage processes; Ctrl-C stops them", group.len());
     let mut stop = std::pin::pin!(pipeline::runtime::shutdown_signal());
     loop {
         tokio::select! {
             _ = &mut stop => break,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                for (name, cmd, child) in children.iter_mut() {
-                    if let Some(status) = child.try_wait()? {
-                        eprintln!("{name} exited ({status}); restarting");
-                        *child = cmd.spawn()?;
-                    }
-                }
-            }
+            _ = tokio::time::sleep(Duration::from_secs(1)) => group.restart_exited()?,
         }
     }
     eprintln!("stopping stages");
-    for (_, _, child) in &children {
-        if let Some(pid) = child.id() {
-            // SAFETY: kill(2) with a pid we spawned and still own.
-            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-        }
-    }
-    for (name, _, child) in children.iter_mut() {
-        let status = child.wait().await?;
-        eprintln!("{name} stopped ({status})");
-    }
-    Ok(())
+    group.stop().await
 }
