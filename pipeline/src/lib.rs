@@ -26,6 +26,7 @@
 //! - [`archive`]: reading a ZIP entry by entry with bounded memory.
 //! - [`vision`]: OpenCV decoding, detection and cropping.
 //! - [`error`]: the transient/permanent classification of stage errors.
+//! - [`eval`]: detection quality on labelled photos (`pipeline eval`).
 //!
 //! The operator CLI (`pipeline apply | submit | status | results | up`) is
 //! `src/bin/pipeline.rs`; the stage binaries live in `stages/`.
@@ -36,6 +37,7 @@ pub mod bus;
 pub mod db;
 pub mod deadletters;
 pub mod error;
+pub mod eval;
 pub mod keys;
 pub mod messages;
 pub mod runtime;

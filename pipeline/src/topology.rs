@@ -294,9 +294,12 @@ pub struct DetectParams {
     /// Haar cascade XML used as the fallback.
     #[serde(default = "default_haar_cascade")]
     pub haar_cascade: PathBuf,
-    /// Width (pixels) the image is scaled to before detection; boxes are reported in original pixels.
+    /// Longer side (pixels) the image is scaled to before detection; boxes are reported in original pixels.
     #[serde(default = "default_detect_width")]
     pub width: u32,
+    /// Also enlarge images smaller than `width` (finds small faces in small photos).
+    #[serde(default = "default_true")]
+    pub upscale: bool,
     /// YuNet score below which a box is dropped.
     #[serde(default = "default_score_threshold")]
     pub score_threshold: f32,
@@ -315,6 +318,7 @@ impl Default for DetectParams {
             model: None,
             haar_cascade: default_haar_cascade(),
             width: default_detect_width(),
+            upscale: true,
             score_threshold: default_score_threshold(),
             nms_threshold: default_nms_threshold(),
             max_megapixels: default_max_megapixels(),
@@ -650,11 +654,14 @@ fn default_extract_parallelism() -> usize {
 fn default_haar_cascade() -> PathBuf {
     "/usr/share/opencv4/haarcascades/haarcascade_frontalface_default.xml".into()
 }
+fn default_true() -> bool {
+    true
+}
 fn default_detect_width() -> u32 {
     640
 }
 fn default_score_threshold() -> f32 {
-    0.6
+    0.8
 }
 fn default_nms_threshold() -> f32 {
     0.3

@@ -127,12 +127,16 @@ pub fn detect_faces(bytes: &[u8], params: &DetectParams) -> Result<Detection, Vi
 pub fn detect_decoded(decoded: &Decoded, params: &DetectParams) -> Result<Detection, VisionError> {
     let image = &decoded.image;
     let long = image.cols().max(image.rows());
-    // Shrink to the detection size; never enlarge.
-    let shrink = (params.width as f64 / long as f64).min(1.0);
-    let input = if shrink < 1.0 {
-        let mut small = Mat::default();
-        imgproc::resize(image, &mut small, Size::new(0, 0), shrink, shrink, imgproc::INTER_AREA)?;
-        small
+    // Scale the longer side to the detection size; enlarge small images only when asked.
+    let mut factor = params.width as f64 / long as f64;
+    if !params.upscale {
+        factor = factor.min(1.0);
+    }
+    let input = if (factor - 1.0).abs() > 1e-3 {
+        let interpolation = if factor < 1.0 { imgproc::INTER_AREA } else { imgproc::INTER_LINEAR };
+        let mut scaled = Mat::default();
+        imgproc::resize(image, &mut scaled, Size::new(0, 0), factor, factor, interpolation)?;
+        scaled
     } else {
         image.clone()
     };

@@ -78,6 +78,21 @@ enum Command {
         #[command(subcommand)]
         command: DeadLetterCommand,
     },
+    /// Score the detect stage's settings on labelled photos (precision, recall, count accuracy).
+    Eval {
+        /// Manifest of labelled photos (shared/data/faces/manifest.json format).
+        #[arg(long)]
+        manifest: PathBuf,
+        /// Fail (exit 1) when precision is below this.
+        #[arg(long)]
+        min_precision: Option<f64>,
+        /// Fail (exit 1) when recall is below this.
+        #[arg(long)]
+        min_recall: Option<f64>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure end-to-end throughput on a folder of photos against the in-process floor.
     Bench(bench::BenchArgs),
     /// Run every stage on this machine as child processes until Ctrl-C.
@@ -139,6 +154,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Status { batch, json } => status(&topology, &batch, json).await,
         Command::Results { batch } => results(&topology, &batch).await,
+        Command::Eval { manifest, min_precision, min_recall, json } => {
+            eval(&topology, &manifest, min_precision, min_recall, json).await
+        }
         Command::Bench(args) => bench::run(&cli.topology, &topology, args).await,
         Command::DeadLetters { command } => dead_letters(&topology, command).await,
         Command::Up { replicas } => up(&cli.topology, &topology, replicas.into_iter().collect()).await,
@@ -280,6 +298,52 @@ async fn results(topology: &Topology, batch_id: &str) -> anyhow::Result<()> {
         writeln!(out)?;
     }
     out.flush()?;
+    Ok(())
+}
+
+async fn eval(
+    topology: &Topology,
+    manifest: &Path,
+    min_precision: Option<f64>,
+    min_recall: Option<f64>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let params = topology.stages.detect.params.clone();
+    let manifest = manifest.to_owned();
+    pipeline::vision::detect::set_opencv_threads(1);
+    let report = tokio::task::spawn_blocking(move || pipeline::eval::evaluate(&manifest, &params)).await??;
+    let t = &report.total;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let d = &topology.stages.detect.params;
+        println!(
+            "detector {} at width {} (upscale {}), score >= {}, nms {}: {:.1} ms per image (decode + detect, one thread)",
+            report.detector, d.width, d.upscale, d.score_threshold, d.nms_threshold, report.ms_per_image
+        );
+        println!("{:<18} {:>6} {:>6} {:>5} {:>5} {:>9} {:>7} {:>6} {:>10}", "source", "images", "faces", "TP", "FP", "precision", "recall", "F1", "count-acc");
+        let row = |name: &str, t: &pipeline::eval::Tally| {
+            let count = t.count_accuracy().map(|c| format!("{c:.3} ({})", t.count_images)).unwrap_or_else(|| "-".into());
+            println!(
+                "{name:<18} {:>6} {:>6} {:>5} {:>5} {:>9.3} {:>7.3} {:>6.3} {:>10}",
+                t.images, t.faces, t.true_positives, t.false_positives, t.precision(), t.recall(), t.f1(), count
+            );
+        };
+        for (source, tally) in &report.by_source {
+            row(source, tally);
+        }
+        row("all", t);
+    }
+    let mut failed = Vec::new();
+    if let Some(min) = min_precision.filter(|m| t.precision() < *m) {
+        failed.push(format!("precision {:.3} < {min}", t.precision()));
+    }
+    if let Some(min) = min_recall.filter(|m| t.recall() < *m) {
+        failed.push(format!("recall {:.3} < {min}", t.recall()));
+    }
+    if !failed.is_empty() {
+        bail!("below the floor: {}", failed.join(", "));
+    }
     Ok(())
 }
 

@@ -1,0 +1,46 @@
+//! `pipeline eval` on the labelled photos: the detect stage's settings from the
+//! repository's topology must stay above the quality floor measured for them.
+
+mod support;
+
+use support::{bin, repo_root, shared_dir};
+
+/// Floors set from the measurement of the repository's settings (YuNet 2022mar,
+/// longer side 640 with upscaling, score 0.8): P 0.953, R 0.863 on these photos.
+const MIN_PRECISION: &str = "0.93";
+const MIN_RECALL: &str = "0.84";
+
+#[test]
+fn detection_quality_stays_above_the_floor() {
+    let out = std::process::Command::new(bin("pipeline"))
+        .arg("--topology")
+        .arg(repo_root().join("topology.toml"))
+        .args(["eval", "--json", "--min-precision", MIN_PRECISION, "--min-recall", MIN_RECALL, "--manifest"])
+        .arg(shared_dir().join("data/faces/manifest.json"))
+        .env("PIPELINE_DETECT_MODEL", shared_dir().join("models/face_detection_yunet_2022mar.onnx"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["detector"], "yunet", "the YuNet model must load, not the Haar fallback");
+    let total = &report["total"];
+    assert_eq!(total["images"], 127, "every photo with boxes is scored");
+    assert_eq!(total["faces"], 211, "countable faces per the protocol");
+    assert_eq!(total["count_images"], 27);
+    assert!(report["by_source"]["wider_val_subset"]["faces"].as_u64().unwrap() > 150);
+}
+
+#[test]
+fn eval_fails_below_a_floor() {
+    let out = std::process::Command::new(bin("pipeline"))
+        .arg("--topology")
+        .arg(repo_root().join("topology.toml"))
+        .args(["eval", "--min-recall", "0.999", "--manifest"])
+        .arg(shared_dir().join("data/faces/manifest.json"))
+        .env("PIPELINE_DETECT_MODEL", shared_dir().join("models/face_detection_yunet_2022mar.onnx"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("below the floor: recall"));
+}
