@@ -344,6 +344,9 @@ pub struct CropParams {
     /// Which faces to crop.
     #[serde(default)]
     pub policy: CropPolicy,
+    /// Faces whose smaller side is below this (original pixels) are not cropped.
+    #[serde(default)]
+    pub min_face_size: u32,
     /// Padding added on each side, as a share of the face's larger side.
     #[serde(default = "default_padding")]
     pub padding: f64,
@@ -359,6 +362,7 @@ impl Default for CropParams {
     fn default() -> Self {
         Self {
             policy: CropPolicy::default(),
+            min_face_size: 0,
             padding: default_padding(),
             output_size: default_output_size(),
             jpeg_quality: default_jpeg_quality(),

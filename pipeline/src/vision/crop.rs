@@ -40,13 +40,16 @@ pub fn window(face: &FaceBox, width: u32, height: u32, padding: f64) -> Window {
     Window { x: place(cx, width), y: place(cy, height), side }
 }
 
-/// Indices of the faces to crop, in the order their crops are numbered.
-pub fn chosen_faces(faces: &[FaceBox], policy: CropPolicy) -> Vec<usize> {
-    match policy {
-        CropPolicy::All => (0..faces.len()).collect(),
-        CropPolicy::Largest => faces
-            .iter()
-            .enumerate()
+/// Indices of the faces to crop, in the order their crops are numbered: those
+/// whose smaller side is at least `params.min_face_size`, then all of them or the largest.
+pub fn chosen_faces(faces: &[FaceBox], params: &CropParams) -> Vec<usize> {
+    let big_enough = faces
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.w.min(f.h) >= params.min_face_size as f32);
+    match params.policy {
+        CropPolicy::All => big_enough.map(|(i, _)| i).collect(),
+        CropPolicy::Largest => big_enough
             .max_by(|a, b| a.1.area().total_cmp(&b.1.area()))
             .map(|(i, _)| vec![i])
             .unwrap_or_default(),
@@ -144,9 +147,17 @@ mod tests {
     #[test]
     fn policy_picks_largest_or_all() {
         let faces = [face(0.0, 0.0, 10.0, 10.0), face(0.0, 0.0, 30.0, 30.0), face(0.0, 0.0, 20.0, 20.0)];
-        assert_eq!(chosen_faces(&faces, CropPolicy::Largest), vec![1]);
-        assert_eq!(chosen_faces(&faces, CropPolicy::All), vec![0, 1, 2]);
-        assert!(chosen_faces(&[], CropPolicy::Largest).is_empty());
+        let largest = CropParams::default();
+        let all = CropParams { policy: CropPolicy::All, ..CropParams::default() };
+        assert_eq!(chosen_faces(&faces, &largest), vec![1]);
+        assert_eq!(chosen_faces(&faces, &all), vec![0, 1, 2]);
+        assert!(chosen_faces(&[], &largest).is_empty());
+        // A minimum size drops small faces under either policy.
+        let min = |policy| CropParams { policy, min_face_size: 15, ..CropParams::default() };
+        assert_eq!(chosen_faces(&faces, &min(CropPolicy::All)), vec![1, 2]);
+        assert_eq!(chosen_faces(&faces, &min(CropPolicy::Largest)), vec![1]);
+        let huge = CropParams { min_face_size: 100, ..CropParams::default() };
+        assert!(chosen_faces(&faces, &huge).is_empty(), "no face big enough: no crop");
     }
 
     #[test]

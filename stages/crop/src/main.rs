@@ -15,7 +15,7 @@ impl Handler for Crop {
     async fn handle(&self, ctx: &Ctx, job: CropJob, delivery: Delivery) -> Result<(), StageError> {
         let params = ctx.topology.stages.crop.params.clone();
         let max_megapixels = ctx.topology.stages.detect.params.max_megapixels;
-        let chosen = crop::chosen_faces(&job.faces, params.policy);
+        let chosen = crop::chosen_faces(&job.faces, &params);
         let mut crop_keys = Vec::with_capacity(chosen.len());
         if !chosen.is_empty() {
             let bytes = ctx.store.get(&job.key).await?;

@@ -72,7 +72,7 @@ fn floor(photos: &[Vec<u8>], topology: &Topology, threads: usize) -> anyhow::Res
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(bytes) = photos.get(i) else { return Ok(()) };
                         let found = detect::detect_faces(bytes, d)?;
-                        let chosen = crop::chosen_faces(&found.faces, c.policy);
+                        let chosen = crop::chosen_faces(&found.faces, c);
                         crop::crop_faces(bytes, &found.faces, &chosen, c, d.max_megapixels)?;
                     }
                 })
