@@ -78,6 +78,19 @@ pub fn init_logging(format: LogFormat, default_filter: &str) {
     };
 }
 
+/// Tunes glibc's allocator for image work: few arenas (the CPU threads are few,
+/// and each arena keeps freed buffers resident), and image-sized buffers kept
+/// on the heap for reuse instead of being mapped, page-faulted, zeroed and
+/// unmapped for every image (measured: 13% of detect's CPU time in the kernel).
+pub fn tune_allocator() {
+    // SAFETY: mallopt is thread-safe and only changes allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    }
+}
+
 /// Serves Prometheus metrics on `addr` (`host:port`; port 0 disables).
 pub fn init_metrics(addr: &str) -> Result<(), StartError> {
     let err = |reason: String| StartError::Metrics { addr: addr.to_string(), reason };
@@ -102,6 +115,7 @@ impl Stage {
     pub async fn start(stage: StageName) -> Result<Self, StartError> {
         use clap::Parser;
         let args = StageArgs::parse();
+        tune_allocator();
         init_logging(args.log_format, "info");
         let topology = Topology::load(&args.topology)?;
         let metrics_addr = args

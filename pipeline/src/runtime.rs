@@ -124,15 +124,56 @@ pub trait Handler: Send + Sync + 'static {
     }
 }
 
-/// Runs blocking CPU work (OpenCV) on tokio's blocking pool, off the async reactor.
+type CpuJob = Box<dyn FnOnce() + Send>;
+
+/// The process's CPU threads: exactly one per worker slot, started by [`run`].
+/// A fixed set (rather than tokio's growing blocking pool) keeps one detector
+/// per thread and the memory that goes with it bounded.
+static CPU_POOL: std::sync::OnceLock<std::sync::mpsc::Sender<CpuJob>> = std::sync::OnceLock::new();
+
+fn start_cpu_pool(threads: usize) {
+    CPU_POOL.get_or_init(|| {
+        // Unbounded, yet never long: each worker slot has at most one job queued or running.
+        let (tx, rx) = std::sync::mpsc::channel::<CpuJob>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        for i in 0..threads {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("cpu-{i}"))
+                .spawn(move || loop {
+                    let job = rx.lock().expect("cpu pool lock").recv();
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                })
+                .expect("spawn a CPU thread");
+        }
+        tx
+    });
+}
+
+/// Runs blocking CPU work (OpenCV) on the process's CPU threads, off the async
+/// reactor (on tokio's blocking pool when no stage runtime started the CPU threads).
 pub async fn blocking<T, F>(work: F) -> Result<T, StageError>
 where
     F: FnOnce() -> Result<T, StageError> + Send + 'static,
     T: Send + 'static,
 {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| StageError::transient(format!("worker thread failed: {e}")))?
+    let lost = |e: &dyn std::fmt::Display| StageError::transient(format!("worker thread failed: {e}"));
+    let Some(pool) = CPU_POOL.get() else {
+        return tokio::task::spawn_blocking(work).await.map_err(|e| lost(&e))?;
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job: CpuJob = Box::new(move || {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+        let _ = tx.send(result);
+    });
+    pool.send(job).map_err(|e| lost(&e))?;
+    match rx.await.map_err(|e| lost(&e))? {
+        Ok(result) => result,
+        Err(_) => Err(StageError::permanent("image processing panicked")),
+    }
 }
 
 /// A future that resolves on SIGINT or SIGTERM.
@@ -187,6 +228,7 @@ pub async fn run<H: Handler>(
             Some((needle.to_string(), Duration::from_millis(millis.parse().ok()?)))
         }),
     });
+    start_cpu_pool(settings.concurrency);
     let sweeper = tokio::spawn(sweep_max_deliveries(worker.clone()));
     let slots = Arc::new(Semaphore::new(settings.concurrency));
     let mut tasks = JoinSet::new();

@@ -59,6 +59,7 @@ fn corpus_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 /// Decode + detect + crop + encode of every photo on `threads` threads; returns (wall, CPU) seconds.
 fn floor(photos: &[Vec<u8>], topology: &Topology, threads: usize) -> anyhow::Result<(f64, f64)> {
     detect::set_opencv_threads(1);
+    pipeline::app::tune_allocator();
     let next = AtomicUsize::new(0);
     let cpu0 = cpu_seconds_of_this_process();
     let started = Instant::now();
