@@ -21,6 +21,9 @@ pub enum ArchiveError {
     /// The file is not a ZIP, or its central directory is corrupt.
     #[error("not a readable ZIP archive: {0}")]
     Invalid(#[from] zip::result::ZipError),
+    /// The archive exceeds a configured cap (entries or total size).
+    #[error("archive refused: {0}")]
+    TooLarge(String),
 }
 
 /// One entry of the archive.
@@ -67,6 +70,20 @@ pub fn read_entries(
     mut sink: impl FnMut(Entry) -> bool,
 ) -> Result<Summary, ArchiveError> {
     let mut archive = zip::ZipArchive::new(BufReader::new(File::open(path)?))?;
+    // Caps on the archive as a whole, from its central directory, before any entry is read.
+    if archive.len() > params.max_entries {
+        return Err(ArchiveError::TooLarge(format!(
+            "{} entries, more than max_entries = {}",
+            archive.len(),
+            params.max_entries
+        )));
+    }
+    if let Some(total) = archive.decompressed_size().filter(|t| *t > params.max_total_bytes as u128) {
+        return Err(ArchiveError::TooLarge(format!(
+            "{total} uncompressed bytes, more than max_total_bytes = {}",
+            params.max_total_bytes
+        )));
+    }
     let mut summary = Summary::default();
     for i in 0..archive.len() {
         let read = match archive.by_index(i) {
@@ -109,8 +126,21 @@ fn read_entry<R: Read>(mut entry: zip::read::ZipFile<'_, R>, index: usize, param
     if !is_image_name(&name, params) {
         return Some(Entry::Skipped { name });
     }
+    if entry.is_symlink() {
+        // A link's content is a path, not an image; never follow it.
+        let reason = "entry is a symbolic link, not a file".to_string();
+        return Some(Entry::Unreadable { index, name, reason });
+    }
     if entry.size() > params.max_entry_bytes {
         let reason = format!("entry of {} bytes exceeds the {} byte limit", entry.size(), params.max_entry_bytes);
+        return Some(Entry::Unreadable { index, name, reason });
+    }
+    let ratio = entry.size() / entry.compressed_size().max(1);
+    if entry.size() > 1 << 20 && ratio > params.max_compression_ratio {
+        let reason = format!(
+            "entry inflates {ratio} times (more than max_compression_ratio = {}): a decompression bomb",
+            params.max_compression_ratio
+        );
         return Some(Entry::Unreadable { index, name, reason });
     }
     // The declared size can lie; never read past the limit whatever it says.
@@ -180,6 +210,67 @@ mod tests {
         })
         .unwrap();
         assert_eq!(kinds, vec![true, false]);
+    }
+
+    fn kinds(zip: &Path, params: &ExtractParams) -> Vec<String> {
+        let mut out = Vec::new();
+        read_entries(zip, params, |e| {
+            out.push(match e {
+                Entry::Image { name, .. } => format!("image {name}"),
+                Entry::Unreadable { name, reason, .. } => format!("bad {name}: {reason}"),
+                Entry::Skipped { name } => format!("skip {name}"),
+            });
+            true
+        })
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn hostile_entries() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let mut w = zip::ZipWriter::new(file.reopen().unwrap());
+        let deflate = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+        w.start_file("../../etc/evil.jpg", deflate).unwrap();
+        w.write_all(b"x").unwrap();
+        w.start_file("/abs/path.jpg", deflate).unwrap();
+        w.write_all(b"y").unwrap();
+        w.add_symlink("link.jpg", "/etc/passwd", deflate).unwrap();
+        w.start_file("bomb.jpg", deflate).unwrap();
+        w.write_all(&vec![0u8; 8 << 20]).unwrap();
+        w.start_file("inner.zip", deflate).unwrap();
+        w.write_all(b"PK\x03\x04").unwrap();
+        w.start_file("dup.jpg", deflate).unwrap();
+        w.write_all(b"1").unwrap();
+        // This writer refuses a second `dup.jpg`; archives from other tools may hold one, and
+        // it still gets its own image id, which comes from the entry's position, not its name.
+        w.start_file("dup.jpg", deflate).unwrap_err();
+        w.finish().unwrap();
+        let got = kinds(file.path(), &ExtractParams::default());
+        assert_eq!(got[0], "image ../../etc/evil.jpg", "names are data; keys never use them");
+        assert_eq!(got[1], "image /abs/path.jpg");
+        assert!(got[2].starts_with("bad link.jpg: entry is a symbolic link"), "{got:?}");
+        assert!(got[3].starts_with("bad bomb.jpg: entry inflates"), "{got:?}");
+        assert_eq!(got[4], "skip inner.zip", "nested archives are not images");
+        assert_eq!(got[5], "image dup.jpg");
+        assert_eq!(got.len(), 6);
+    }
+
+    #[test]
+    fn archive_caps_refuse_the_whole_archive() {
+        let zip = zip_with(&[("a.jpg", b"a"), ("b.jpg", b"b"), ("c.jpg", b"c")]);
+        let few = ExtractParams { max_entries: 2, ..ExtractParams::default() };
+        let err = read_entries(zip.path(), &few, |_| true).unwrap_err().to_string();
+        assert!(err.contains("3 entries, more than max_entries = 2"), "{err}");
+        let small = ExtractParams { max_total_bytes: 2, ..ExtractParams::default() };
+        let err = read_entries(zip.path(), &small, |_| true).unwrap_err().to_string();
+        assert!(err.contains("max_total_bytes"), "{err}");
+    }
+
+    #[test]
+    fn empty_archive_has_no_images() {
+        let zip = zip_with(&[]);
+        assert_eq!(read_entries(zip.path(), &ExtractParams::default(), |_| true).unwrap(), Summary::default());
     }
 
     #[test]

@@ -258,6 +258,16 @@ pub struct ExtractParams {
     /// Entries written and published concurrently while unpacking.
     #[serde(default = "default_extract_parallelism")]
     pub parallelism: usize,
+    /// Archives with more entries are refused as a whole (the batch fails).
+    #[serde(default = "default_max_entries")]
+    pub max_entries: usize,
+    /// Archives whose entries add up to more uncompressed bytes are refused as a whole.
+    #[serde(default = "default_max_total_bytes")]
+    pub max_total_bytes: u64,
+    /// Entries that inflate more than this many times their compressed size fail
+    /// as images (decompression bombs); small entries (under 1 MiB) are exempt.
+    #[serde(default = "default_max_compression_ratio")]
+    pub max_compression_ratio: u64,
 }
 
 impl Default for ExtractParams {
@@ -266,6 +276,9 @@ impl Default for ExtractParams {
             image_extensions: default_image_extensions(),
             max_entry_bytes: default_max_entry_bytes(),
             parallelism: default_extract_parallelism(),
+            max_entries: default_max_entries(),
+            max_total_bytes: default_max_total_bytes(),
+            max_compression_ratio: default_max_compression_ratio(),
         }
     }
 }
@@ -654,6 +667,15 @@ fn default_max_entry_bytes() -> u64 {
 }
 fn default_extract_parallelism() -> usize {
     16
+}
+fn default_max_entries() -> usize {
+    2_000_000
+}
+fn default_max_total_bytes() -> u64 {
+    64 << 30
+}
+fn default_max_compression_ratio() -> u64 {
+    100
 }
 fn default_haar_cascade() -> PathBuf {
     "/usr/share/opencv4/haarcascades/haarcascade_frontalface_default.xml".into()
