@@ -21,6 +21,21 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
+/// Reads a counter from a Prometheus text exposition: the sum of the samples of
+/// `name` whose labels contain every one of `labels` (`key="value"`).
+pub fn prometheus_counter(port: u16, name: &str, labels: &[&str]) -> f64 {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(conn, "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).unwrap();
+    body.lines()
+        .filter(|l| l.starts_with(name) && (l.as_bytes().get(name.len()) == Some(&b'{') || l.as_bytes().get(name.len()) == Some(&b' ')))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The shared folder with labelled photos and model files.
 pub fn shared_dir() -> PathBuf {
     std::env::var_os("PIPELINE_SHARED_DIR")
@@ -248,16 +263,24 @@ impl Deployment {
 
     /// Starts one more process of `stage`; its log goes to `<dir>/<stage>-<n>.log`.
     pub fn start_stage(&mut self, stage: StageName) {
-        let child = self.spawn_stage(stage);
+        let child = self.spawn_stage(stage, &[]);
         self.stages.push((stage, child));
     }
 
-    fn spawn_stage(&mut self, stage: StageName) -> Child {
+    /// Starts one more process of `stage` serving Prometheus metrics on a free port; returns the port.
+    pub fn start_stage_with_metrics(&mut self, stage: StageName) -> u16 {
+        let port = free_port();
+        let child = self.spawn_stage(stage, &[("PIPELINE_METRICS_ADDR".into(), format!("127.0.0.1:{port}"))]);
+        self.stages.push((stage, child));
+        port
+    }
+
+    fn spawn_stage(&mut self, stage: StageName, extra_env: &[(String, String)]) -> Child {
         self.spawned += 1;
         let log_path = self.dir.path().join(format!("{stage}-{}.log", self.spawned));
         let log = std::fs::File::create(log_path).unwrap();
         let mut cmd = self.command(stage.as_str());
-        cmd.envs(self.stage_env.iter().map(|(k, v)| (k, v)));
+        cmd.envs(self.stage_env.iter().chain(extra_env).map(|(k, v)| (k, v)));
         cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap()
     }
 
@@ -267,7 +290,7 @@ impl Deployment {
         for i in 0..self.stages.len() {
             if self.stages[i].1.try_wait().unwrap().is_some() {
                 let stage = self.stages[i].0;
-                self.stages[i].1 = self.spawn_stage(stage);
+                self.stages[i].1 = self.spawn_stage(stage, &[]);
                 restarted += 1;
             }
         }

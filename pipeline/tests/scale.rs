@@ -1,0 +1,69 @@
+//! Scaling a stage out is starting more processes: every replica binds the
+//! stage's one durable consumer and takes a share of the work, and the batch
+//! ends exactly as it does with one process.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use pipeline::topology::StageName;
+use support::{labelled_photos, prometheus_counter, shared_dir, write_zip, Deployment};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_detect_processes_share_a_batch_and_match_a_one_process_run() {
+    let mut d = Deployment::start(|t| t.stages.detect.concurrency = 1).await;
+    // Replace the one detect process by three that serve metrics, so each one's share can be read.
+    while d.count_in_logs("stage started stage=detect") == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let detect = d.stages.iter().position(|(s, _)| *s == StageName::Detect).unwrap();
+    d.signal(detect, libc::SIGTERM);
+    let mut original = d.stages.remove(detect).1;
+    assert_eq!(original.wait().unwrap().code(), Some(0));
+    let ports: Vec<u16> = (0..3).map(|_| d.start_stage_with_metrics(StageName::Detect)).collect();
+
+    let faces_dir = shared_dir().join("data/faces");
+    let entries: Vec<(String, Vec<u8>)> = labelled_photos()
+        .iter()
+        .map(|p| (p.file.clone(), std::fs::read(faces_dir.join(&p.file)).unwrap()))
+        .collect();
+    let zip = d.dir.path().join("faces.zip");
+    write_zip(&zip, &entries);
+    d.cli_ok(&["submit", zip.to_str().unwrap(), "--batch-id", "scaled"]);
+    let status = d.wait_for_batch("scaled", std::time::Duration::from_secs(300)).await;
+    assert_eq!((status.status.as_str(), status.processed), ("completed", entries.len() as i32));
+
+    // Every replica did part of the work, and together exactly all of it.
+    let shares: Vec<f64> = ports
+        .iter()
+        .map(|p| prometheus_counter(*p, "facepipe_messages_total", &[r#"stage="detect""#, r#"outcome="ok""#]))
+        .collect();
+    eprintln!("detect shares: {shares:?}");
+    assert!(shares.iter().all(|s| *s >= 5.0), "each replica took a share: {shares:?}");
+    assert_eq!(shares.iter().sum::<f64>(), entries.len() as f64);
+
+    // The same archive through a single detect process gives the same outcomes.
+    while d.count_in_logs("stage started stage=detect") < 4 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for _ in 0..2 {
+        let i = d.stages.iter().position(|(s, _)| *s == StageName::Detect).unwrap();
+        d.signal(i, libc::SIGTERM);
+        let mut child = d.stages.remove(i).1;
+        assert_eq!(child.wait().unwrap().code(), Some(0));
+    }
+    d.cli_ok(&["submit", zip.to_str().unwrap(), "--batch-id", "single"]);
+    d.wait_for_batch("single", std::time::Duration::from_secs(300)).await;
+    let db = d.db().await;
+    let outcome = |rows: Vec<pipeline::db::ImageResult>| -> BTreeMap<String, (String, usize, Vec<String>)> {
+        rows.into_iter()
+            .map(|r| {
+                let boxes = r.faces.iter().map(|f| format!("{:.1},{:.1},{:.1},{:.1}", f.x, f.y, f.w, f.h)).collect();
+                (r.entry, (r.status, r.crop_keys.len(), boxes))
+            })
+            .collect()
+    };
+    let scaled = outcome(db.results("scaled").await.unwrap());
+    let single = outcome(db.results("single").await.unwrap());
+    assert_eq!(scaled, single);
+}
