@@ -61,6 +61,12 @@ pub enum StartError {
     /// The stage's own set-up failed.
     #[error("{0}")]
     Stage(String),
+    /// The runtime failed.
+    #[error(transparent)]
+    Run(#[from] StageError),
+    /// SIGINT/SIGTERM arrived while start-up was waiting for a service: exit quietly.
+    #[error("stopped during start-up")]
+    Stopped,
 }
 
 /// Installs the `tracing` subscriber (filter from `RUST_LOG`, else `default_filter`).
@@ -108,6 +114,8 @@ pub fn init_metrics(addr: &str) -> Result<(), StartError> {
 pub struct Stage {
     /// Shared infrastructure for the handler.
     pub ctx: Arc<Ctx>,
+    /// Cancelled by SIGINT/SIGTERM, from the first moment of start-up.
+    shutdown: CancellationToken,
 }
 
 impl Stage {
@@ -115,6 +123,14 @@ impl Stage {
     pub async fn start(stage: StageName) -> Result<Self, StartError> {
         use clap::Parser;
         let args = StageArgs::parse();
+        // Listen for SIGTERM before anything slow, so a stop during start-up is graceful too.
+        let shutdown = CancellationToken::new();
+        let trigger = shutdown.clone();
+        tokio::spawn(async move {
+            runtime::shutdown_signal().await;
+            tracing::info!("shutdown requested");
+            trigger.cancel();
+        });
         tune_allocator();
         init_logging(args.log_format, "info");
         let topology = Topology::load(&args.topology)?;
@@ -127,12 +143,17 @@ impl Stage {
                 tracing::warn!(error = %e, "metrics disabled");
             }
         }
-        let bus = Bus::connect(&topology.nats.url, &format!("facepipe-{stage}"), true).await?;
+        let client_name = format!("facepipe-{stage}");
+        let bus = tokio::select! {
+            bus = Bus::connect(&topology.nats.url, &client_name, true) => bus?,
+            _ = shutdown.cancelled() => return Err(StartError::Stopped),
+        };
         let store = Store::open(&topology.object_store.url)?;
-        Ok(Self { ctx: Arc::new(Ctx { stage, topology, bus, store }) })
+        Ok(Self { ctx: Arc::new(Ctx { stage, topology, bus, store }), shutdown })
     }
 
-    /// The topology's database, migrated; waits (with backoff) while PostgreSQL is unreachable.
+    /// The topology's database, migrated; waits (with backoff) while PostgreSQL is
+    /// unreachable, unless the process is asked to stop ([`StartError::Stopped`]).
     pub async fn database(&self) -> Result<Db, StartError> {
         let pg = &self.ctx.topology.postgres;
         let db = Db::connect(&pg.url, pg.pool_size).map_err(|e| StartError::Stage(e.to_string()))?;
@@ -143,22 +164,37 @@ impl Stage {
                 Err(e) if e.is_permanent() => return Err(StartError::Stage(e.to_string())),
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?delay, "PostgreSQL not ready");
-                    tokio::time::sleep(delay).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.shutdown.cancelled() => return Err(StartError::Stopped),
+                    }
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }
     }
 
+    /// Runs a stage binary's `main`: start-up, `build` the handler, run it until
+    /// SIGINT/SIGTERM. A stop during start-up is a clean exit too.
+    pub async fn main<H, F>(stage: StageName, build: F) -> Result<(), StartError>
+    where
+        H: Handler,
+        F: AsyncFnOnce(&Stage) -> Result<H, StartError>,
+    {
+        let started = async {
+            let stage = Stage::start(stage).await?;
+            let handler = build(&stage).await?;
+            Ok::<_, StartError>((stage, handler))
+        };
+        match started.await {
+            Ok((stage, handler)) => Ok(stage.run(handler).await?),
+            Err(StartError::Stopped) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Runs `handler` until SIGINT or SIGTERM, then shuts down gracefully.
     pub async fn run<H: Handler>(self, handler: H) -> Result<(), StageError> {
-        let shutdown = CancellationToken::new();
-        let trigger = shutdown.clone();
-        tokio::spawn(async move {
-            runtime::shutdown_signal().await;
-            tracing::info!("shutdown requested");
-            trigger.cancel();
-        });
-        runtime::run(self.ctx, Arc::new(handler), shutdown).await
+        runtime::run(self.ctx, Arc::new(handler), self.shutdown).await
     }
 }

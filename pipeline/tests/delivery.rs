@@ -107,3 +107,38 @@ async fn slow_image_keeps_its_message_with_in_progress_acks() {
     let results = d.db().await.results("slow-1").await.unwrap();
     assert!(results.iter().all(|r| r.status == "cropped" && r.attempts == 1), "{results:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stage_waiting_for_postgres_at_start_stops_cleanly_on_sigterm() {
+    let d = Deployment::start(|_| {}).await;
+    // A topology whose database port has nothing listening.
+    let mut unreachable = d.topology.clone();
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    unreachable.postgres.url = format!("postgres://facepipe:facepipe@127.0.0.1:{closed_port}/x");
+    let path = d.dir.path().join("unreachable.toml");
+    std::fs::write(&path, toml::to_string(&unreachable).unwrap()).unwrap();
+    let log = d.dir.path().join("waiting.log");
+    let mut persist = std::process::Command::new(support::bin("persist"))
+        .arg("--topology")
+        .arg(&path)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !std::fs::read_to_string(&log).unwrap().contains("PostgreSQL not ready") {
+        assert!(started.elapsed() < Duration::from_secs(30), "never waited for PostgreSQL");
+        assert!(persist.try_wait().unwrap().is_none(), "exited instead of waiting");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(persist.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(status) = persist.try_wait().unwrap() {
+            break status.code();
+        }
+        assert!(Instant::now() < deadline, "ignored SIGTERM while waiting");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(code, Some(0));
+}

@@ -1,5 +1,6 @@
 //! The crop stage: face boxes -> square JPEG crops in the object store -> outcome.
 
+use pipeline::app::Stage;
 use pipeline::keys;
 use pipeline::messages::{CropJob, ImageStatus, Outcome};
 use pipeline::runtime::{self, Ctx, Delivery, Handler};
@@ -49,8 +50,6 @@ impl Handler for Crop {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let stage = pipeline::app::Stage::start(StageName::Crop).await?;
     detect::set_opencv_threads(1);
-    stage.run(Crop).await?;
-    Ok(())
+    Ok(Stage::main(StageName::Crop, async |_| Ok(Crop)).await?)
 }

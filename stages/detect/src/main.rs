@@ -1,5 +1,6 @@
 //! The detect stage: original in the object store -> face boxes -> crop job.
 
+use pipeline::app::{Stage, StartError};
 use pipeline::keys;
 use pipeline::messages::{CropJob, DetectJob};
 use pipeline::runtime::{self, Ctx, Delivery, Handler};
@@ -35,16 +36,16 @@ impl Handler for Detect {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let stage = pipeline::app::Stage::start(StageName::Detect).await?;
-    let params = stage.ctx.topology.stages.detect.params.clone();
-    // One image per worker thread: OpenCV's own threads would only oversubscribe the cores.
-    detect::set_opencv_threads(1);
-    let name = tokio::task::spawn_blocking({
-        let params = params.clone();
-        move || detect::detector_name(&params)
+    Ok(Stage::main(StageName::Detect, async |stage| {
+        let params = stage.ctx.topology.stages.detect.params.clone();
+        // One image per worker thread: OpenCV's own threads would only oversubscribe the cores.
+        detect::set_opencv_threads(1);
+        let check = params.clone();
+        let name = runtime::blocking(move || Ok(detect::detector_name(&check)?))
+            .await
+            .map_err(|e| StartError::Stage(e.to_string()))?;
+        tracing::info!(detector = name, width = params.width, "detector ready");
+        Ok(Detect { params })
     })
-    .await??;
-    tracing::info!(detector = name, width = params.width, "detector ready");
-    stage.run(Detect { params }).await?;
-    Ok(())
+    .await?)
 }

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use futures::StreamExt;
 use pipeline::archive::{self, Entry};
+use pipeline::app::Stage;
 use pipeline::db::{Db, NewImage};
 use pipeline::keys;
 use pipeline::messages::{DetectJob, ExtractJob, ImageRef, Outcome};
@@ -153,8 +154,5 @@ async fn locate(ctx: &Ctx, zip: &str) -> Result<LocalCopy, StageError> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let stage = pipeline::app::Stage::start(StageName::Extract).await?;
-    let db = stage.database().await?;
-    stage.run(Extract { db }).await?;
-    Ok(())
+    Ok(Stage::main(StageName::Extract, async |stage| { Ok(Extract { db: stage.database().await? }) }).await?)
 }

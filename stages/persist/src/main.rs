@@ -1,5 +1,6 @@
 //! The persist stage: image outcome -> idempotent upsert in PostgreSQL, batch progress and completion.
 
+use pipeline::app::Stage;
 use pipeline::db::Db;
 use pipeline::messages::Outcome;
 use pipeline::runtime::{Ctx, Delivery, Handler};
@@ -31,8 +32,5 @@ impl Handler for Persist {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let stage = pipeline::app::Stage::start(StageName::Persist).await?;
-    let db = stage.database().await?;
-    stage.run(Persist { db }).await?;
-    Ok(())
+    Ok(Stage::main(StageName::Persist, async |stage| { Ok(Persist { db: stage.database().await? }) }).await?)
 }
