@@ -123,6 +123,44 @@ impl Bus {
     }
 }
 
+/// A stage's queue as JetStream sees it (`pipeline stats`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueueStats {
+    /// Stage name.
+    pub stage: String,
+    /// Messages not yet delivered (the old design's "waiting").
+    pub waiting: u64,
+    /// Delivered and not yet acknowledged: being worked on, or Nak'd and waiting for their retry delay.
+    pub active: usize,
+    /// Of the unacknowledged, those delivered more than once (retrying).
+    pub retrying: usize,
+    /// Messages taken off the queue since the stream was created: done, or dead-lettered.
+    pub completed: u64,
+    /// Pull requests waiting at the server: replicas idle and asking for work.
+    pub idle_pullers: usize,
+}
+
+/// Queue statistics of every stage, in flow order.
+pub async fn queue_stats(bus: &Bus, topology: &Topology) -> Result<Vec<QueueStats>, BusError> {
+    let mut out = Vec::new();
+    for stage in StageName::ALL {
+        let name = topology.stream_name(stage);
+        let mut stream = bus.js.get_stream(&name).await.map_err(|e| setup(&name, e))?;
+        let state = stream.info().await.map_err(|e| setup(&name, e))?.state.clone();
+        let durable = topology.stage(stage).durable;
+        let info = stream.consumer_info(durable).await.map_err(|e| setup(durable, e))?;
+        out.push(QueueStats {
+            stage: stage.to_string(),
+            waiting: info.num_pending,
+            active: info.num_ack_pending,
+            retrying: info.num_redelivered,
+            completed: state.last_sequence.saturating_sub(state.messages),
+            idle_pullers: info.num_waiting,
+        });
+    }
+    Ok(out)
+}
+
 /// The stream configuration a topology asks for, per stage.
 pub fn stage_stream(topology: &Topology, stage: StageName) -> stream::Config {
     stream::Config {

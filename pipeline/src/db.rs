@@ -149,7 +149,7 @@ pub struct NewImage {
     pub image_id: String,
     /// ZIP entry name.
     pub entry_name: String,
-    /// Original object key.
+    /// Original object key; empty for an entry that could not be read.
     pub original_key: String,
 }
 
@@ -248,7 +248,7 @@ impl Db {
         client
             .execute(
                 "INSERT INTO images (batch_id, image_id, entry_name, original_key)
-                 SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[])
+                 SELECT $1, id, name, NULLIF(key, '') FROM unnest($2::text[], $3::text[], $4::text[]) AS t(id, name, key)
                  ON CONFLICT (batch_id, image_id) DO NOTHING",
                 &[&batch_id, &ids, &names, &keys],
             )
@@ -422,6 +422,18 @@ impl Db {
                 completed_at: r.get(11),
             }
         }))
+    }
+
+    /// Images that failed, per stage that gave up on them, over all batches.
+    pub async fn failed_by_stage(&self) -> Result<std::collections::BTreeMap<String, i64>, DbError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT coalesce(failed_stage, '?'), count(*) FROM images WHERE status = 'failed' GROUP BY 1",
+                &[],
+            )
+            .await?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     /// Seconds from each image's registration by extract to its recorded outcome, sorted.

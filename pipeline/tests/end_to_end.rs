@@ -112,6 +112,16 @@ async fn zip_batch_flows_through_all_four_stages() {
     assert_eq!(json["status"], "completed");
     assert_eq!(json["progress_percent"], 100.0);
 
+    // Queue statistics: every stage's queue drained, detect took every image.
+    let stats: Vec<serde_json::Value> = serde_json::from_str(&d.cli_ok(&["stats", "--json"])).unwrap();
+    let stage = |name: &str| stats.iter().find(|s| s["stage"] == name).unwrap().clone();
+    for s in &stats {
+        assert_eq!((s["waiting"].as_u64(), s["active"].as_u64()), (Some(0), Some(0)), "{s}");
+    }
+    assert_eq!(stage("detect")["completed"], image_count as u64, "one detect job per image");
+    assert_eq!(stage("detect")["failed"], 1, "the broken image");
+    assert_eq!(stage("persist")["completed"], image_count as u64, "one outcome per image");
+
     // Graceful shutdown: every stage exits 0 on SIGTERM.
     for (stage, code) in d.stop_stages() {
         assert_eq!(code, Some(0), "{stage} did not exit cleanly\n{}", d.logs());

@@ -68,6 +68,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Queue statistics per stage: waiting, active, retrying, completed, failed, idle pullers.
+    Stats {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print one JSON line per image of a batch.
     Results {
         /// Batch id.
@@ -153,6 +159,7 @@ async fn main() -> anyhow::Result<()> {
             submit(&topology, &zip, project, priority, batch_id, wait).await
         }
         Command::Status { batch, json } => status(&topology, &batch, json).await,
+        Command::Stats { json } => stats(&topology, json).await,
         Command::Results { batch } => results(&topology, &batch).await,
         Command::Eval { manifest, min_precision, min_recall, json } => {
             eval(&topology, &manifest, min_precision, min_recall, json).await
@@ -281,6 +288,33 @@ async fn status(topology: &Topology, batch_id: &str, json: bool) -> anyhow::Resu
         println!("skipped      {} non-image entries", s.skipped);
         if let Some(e) = &s.error {
             println!("error        {e}");
+        }
+    }
+    Ok(())
+}
+
+async fn stats(topology: &Topology, json: bool) -> anyhow::Result<()> {
+    let bus = Bus::connect(&topology.nats.url, "facepipe-cli", false).await?;
+    let queues = bus::queue_stats(&bus, topology).await?;
+    let failed = database(topology)?.failed_by_stage().await?;
+    let failed_of = |stage: &str| failed.get(stage).copied().unwrap_or(0);
+    if json {
+        let rows: Vec<serde_json::Value> = queues
+            .iter()
+            .map(|q| {
+                let mut v = serde_json::to_value(q).expect("plain data");
+                v["failed"] = failed_of(&q.stage).into();
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!("{:<8} {:>9} {:>7} {:>9} {:>10} {:>7} {:>13}", "stage", "waiting", "active", "retrying", "completed", "failed", "idle pullers");
+        for q in &queues {
+            println!(
+                "{:<8} {:>9} {:>7} {:>9} {:>10} {:>7} {:>13}",
+                q.stage, q.waiting, q.active, q.retrying, q.completed, failed_of(&q.stage), q.idle_pullers
+            );
         }
     }
     Ok(())
