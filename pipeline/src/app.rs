@@ -145,7 +145,7 @@ impl Stage {
         }
         let client_name = format!("facepipe-{stage}");
         let bus = tokio::select! {
-            bus = Bus::connect(&topology.nats.url, &client_name, true) => bus?,
+            bus = Bus::connect(&topology.nats, &client_name, true) => bus?,
             _ = shutdown.cancelled() => return Err(StartError::Stopped),
         };
         let store = Store::open(&topology.object_store.url)?;

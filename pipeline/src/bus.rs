@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 
-use crate::topology::{StageName, StorageKind, Topology};
+use crate::topology::{NatsAuth, NatsConfig, StageName, StorageKind, Topology};
 
 /// Why a NATS operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -60,28 +60,35 @@ pub fn redact_url(url: &str) -> String {
 }
 
 impl Bus {
-    /// Connects, retrying until the server answers when `wait` is set (stages
-    /// start before or alongside NATS); the client reconnects on its own later.
-    pub async fn connect(url: &str, name: &str, wait: bool) -> Result<Self, BusError> {
-        let mut options = async_nats::ConnectOptions::new()
-            .name(name)
-            .connection_timeout(Duration::from_secs(5))
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
-                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                    other => tracing::debug!(event = %other, "NATS event"),
+    /// Connects with the topology's URL, authentication and TLS settings; see [`Bus::connect_with`].
+    pub async fn connect(nats: &NatsConfig, name: &str, wait: bool) -> Result<Self, BusError> {
+        Self::connect_with(&nats.url, &nats.auth, name, wait).await
+    }
+
+    /// Connects. With `wait` (stages, which may start before NATS), an
+    /// unreachable server is retried with capped backoff; refused credentials or
+    /// a failed TLS handshake are errors at once, since retrying cannot fix them.
+    /// Once connected, the client reconnects on its own.
+    pub async fn connect_with(url: &str, auth: &NatsAuth, name: &str, wait: bool) -> Result<Self, BusError> {
+        use async_nats::ConnectErrorKind as Kind;
+        let connect_error = |reason: String| BusError::Connect { url: redact_url(url), reason };
+        // async-nats ignores credentials in the URL; take them from there ourselves.
+        let (url, auth) = &credentials_from_url(url, auth);
+        let mut delay = Duration::from_millis(250);
+        loop {
+            match connect_options(auth, name).await.map_err(connect_error)?.connect(url.as_str()).await {
+                Ok(client) => {
+                    let js = jetstream::new(client.clone());
+                    return Ok(Self { client, js });
                 }
-            });
-        if wait {
-            options = options.retry_on_initial_connect();
+                Err(e) if wait && matches!(e.kind(), Kind::Io | Kind::TimedOut | Kind::Dns) => {
+                    tracing::warn!(url = %redact_url(url), error = %e, retry_in = ?delay, "NATS not reachable yet");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(connect_error(e.to_string())),
+            }
         }
-        let client = options.connect(url).await.map_err(|e| BusError::Connect {
-            url: redact_url(url),
-            reason: e.to_string(),
-        })?;
-        let js = jetstream::new(client.clone());
-        Ok(Self { client, js })
     }
 
     /// True while the client is connected to a server.
@@ -159,6 +166,64 @@ pub async fn queue_stats(bus: &Bus, topology: &Topology) -> Result<Vec<QueueStat
         });
     }
     Ok(out)
+}
+
+/// Moves `user:password@` (or a lone `token@`) from the URL into the auth
+/// settings, unless those already name credentials.
+fn credentials_from_url(url: &str, auth: &NatsAuth) -> (String, NatsAuth) {
+    let mut auth = auth.clone();
+    let Ok(mut parsed) = url::Url::parse(url) else { return (url.to_string(), auth) };
+    let decode = |s: &str| url::form_urlencoded::parse(format!("v={s}").as_bytes()).next().map(|(_, v)| v.into_owned());
+    let (user, password) = (decode(parsed.username()).unwrap_or_default(), parsed.password().and_then(decode));
+    if user.is_empty() {
+        return (url.to_string(), auth);
+    }
+    if auth.user.is_none() && auth.token.is_none() {
+        match password {
+            Some(password) => {
+                auth.user = Some(user);
+                auth.password = Some(password);
+            }
+            None => auth.token = Some(user),
+        }
+    }
+    let _ = parsed.set_username("");
+    let _ = parsed.set_password(None);
+    (parsed.to_string(), auth)
+}
+
+/// Client options from the topology's authentication and TLS settings.
+async fn connect_options(auth: &NatsAuth, name: &str) -> Result<async_nats::ConnectOptions, String> {
+    let mut options = match &auth.creds_file {
+        Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(|e| format!("credentials file {}: {e}", path.display()))?,
+        None => async_nats::ConnectOptions::new(),
+    };
+    if let (Some(user), Some(password)) = (&auth.user, &auth.password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &auth.token {
+        options = options.token(token.clone());
+    }
+    if let Some(ca) = &auth.tls_ca {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&auth.tls_cert, &auth.tls_key) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    Ok(options
+        .require_tls(auth.tls_required)
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                async_nats::Event::ServerError(e) => tracing::error!(error = %e, "NATS server error"),
+                other => tracing::debug!(event = %other, "NATS event"),
+            }
+        }))
 }
 
 /// The stream configuration a topology asks for, per stage.
@@ -372,6 +437,17 @@ pub async fn apply(bus: &Bus, topology: &Topology, plan: &[PlanItem]) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_credentials_move_into_auth() {
+        let (url, auth) = credentials_from_url("nats://u:p%40ss@host:4222", &NatsAuth::default());
+        assert_eq!(url, "nats://host:4222");
+        assert_eq!((auth.user.as_deref(), auth.password.as_deref()), (Some("u"), Some("p@ss")));
+        let (_, auth) = credentials_from_url("nats://s3cr3t@host:4222", &NatsAuth::default());
+        assert_eq!(auth.token.as_deref(), Some("s3cr3t"));
+        let (url, auth) = credentials_from_url("nats://host:4222", &NatsAuth::default());
+        assert_eq!((url.as_str(), auth), ("nats://host:4222", NatsAuth::default()));
+    }
 
     #[test]
     fn redacts_credentials() {

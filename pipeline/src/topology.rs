@@ -15,6 +15,10 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("PIPELINE_OBJECT_STORE_URL", "object_store.url"),
     ("PIPELINE_DATABASE_URL", "postgres.url"),
     ("PIPELINE_DETECT_MODEL", "stages.detect.params.model"),
+    ("PIPELINE_NATS_USER", "nats.auth.user"),
+    ("PIPELINE_NATS_PASSWORD", "nats.auth.password"),
+    ("PIPELINE_NATS_TOKEN", "nats.auth.token"),
+    ("PIPELINE_NATS_CREDS", "nats.auth.creds_file"),
 ];
 
 /// Environment variable naming the topology file when `--topology` is not given.
@@ -87,6 +91,57 @@ pub struct NatsConfig {
     /// Subject prefix of the dead-letter stream: dead letters go to `<subject>.<stage>`.
     #[serde(default = "default_dead_letter_subject")]
     pub dead_letter_subject: String,
+    /// Authentication and TLS (all optional; secrets best come from the environment).
+    #[serde(default)]
+    pub auth: NatsAuth,
+}
+
+/// How to authenticate to NATS and secure the connection. A `user:password@`
+/// in the URL works too.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NatsAuth {
+    /// User name (with `password`). Env: `PIPELINE_NATS_USER`.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Password. Env: `PIPELINE_NATS_PASSWORD`.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Token. Env: `PIPELINE_NATS_TOKEN`.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Credentials file (user JWT and NKey seed, as `nsc` writes it). Env: `PIPELINE_NATS_CREDS`.
+    #[serde(default)]
+    pub creds_file: Option<PathBuf>,
+    /// Require TLS even when the server does not ask for it.
+    #[serde(default)]
+    pub tls_required: bool,
+    /// PEM file of the CA that signed the server's certificate.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for servers that verify clients (with `tls_key`).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// Never prints secrets: the values of `password` and `token` are masked.
+impl std::fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mask = |v: &Option<String>| v.as_ref().map(|_| "***");
+        f.debug_struct("NatsAuth")
+            .field("user", &self.user)
+            .field("password", &mask(&self.password))
+            .field("token", &mask(&self.token))
+            .field("creds_file", &self.creds_file)
+            .field("tls_required", &self.tls_required)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .finish()
+    }
 }
 
 /// JetStream storage backend.
@@ -110,7 +165,7 @@ pub struct ObjectStoreConfig {
 }
 
 /// PostgreSQL connection.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresConfig {
     /// `postgres://user:password@host:port/database`; prefer setting the password
@@ -119,6 +174,16 @@ pub struct PostgresConfig {
     /// Connections per process.
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
+}
+
+/// Never prints the password in the URL.
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &crate::bus::redact_url(&self.url))
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
 }
 
 /// Exponential delay before a transiently failed message is redelivered.
@@ -424,6 +489,10 @@ impl Topology {
                     "PIPELINE_OBJECT_STORE_URL" => self.object_store.url = value,
                     "PIPELINE_DATABASE_URL" => self.postgres.url = value,
                     "PIPELINE_DETECT_MODEL" => self.stages.detect.params.model = Some(value.into()),
+                    "PIPELINE_NATS_USER" => self.nats.auth.user = Some(value),
+                    "PIPELINE_NATS_PASSWORD" => self.nats.auth.password = Some(value),
+                    "PIPELINE_NATS_TOKEN" => self.nats.auth.token = Some(value),
+                    "PIPELINE_NATS_CREDS" => self.nats.auth.creds_file = Some(value.into()),
                     _ => unreachable!("every override is matched"),
                 }
             }
@@ -440,6 +509,13 @@ impl Topology {
         };
         if self.nats.url.is_empty() {
             return invalid("nats.url", "must not be empty");
+        }
+        let auth = &self.nats.auth;
+        if auth.user.is_some() != auth.password.is_some() {
+            return invalid("nats.auth", "`user` and `password` go together");
+        }
+        if auth.tls_cert.is_some() != auth.tls_key.is_some() {
+            return invalid("nats.auth", "`tls_cert` and `tls_key` go together");
         }
         if !is_token(&self.nats.stream_prefix) {
             return invalid("nats.stream_prefix", "use letters, digits, '-' or '_'");
@@ -762,6 +838,22 @@ mod tests {
         t.nats.duplicate_window = Duration::from_secs(30);
         let err = t.validate().unwrap_err().to_string();
         assert!(err.contains("nats.duplicate_window"), "{err}");
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let mut t = Topology::parse(&repo_topology()).unwrap();
+        t.postgres.url = "postgres://u:pg-secret@db/x".into();
+        t.nats.auth.user = Some("u".into());
+        t.nats.auth.password = Some("nats-secret".into());
+        t.nats.auth.token = Some("tok-secret".into());
+        let shown = format!("{t:?}");
+        for secret in ["pg-secret", "nats-secret", "tok-secret"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        let mut half = Topology::parse(&repo_topology()).unwrap();
+        half.nats.auth.user = Some("u".into());
+        assert!(half.validate().unwrap_err().to_string().contains("nats.auth"));
     }
 
     #[test]

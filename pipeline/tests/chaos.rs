@@ -155,7 +155,7 @@ async fn batch_survives_kills_restarts_and_outages() {
     }
 
     // The only dead letters are the planted ones.
-    let bus = pipeline::bus::Bus::connect(&d.nats.url, "chaos-test", false).await.unwrap();
+    let bus = pipeline::bus::Bus::connect(&d.topology.nats, "chaos-test", false).await.unwrap();
     let letters = deadletters::list(&bus, &d.topology, None).await.unwrap();
     let mut planted_images: Vec<String> = results
         .iter()

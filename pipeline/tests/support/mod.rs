@@ -71,6 +71,7 @@ fn wait_for_port(port: u16, timeout: Duration) {
 /// A nats-server with JetStream on file storage, on a free port; killed on drop.
 pub struct NatsServer {
     child: Option<Child>,
+    extra_args: Vec<String>,
     /// Port it listens on.
     pub port: u16,
     /// `nats://127.0.0.1:<port>`.
@@ -93,8 +94,14 @@ fn nats_server_bin() -> PathBuf {
 impl NatsServer {
     /// Starts a server and waits until it accepts connections.
     pub fn start() -> Self {
+        Self::start_with_args(&[])
+    }
+
+    /// Starts a server with extra command-line arguments (authentication, TLS).
+    pub fn start_with_args(args: &[&str]) -> Self {
         let mut server = Self {
             child: None,
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
             port: free_port(),
             url: String::new(),
             store_dir: tempfile::tempdir().unwrap(),
@@ -108,6 +115,7 @@ impl NatsServer {
         let child = Command::new(nats_server_bin())
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(self.store_dir.path())
+            .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

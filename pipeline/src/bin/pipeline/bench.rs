@@ -146,7 +146,7 @@ pub async fn run(topology_path: &Path, topology: &Topology, args: BenchArgs) -> 
     let replicas: BTreeMap<StageName, usize> = args.replicas.into_iter().collect();
     let group = StageGroup::spawn(topology_path, topology, &replicas, &[("RUST_LOG", "warn")])?;
     let db = Db::connect(&topology.postgres.url, 2)?;
-    let bus = Bus::connect(&topology.nats.url, "facepipe-bench", false).await?;
+    let bus = Bus::connect(&topology.nats, "facepipe-bench", false).await?;
     // Let every stage bind its consumer and load its detector before the clock starts.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before: Vec<Usage> = group.processes().iter().map(StageGroup::usage).collect();

@@ -175,7 +175,7 @@ fn database(topology: &Topology) -> anyhow::Result<Db> {
 }
 
 async fn apply(topology: &Topology, dry_run: bool) -> anyhow::Result<()> {
-    let bus = Bus::connect(&topology.nats.url, "facepipe-cli", false).await?;
+    let bus = Bus::connect(&topology.nats, "facepipe-cli", false).await?;
     let plan = bus::plan(&bus, topology).await?;
     println!("JetStream at {}:", bus::redact_url(&topology.nats.url));
     for item in &plan {
@@ -217,7 +217,7 @@ async fn submit(
     let store = Store::open(&topology.object_store.url)?;
     let key = format!("uploads/{batch_id}.zip");
     let bytes = store.put_file(&key, zip).await.context("uploading the ZIP")?;
-    let bus = Bus::connect(&topology.nats.url, "facepipe-cli", false).await?;
+    let bus = Bus::connect(&topology.nats, "facepipe-cli", false).await?;
     let job = ExtractJob { batch_id: Some(batch_id.clone()), project_id, priority, zip: key };
     bus.publish(
         &topology.stages.extract.subject,
@@ -294,7 +294,7 @@ async fn status(topology: &Topology, batch_id: &str, json: bool) -> anyhow::Resu
 }
 
 async fn stats(topology: &Topology, json: bool) -> anyhow::Result<()> {
-    let bus = Bus::connect(&topology.nats.url, "facepipe-cli", false).await?;
+    let bus = Bus::connect(&topology.nats, "facepipe-cli", false).await?;
     let queues = bus::queue_stats(&bus, topology).await?;
     let failed = database(topology)?.failed_by_stage().await?;
     let failed_of = |stage: &str| failed.get(stage).copied().unwrap_or(0);
@@ -382,7 +382,7 @@ async fn eval(
 }
 
 async fn dead_letters(topology: &Topology, command: DeadLetterCommand) -> anyhow::Result<()> {
-    let bus = Bus::connect(&topology.nats.url, "facepipe-cli", false).await?;
+    let bus = Bus::connect(&topology.nats, "facepipe-cli", false).await?;
     match command {
         DeadLetterCommand::List { batch, json } => {
             let letters = deadletters::list(&bus, topology, batch.as_deref()).await?;
