@@ -414,6 +414,7 @@ impl<H: Handler> Worker<H> {
                     subject: &msg.subject,
                     payload: &msg.payload,
                     stream_sequence: delivery.stream_sequence,
+                    published: delivery.published.clone(),
                     error: &error,
                     attempts: attempt,
                 };
@@ -465,6 +466,8 @@ pub struct Failed<'a> {
     pub payload: &'a [u8],
     /// Its sequence in the stage's stream.
     pub stream_sequence: u64,
+    /// When the server first stored it, as in [`Delivery::published`].
+    pub published: String,
     /// Why it failed.
     pub error: &'a StageError,
     /// Deliveries made.
@@ -515,6 +518,7 @@ async fn sweep_max_deliveries<H: Handler>(worker: Arc<Worker<H>>) {
                     subject: &original.subject,
                     payload: &original.payload,
                     stream_sequence: seq,
+                    published: original.time.to_string(),
                     error: &error,
                     attempts: advisory.deliveries,
                 })

@@ -142,3 +142,42 @@ async fn stage_waiting_for_postgres_at_start_stops_cleanly_on_sigterm() {
     };
     assert_eq!(code, Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn extract_job_that_crashes_every_time_fails_its_batch() {
+    let mut d = Deployment::start_with_env(
+        |t| {
+            t.stages.extract.ack_wait = Duration::from_secs(2);
+            t.stages.extract.max_deliver = 2;
+        },
+        vec![(FAULT_CRASH_ON_ENV.into(), "crash-extract".into())],
+    )
+    .await;
+    let photo = std::fs::read(shared_dir().join("data/faces/skimage/astronaut.png")).unwrap();
+    let zip = d.dir.path().join("x.zip");
+    write_zip(&zip, &[("a.png".into(), photo)]);
+    // Published by hand without a batch id: the batch id is derived from the message.
+    let client = async_nats::connect(&d.nats.url).await.unwrap();
+    let job = format!(r#"{{"project_id": "crash-extract", "zip": "{}"}}"#, zip.display());
+    client.publish("faces.extract", job.into()).await.unwrap();
+    client.flush().await.unwrap();
+
+    let (c, conn) = tokio_postgres::connect(&d.db.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let started = Instant::now();
+    let (status, error) = loop {
+        d.restart_exited();
+        let rows = c.query("SELECT status, error FROM batches WHERE project_id = 'crash-extract'", &[]).await.unwrap();
+        if let Some(row) = rows.first().filter(|r| r.get::<_, String>(0) == "failed") {
+            assert_eq!(rows.len(), 1);
+            break (row.get::<_, String>(0), row.get::<_, Option<String>>(1));
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "batch never failed\n{}", d.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status, "failed");
+    assert!(error.unwrap().contains("without an ack"));
+    let letters = d.cli_ok(&["dead-letters", "list", "--json"]);
+    assert_eq!(letters.lines().count(), 1, "{letters}");
+    assert!(letters.contains(r#""stage":"extract""#), "{letters}");
+}

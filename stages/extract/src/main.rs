@@ -12,8 +12,8 @@ use pipeline::archive::{self, Entry};
 use pipeline::app::Stage;
 use pipeline::db::{Db, NewImage};
 use pipeline::keys;
-use pipeline::messages::{DetectJob, ExtractJob, ImageRef, Outcome};
-use pipeline::runtime::{Ctx, Delivery, Handler};
+use pipeline::messages::{self, DetectJob, ExtractJob, ImageRef, Outcome};
+use pipeline::runtime::{Ctx, Delivery, Failed, Handler};
 use pipeline::store::LocalCopy;
 use pipeline::topology::StageName;
 use pipeline::StageError;
@@ -30,16 +30,7 @@ impl Handler for Extract {
     }
 
     async fn handle(&self, ctx: &Ctx, job: ExtractJob, delivery: Delivery) -> Result<(), StageError> {
-        let batch_id = match &job.batch_id {
-            Some(id) if keys::is_valid_id(id) => id.clone(),
-            Some(id) => return Err(StageError::permanent(format!("invalid batch_id `{id}`: use letters, digits, '-' or '_'"))),
-            None => keys::derived_batch_id(&[
-                &job.project_id,
-                &job.zip,
-                &delivery.stream_sequence.to_string(),
-                &delivery.published,
-            ]),
-        };
+        let batch_id = batch_id(&job, delivery.stream_sequence, &delivery.published)?;
         if !(1..=10).contains(&job.priority) {
             return Err(StageError::permanent(format!("priority {} is outside 1-10", job.priority)));
         }
@@ -55,6 +46,25 @@ impl Handler for Extract {
             }
         }
         result
+    }
+
+    /// A job that failed for good without `handle` seeing it fail (its worker
+    /// crashed on every delivery) still fails its batch, with the reason.
+    async fn on_dead_letter(&self, _: &Ctx, failed: &Failed<'_>) -> Result<(), StageError> {
+        let Ok(job) = messages::decode::<ExtractJob>(failed.payload) else { return Ok(()) };
+        let Ok(batch_id) = batch_id(&job, failed.stream_sequence, &failed.published) else { return Ok(()) };
+        self.db.insert_batch(&batch_id, &job.project_id, job.priority, &job.zip).await?;
+        Ok(self.db.fail_batch(&batch_id, &failed.error.message).await?)
+    }
+}
+
+/// The job's batch id, or one derived from the job message itself (its stream
+/// sequence and publish time), so every redelivery names the same batch.
+fn batch_id(job: &ExtractJob, stream_sequence: u64, published: &str) -> Result<String, StageError> {
+    match &job.batch_id {
+        Some(id) if keys::is_valid_id(id) => Ok(id.clone()),
+        Some(id) => Err(StageError::permanent(format!("invalid batch_id `{id}`: use letters, digits, '-' or '_'"))),
+        None => Ok(keys::derived_batch_id(&[&job.project_id, &job.zip, &stream_sequence.to_string(), published])),
     }
 }
 
