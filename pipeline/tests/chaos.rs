@@ -47,7 +47,7 @@ async fn batch_survives_kills_restarts_and_outages() {
         for stage in [&mut t.stages.detect.ack_wait, &mut t.stages.crop.ack_wait, &mut t.stages.persist.ack_wait] {
             *stage = Duration::from_secs(4);
         }
-        t.stages.extract.ack_wait = Duration::from_secs(6);
+        t.stages.extract.ack_wait = Duration::from_secs(3);
         t.stages.detect.concurrency = 1;
         t.stages.crop.concurrency = 1;
         t.stages.detect.shutdown_grace = Duration::from_secs(3);
@@ -95,6 +95,11 @@ async fn batch_survives_kills_restarts_and_outages() {
                     }
                     _ => {
                         // Rolling restart: SIGTERM each process, it must exit 0, start it again.
+                        // First let any process just restarted after a SIGKILL install its
+                        // signal handler (a process killed in its first milliseconds dies by
+                        // the signal, which is no graceful-shutdown failure).
+                        d.restart_exited();
+                        tokio::time::sleep(Duration::from_secs(2)).await;
                         for i in 0..d.stages.len() {
                             d.signal(i, libc::SIGTERM);
                             let deadline = Instant::now() + Duration::from_secs(30);

@@ -121,7 +121,14 @@ impl Extract {
                 Entry::Skipped { name } => tracing::debug!(entry = %name, "skipped non-image entry"),
             }
         }
-        let stores = images.iter().map(|(_, key, bytes)| ctx.store.put(key, bytes.clone().into()));
+        // A redelivered job (its worker was killed) skips what it already stored, so
+        // every attempt gets further than the last. Object writes are atomic.
+        let stores = images.iter().map(|(_, key, bytes)| async move {
+            if !ctx.store.exists(key).await? {
+                ctx.store.put(key, bytes.clone()).await?;
+            }
+            Ok::<(), StageError>(())
+        });
         for stored in futures::future::join_all(stores).await {
             stored?;
         }
