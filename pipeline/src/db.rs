@@ -154,12 +154,29 @@ pub struct NewImage {
 }
 
 /// What recording an outcome changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recorded {
     /// False when the image already had an outcome (a redelivery): nothing changed.
     pub first: bool,
     /// True when this outcome completed its batch.
     pub completed_batch: bool,
+    /// The batch's counters right after this outcome (absent when nothing changed).
+    pub progress: Option<Progress>,
+}
+
+/// A batch's progress event, published on `<progress_subject>.<batch>` by persist.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Progress {
+    /// Batch id.
+    pub batch_id: String,
+    /// Images with an outcome.
+    pub processed: i32,
+    /// Of those, failed.
+    pub failed: i32,
+    /// Images in the archive, once extract has read it all.
+    pub image_count: Option<i32>,
+    /// True on the event that completed the batch.
+    pub completed: bool,
 }
 
 impl Db {
@@ -327,7 +344,7 @@ impl Db {
                 .is_some();
             tx.commit().await?;
             return if exists {
-                Ok(Recorded { first: false, completed_batch: false })
+                Ok(Recorded { first: false, completed_batch: false, progress: None })
             } else {
                 Err(DbError::UnknownImage {
                     batch_id: image.batch_id.clone(),
@@ -336,16 +353,25 @@ impl Db {
             };
         }
         let failed = i32::from(outcome.status == ImageStatus::Failed);
-        tx.execute(
-            "UPDATE batches SET processed = processed + 1, failed = failed + $2,
-                    faces = faces + $3, updated_at = now()
-             WHERE batch_id = $1",
-            &[&image.batch_id, &failed, &(outcome.faces.len() as i32)],
-        )
-        .await?;
+        let row = tx
+            .query_one(
+                "UPDATE batches SET processed = processed + 1, failed = failed + $2,
+                        faces = faces + $3, updated_at = now()
+                 WHERE batch_id = $1
+                 RETURNING processed, failed, image_count",
+                &[&image.batch_id, &failed, &(outcome.faces.len() as i32)],
+            )
+            .await?;
         let completed_batch = try_complete(&tx, &image.batch_id).await?;
         tx.commit().await?;
-        Ok(Recorded { first: true, completed_batch })
+        let progress = Progress {
+            batch_id: image.batch_id.clone(),
+            processed: row.get(0),
+            failed: row.get(1),
+            image_count: row.get(2),
+            completed: completed_batch,
+        };
+        Ok(Recorded { first: true, completed_batch, progress: Some(progress) })
     }
 
     /// Returns a failed image to `pending` (and its batch to `processing`) so a

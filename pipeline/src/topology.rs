@@ -91,6 +91,10 @@ pub struct NatsConfig {
     /// Subject prefix of the dead-letter stream: dead letters go to `<subject>.<stage>`.
     #[serde(default = "default_dead_letter_subject")]
     pub dead_letter_subject: String,
+    /// Subject prefix of batch progress events: persist publishes `<subject>.<batch>`
+    /// (plain NATS, not stored) after every recorded outcome.
+    #[serde(default = "default_progress_subject")]
+    pub progress_subject: String,
     /// Authentication and TLS (all optional; secrets best come from the environment).
     #[serde(default)]
     pub auth: NatsAuth,
@@ -570,6 +574,9 @@ impl Topology {
                 &format!("must cover the retry horizon ({horizon:?}: every stage's ack waits and retry delays)"),
             );
         }
+        if !is_subject(&self.nats.progress_subject) {
+            return invalid("nats.progress_subject", "not a valid NATS subject");
+        }
         if !is_subject(&self.nats.dead_letter_subject) {
             return invalid("nats.dead_letter_subject", "not a valid NATS subject");
         }
@@ -711,6 +718,9 @@ fn default_duplicate_window() -> Duration {
 }
 fn default_dead_letter_subject() -> String {
     "faces.dead".into()
+}
+fn default_progress_subject() -> String {
+    "faces.progress".into()
 }
 fn default_pool_size() -> usize {
     4

@@ -39,9 +39,11 @@ async fn same_outcome_twice_leaves_one_row_and_unchanged_counters() {
     assert!(!db.finish_ingest("b-1", 2, &["notes.txt".into()]).await.unwrap());
 
     let first = db.record_outcome(&outcome("0000000", ImageStatus::Cropped)).await.unwrap();
-    assert_eq!(first, Recorded { first: true, completed_batch: false });
+    assert!(first.first && !first.completed_batch);
+    let progress = first.progress.unwrap();
+    assert_eq!((progress.processed, progress.failed, progress.image_count), (1, 0, Some(2)));
     let again = db.record_outcome(&outcome("0000000", ImageStatus::Cropped)).await.unwrap();
-    assert_eq!(again, Recorded { first: false, completed_batch: false });
+    assert_eq!(again, Recorded { first: false, completed_batch: false, progress: None });
     // A later, different outcome for the same image does not overwrite the first either.
     let failed = Outcome::failed(outcome("0000000", ImageStatus::Failed).image, "crop", "boom".into(), 3);
     assert!(!db.record_outcome(&failed).await.unwrap().first);
@@ -53,9 +55,9 @@ async fn same_outcome_twice_leaves_one_row_and_unchanged_counters() {
 
     // The last image completes the batch, exactly once.
     let last = db.record_outcome(&outcome("0000001", ImageStatus::NoFace)).await.unwrap();
-    assert_eq!(last, Recorded { first: true, completed_batch: true });
+    assert!(last.first && last.completed_batch && last.progress.unwrap().completed);
     let replay = db.record_outcome(&outcome("0000001", ImageStatus::NoFace)).await.unwrap();
-    assert_eq!(replay, Recorded { first: false, completed_batch: false });
+    assert_eq!(replay, Recorded { first: false, completed_batch: false, progress: None });
     let s = db.batch_status("b-1").await.unwrap().unwrap();
     assert_eq!((s.status.as_str(), s.processed, s.failed), ("completed", 2, 0));
     assert!(s.completed_at.is_some());

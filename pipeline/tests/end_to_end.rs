@@ -3,6 +3,8 @@
 mod support;
 
 use std::collections::BTreeMap;
+
+use futures::StreamExt;
 use std::time::Duration;
 
 use pipeline::messages::{DeadLetter, ExtractJob};
@@ -141,6 +143,8 @@ async fn job_published_by_hand_without_batch_id_makes_exactly_one_batch() {
 
     // What `nats pub faces.extract '{...}'` does: a plain publish, no message id, local path.
     let client = async_nats::connect(&d.nats.url).await.unwrap();
+    // What `nats sub 'faces.progress.>'` sees.
+    let mut progress = client.subscribe("faces.progress.>").await.unwrap();
     let job = format!(r#"{{"project_id": "proj-123", "priority": 5, "zip": "{}"}}"#, zip.display());
     client.publish("faces.extract", job.into()).await.unwrap();
     client.flush().await.unwrap();
@@ -164,6 +168,25 @@ async fn job_published_by_hand_without_batch_id_makes_exactly_one_batch() {
     let results = db.results(&batch).await.unwrap();
     let statuses: Vec<&str> = results.iter().map(|r| r.status.as_str()).collect();
     assert_eq!(statuses, vec!["cropped", "no_face"]);
+
+    // One progress event per recorded outcome, the last one completing the batch.
+    let mut events = Vec::new();
+    while events.len() < 2 {
+        let msg = tokio::time::timeout(Duration::from_secs(10), progress.next()).await.unwrap().unwrap();
+        assert_eq!(msg.subject.as_str(), format!("faces.progress.{batch}"));
+        events.push(serde_json::from_slice::<pipeline::db::Progress>(&msg.payload).unwrap());
+    }
+    // Persist records outcomes concurrently, so events may arrive in either order.
+    events.sort_by_key(|e| e.processed);
+    let processed: Vec<i32> = events.iter().map(|e| e.processed).collect();
+    assert_eq!(processed, vec![1, 2]);
+    assert!(events[1].completed && !events[0].completed);
+    assert_eq!(events[1].image_count, Some(2));
+
+    // `pipeline watch` on a finished batch ends at once with its summary.
+    let out = d.cli_ok(&["watch", &batch]);
+    assert!(out.contains("completed: 2/2 images, 0 failed"), "{out}");
+    assert!(!d.cli(&["watch", "no-such-batch"]).status.success());
 }
 
 #[tokio::test(flavor = "multi_thread")]

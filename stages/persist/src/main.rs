@@ -2,7 +2,7 @@
 
 use pipeline::app::Stage;
 use pipeline::db::Db;
-use pipeline::messages::Outcome;
+use pipeline::messages::{self, Outcome};
 use pipeline::runtime::{Ctx, Delivery, Handler};
 use pipeline::topology::StageName;
 use pipeline::StageError;
@@ -18,13 +18,20 @@ impl Handler for Persist {
         ctx.bus.is_connected() && self.db.ping().await.is_ok()
     }
 
-    async fn handle(&self, _: &Ctx, outcome: Outcome, _: Delivery) -> Result<(), StageError> {
+    async fn handle(&self, ctx: &Ctx, outcome: Outcome, _: Delivery) -> Result<(), StageError> {
         let recorded = self.db.record_outcome(&outcome).await?;
         if !recorded.first {
             tracing::debug!("outcome already recorded; redelivery ignored");
         }
         if recorded.completed_batch {
             tracing::info!(batch = %outcome.image.batch_id, "batch completed");
+        }
+        if let Some(progress) = &recorded.progress {
+            // Best effort, for watchers: the database holds the truth.
+            let subject = format!("{}.{}", ctx.topology.nats.progress_subject, progress.batch_id);
+            if let Err(e) = ctx.bus.client.publish(subject, messages::encode(progress)).await {
+                tracing::debug!(error = %e, "progress event not sent");
+            }
         }
         Ok(())
     }

@@ -59,6 +59,14 @@ enum Command {
         /// Wait until the batch completes and print its status.
         #[arg(long)]
         wait: bool,
+        /// Wait with a progress bar (rate and ETA) until the batch completes.
+        #[arg(long, conflicts_with = "wait")]
+        watch: bool,
+    },
+    /// Follow a batch with a progress bar (rate and ETA) until it completes.
+    Watch {
+        /// Batch id.
+        batch: String,
     },
     /// Show a batch's progress.
     Status {
@@ -155,9 +163,14 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Apply { dry_run } => apply(&topology, dry_run).await,
-        Command::Submit { zip, project, priority, batch_id, wait } => {
-            submit(&topology, &zip, project, priority, batch_id, wait).await
+        Command::Submit { zip, project, priority, batch_id, wait, watch } => {
+            let batch = submit(&topology, &zip, project, priority, batch_id, wait).await?;
+            if watch {
+                watch_batch(&topology, &batch).await?;
+            }
+            Ok(())
         }
+        Command::Watch { batch } => watch_batch(&topology, &batch).await,
         Command::Status { batch, json } => status(&topology, &batch, json).await,
         Command::Stats { json } => stats(&topology, json).await,
         Command::Results { batch } => results(&topology, &batch).await,
@@ -202,7 +215,7 @@ async fn submit(
     priority: u8,
     batch_id: Option<String>,
     wait: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<String> {
     if !zip.is_file() {
         bail!("{} is not a file", zip.display());
     }
@@ -240,6 +253,47 @@ async fn submit(
             last.faces,
             last.processed as f64 / secs.max(1e-9)
         );
+    }
+    Ok(batch_id)
+}
+
+/// Draws a progress bar from the batch's row until it completes or fails.
+async fn watch_batch(topology: &Topology, batch_id: &str) -> anyhow::Result<()> {
+    let db = database(topology)?;
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg:>12} [{bar:40}] {pos}/{len} images  {per_sec}  ETA {eta}",
+        )?
+        .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let last = loop {
+        let Some(s) = db.batch_status(batch_id).await? else {
+            bar.abandon();
+            bail!("no batch `{batch_id}`");
+        };
+        if let Some(n) = s.image_count {
+            bar.set_length(n as u64);
+        }
+        bar.set_position(s.processed as u64);
+        bar.set_message(if s.failed > 0 { format!("{} ({} failed)", s.status, s.failed) } else { s.status.clone() });
+        if s.status == "completed" || s.status == "failed" {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    bar.finish();
+    println!(
+        "batch {} {}: {}/{} images, {} failed, {} faces",
+        last.batch_id,
+        last.status,
+        last.processed,
+        last.image_count.unwrap_or(0),
+        last.failed,
+        last.faces
+    );
+    if last.status == "failed" {
+        bail!("batch failed: {}", last.error.unwrap_or_default());
     }
     Ok(())
 }
