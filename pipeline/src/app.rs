@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, BusError};
 use crate::db::Db;
+use crate::health::Health;
 use crate::error::StageError;
 use crate::runtime::{self, Ctx, Handler};
 use crate::store::{Store, StoreError};
@@ -97,17 +98,19 @@ pub fn tune_allocator() {
     }
 }
 
-/// Serves Prometheus metrics on `addr` (`host:port`; port 0 disables).
-pub fn init_metrics(addr: &str) -> Result<(), StartError> {
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` (`host:port`; port 0 disables).
+pub async fn init_endpoints(addr: &str, health: Arc<Health>) -> Result<(), StartError> {
     let err = |reason: String| StartError::Metrics { addr: addr.to_string(), reason };
     let socket: SocketAddr = addr.parse().map_err(|e: std::net::AddrParseError| err(e.to_string()))?;
     if socket.port() == 0 {
         return Ok(());
     }
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(socket)
-        .install()
-        .map_err(|e| err(e.to_string()))
+    let listener = tokio::net::TcpListener::bind(socket).await.map_err(|e| err(e.to_string()))?;
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| err(e.to_string()))?;
+    tokio::spawn(crate::health::serve(listener, handle, health));
+    Ok(())
 }
 
 /// A started stage process, ready to run its handler.
@@ -137,10 +140,11 @@ impl Stage {
         let metrics_addr = args
             .metrics_addr
             .or_else(|| topology.stage(stage).metrics_addr.map(String::from));
+        let health = Arc::new(Health::default());
         if let Some(addr) = metrics_addr {
-            // A second replica on the same host finds the port taken; it keeps working without metrics.
-            if let Err(e) = init_metrics(&addr) {
-                tracing::warn!(error = %e, "metrics disabled");
+            // A second replica on the same host finds the port taken; it keeps working without them.
+            if let Err(e) = init_endpoints(&addr, health.clone()).await {
+                tracing::warn!(error = %e, "metrics and health endpoints disabled");
             }
         }
         let client_name = format!("facepipe-{stage}");
@@ -149,7 +153,7 @@ impl Stage {
             _ = shutdown.cancelled() => return Err(StartError::Stopped),
         };
         let store = Store::open(&topology.object_store.url)?;
-        Ok(Self { ctx: Arc::new(Ctx { stage, topology, bus, store }), shutdown })
+        Ok(Self { ctx: Arc::new(Ctx { stage, topology, bus, store, health }), shutdown })
     }
 
     /// The topology's database, migrated; waits (with backoff) while PostgreSQL is

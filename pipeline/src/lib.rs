@@ -27,6 +27,7 @@
 //! - [`vision`]: OpenCV decoding, detection and cropping.
 //! - [`error`]: the transient/permanent classification of stage errors.
 //! - [`eval`]: detection quality on labelled photos (`pipeline eval`).
+//! - [`health`]: the `/metrics`, `/healthz` and `/readyz` endpoints of a stage process.
 //!
 //! The operator CLI (`pipeline apply | submit | status | results | up`) is
 //! `src/bin/pipeline.rs`; the stage binaries live in `stages/`.
@@ -38,6 +39,7 @@ pub mod db;
 pub mod deadletters;
 pub mod error;
 pub mod eval;
+pub mod health;
 pub mod keys;
 pub mod messages;
 pub mod runtime;

@@ -50,6 +50,8 @@ pub struct Ctx {
     pub bus: Bus,
     /// Object store.
     pub store: Store,
+    /// Readiness reported on `/readyz`.
+    pub health: Arc<crate::health::Health>,
 }
 
 impl Ctx {
@@ -230,9 +232,11 @@ pub async fn run<H: Handler>(
     });
     start_cpu_pool(settings.concurrency);
     let sweeper = tokio::spawn(sweep_max_deliveries(worker.clone()));
+    let prober = tokio::spawn(probe_readiness(worker.clone()));
     let slots = Arc::new(Semaphore::new(settings.concurrency));
     let mut tasks = JoinSet::new();
     tracing::info!(stage = %ctx.stage, subject = settings.subject, concurrency = settings.concurrency, "stage started");
+    ctx.health.set_ready(true);
 
     'pull: loop {
         if worker.degraded.swap(false, Ordering::SeqCst) {
@@ -282,6 +286,8 @@ pub async fn run<H: Handler>(
 
     tracing::info!(in_flight = tasks.len(), grace = ?settings.shutdown_grace, "stopping: finishing in-flight work");
     sweeper.abort();
+    prober.abort();
+    ctx.health.set_ready(false);
     let drained = tokio::time::timeout(settings.shutdown_grace, async {
         while tasks.join_next().await.is_some() {}
     })
@@ -304,6 +310,7 @@ impl<H: Handler> Worker<H> {
         let mut delay = Duration::from_millis(100);
         let mut warned = false;
         while !self.handler.ready(&self.ctx).await {
+            self.ctx.health.set_ready(false);
             if !warned {
                 tracing::warn!(stage = %self.ctx.stage, "a service is unavailable; pausing until it is back");
                 warned = true;
@@ -314,6 +321,7 @@ impl<H: Handler> Worker<H> {
         if warned {
             tracing::info!(stage = %self.ctx.stage, "services available again; resuming");
         }
+        self.ctx.health.set_ready(true);
     }
 
     /// Handles one message from delivery to its final ack, Nak or Term.
@@ -472,6 +480,18 @@ pub struct Failed<'a> {
     pub error: &'a StageError,
     /// Deliveries made.
     pub attempts: u32,
+}
+
+/// How often `/readyz` re-checks the stage's services while nothing else does.
+const READINESS_PROBE: Duration = Duration::from_secs(2);
+
+/// Keeps `/readyz` true to the services' state even while no message flows.
+async fn probe_readiness<H: Handler>(worker: Arc<Worker<H>>) {
+    loop {
+        tokio::time::sleep(READINESS_PROBE).await;
+        let ready = worker.handler.ready(&worker.ctx).await;
+        worker.ctx.health.set_ready(ready);
+    }
 }
 
 /// The body of JetStream's `CONSUMER.MAX_DELIVERIES` advisory (the fields we use).

@@ -181,3 +181,29 @@ async fn extract_job_that_crashes_every_time_fails_its_batch() {
     assert_eq!(letters.lines().count(), 1, "{letters}");
     assert!(letters.contains(r#""stage":"extract""#), "{letters}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_follows_postgres() {
+    let proxy = support::PgProxy::start().await;
+    let mut d = Deployment::start(|t| t.postgres.url = proxy.url_for(&t.postgres.url)).await;
+    let port = d.start_stage_with_metrics(StageName::Persist);
+    let wait_for = |want: u16| {
+        let started = Instant::now();
+        loop {
+            if let Ok(conn) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                drop(conn);
+                if support::http_get(port, "/readyz").0 == want {
+                    return;
+                }
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "/readyz never answered {want}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for(200);
+    proxy.set_down(true);
+    wait_for(503);
+    assert_eq!(support::http_get(port, "/healthz").0, 200, "alive while not ready");
+    proxy.set_down(false);
+    wait_for(200);
+}

@@ -34,6 +34,11 @@ async fn three_detect_processes_share_a_batch_and_match_a_one_process_run() {
     assert_eq!((status.status.as_str(), status.processed), ("completed", entries.len() as i32));
 
     // Every replica did part of the work, and together exactly all of it.
+    for port in &ports {
+        assert_eq!(support::http_get(*port, "/healthz").0, 200);
+        assert_eq!(support::http_get(*port, "/readyz"), (200, "ready\n".to_string()));
+        assert_eq!(support::http_get(*port, "/nothing").0, 404);
+    }
     let shares: Vec<f64> = ports
         .iter()
         .map(|p| prometheus_counter(*p, "facepipe_messages_total", &[r#"stage="detect""#, r#"outcome="ok""#]))
