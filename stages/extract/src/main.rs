@@ -35,21 +35,11 @@ impl Handler for Extract {
             return Err(StageError::permanent(format!("priority {} is outside 1-10", job.priority)));
         }
         self.db.insert_batch(&batch_id, &job.project_id, job.priority, &job.zip).await?;
-        let result = self.unpack(ctx, &job, &batch_id).await;
-        if let Err(error) = &result {
-            let last = i64::from(delivery.attempt) >= ctx.topology.stages.extract.max_deliver;
-            if error.is_permanent() || last {
-                // The batch as a whole cannot be read: say so on the batch row.
-                if let Err(e) = self.db.fail_batch(&batch_id, &error.message).await {
-                    tracing::error!(batch = %batch_id, error = %e, "cannot record the batch failure");
-                }
-            }
-        }
-        result
+        self.unpack(ctx, &job, &batch_id).await
     }
 
-    /// A job that failed for good without `handle` seeing it fail (its worker
-    /// crashed on every delivery) still fails its batch, with the reason.
+    /// A job that failed for good (an unreadable archive, retries exhausted, or a
+    /// worker that crashed on every delivery) fails its batch, with the reason.
     async fn on_dead_letter(&self, _: &Ctx, failed: &Failed<'_>) -> Result<(), StageError> {
         let Ok(job) = messages::decode::<ExtractJob>(failed.payload) else { return Ok(()) };
         let Ok(batch_id) = batch_id(&job, failed.stream_sequence, &failed.published) else { return Ok(()) };
