@@ -124,7 +124,8 @@ impl Tally {
     }
 }
 
-fn iou(a: [f32; 4], b: [f32; 4]) -> f32 {
+/// Intersection over union of two `[x, y, w, h]` boxes.
+pub fn iou(a: [f32; 4], b: [f32; 4]) -> f32 {
     let (x0, y0) = (a[0].max(b[0]), a[1].max(b[1]));
     let (x1, y1) = ((a[0] + a[2]).min(b[0] + b[2]), (a[1] + a[3]).min(b[1] + b[3]));
     let inter = (x1 - x0).max(0.0) * (y1 - y0).max(0.0);

@@ -102,14 +102,9 @@ async fn batch_survives_kills_restarts_and_outages() {
                         tokio::time::sleep(Duration::from_secs(2)).await;
                         for i in 0..d.stages.len() {
                             d.signal(i, libc::SIGTERM);
-                            let deadline = Instant::now() + Duration::from_secs(30);
-                            let code = loop {
-                                if let Some(status) = d.stages[i].1.try_wait().unwrap() {
-                                    break status.code();
-                                }
-                                assert!(Instant::now() < deadline, "{:?} ignored SIGTERM", d.stages[i].0);
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                            };
+                            let stage = d.stages[i].0;
+                            let code = support::wait_exit(&mut d.stages[i].1, Duration::from_secs(30))
+                                .unwrap_or_else(|()| panic!("{stage:?} ignored SIGTERM"));
                             assert_eq!(code, Some(0), "{:?} exit on SIGTERM\n{}", d.stages[i].0, d.logs());
                             sigterms += 1;
                             d.restart_exited();

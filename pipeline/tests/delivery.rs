@@ -132,14 +132,7 @@ async fn stage_waiting_for_postgres_at_start_stops_cleanly_on_sigterm() {
     }
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(persist.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let code = loop {
-        if let Some(status) = persist.try_wait().unwrap() {
-            break status.code();
-        }
-        assert!(Instant::now() < deadline, "ignored SIGTERM while waiting");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let code = support::wait_exit(&mut persist, Duration::from_secs(10)).expect("ignored SIGTERM while waiting");
     assert_eq!(code, Some(0));
 }
 

@@ -14,6 +14,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use pipeline::db::{BatchStatus, Db};
+#[allow(unused_imports)] // each test binary uses a different part of the harness
+pub use pipeline::eval::{iou, Labelled};
 use pipeline::topology::{StageName, Topology};
 
 /// Repository root.
@@ -73,6 +75,21 @@ fn wait_for_port(port: u16, timeout: Duration) {
     let start = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(start.elapsed() < timeout, "nothing listens on port {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits up to `timeout` for `child` to exit; its exit code (`None` if a signal
+/// ended it), or `Err(())` when it is still running at the deadline.
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> Result<Option<i32>, ()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Ok(status.code());
+        }
+        if Instant::now() > deadline {
+            return Err(());
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -414,18 +431,11 @@ impl Deployment {
         }
         let mut codes = Vec::new();
         for (stage, mut child) in self.stages.drain(..) {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            let code = loop {
-                if let Some(status) = child.try_wait().unwrap() {
-                    break status.code();
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break None;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            };
+            let code = wait_exit(&mut child, Duration::from_secs(20)).unwrap_or_else(|()| {
+                let _ = child.kill();
+                let _ = child.wait();
+                None
+            });
             codes.push((stage, code));
         }
         codes
@@ -453,35 +463,14 @@ pub fn write_zip(path: &Path, entries: &[(String, Vec<u8>)]) {
     w.finish().unwrap();
 }
 
-/// One record of `../shared/data/faces/manifest.json`.
-#[derive(Debug, serde::Deserialize)]
-pub struct LabelledPhoto {
-    /// Path relative to the faces folder.
-    pub file: String,
-    /// Face boxes `[x, y, w, h]`, `[]` for no face, `null` when only a count is known.
-    pub faces: Option<Vec<[f32; 4]>>,
-    /// Face count when known.
-    pub face_count_known: Option<u32>,
-    /// WIDER attributes per face: blur, expression, illumination, invalid, occlusion, pose.
-    #[serde(default)]
-    pub wider_attrs: Option<Vec<Vec<u8>>>,
-}
-
 /// The labelled photos.
-pub fn labelled_photos() -> Vec<LabelledPhoto> {
+pub fn labelled_photos() -> Vec<Labelled> {
     let path = shared_dir().join("data/faces/manifest.json");
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{}: {e} (set PIPELINE_SHARED_DIR)", path.display()));
     serde_json::from_str(&text).unwrap()
 }
 
-/// Intersection over union of two `[x, y, w, h]` boxes.
-pub fn iou(a: [f32; 4], b: [f32; 4]) -> f32 {
-    let (x0, y0) = (a[0].max(b[0]), a[1].max(b[1]));
-    let (x1, y1) = ((a[0] + a[2]).min(b[0] + b[2]), (a[1] + a[3]).min(b[1] + b[3]));
-    let inter = (x1 - x0).max(0.0) * (y1 - y0).max(0.0);
-    inter / (a[2] * a[3] + b[2] * b[3] - inter)
-}
 
 /// A TCP proxy in front of PostgreSQL that the test can cut: while down it
 /// closes every open connection and refuses new ones, as a stopped server would,
