@@ -69,21 +69,7 @@ pub fn read_entries(
     params: &ExtractParams,
     mut sink: impl FnMut(Entry) -> bool,
 ) -> Result<Summary, ArchiveError> {
-    let mut archive = zip::ZipArchive::new(BufReader::new(File::open(path)?))?;
-    // Caps on the archive as a whole, from its central directory, before any entry is read.
-    if archive.len() > params.max_entries {
-        return Err(ArchiveError::TooLarge(format!(
-            "{} entries, more than max_entries = {}",
-            archive.len(),
-            params.max_entries
-        )));
-    }
-    if let Some(total) = archive.decompressed_size().filter(|t| *t > params.max_total_bytes as u128) {
-        return Err(ArchiveError::TooLarge(format!(
-            "{total} uncompressed bytes, more than max_total_bytes = {}",
-            params.max_total_bytes
-        )));
-    }
+    let mut archive = open_checked(path, params)?;
     let mut summary = Summary::default();
     for i in 0..archive.len() {
         let read = match archive.by_index(i) {
@@ -111,6 +97,33 @@ pub fn read_entries(
         }
     }
     Ok(summary)
+}
+
+/// Counts the image entries of `path` from its central directory alone (no entry
+/// is decompressed): the batch's image count as extract will find it.
+pub fn count_images(path: &Path, params: &ExtractParams) -> Result<usize, ArchiveError> {
+    let archive = open_checked(path, params)?;
+    Ok(archive.file_names().filter(|name| !name.ends_with('/') && is_image_name(name, params)).count())
+}
+
+/// Opens an archive and applies the caps on the archive as a whole, from its
+/// central directory, before any entry is read.
+fn open_checked(path: &Path, params: &ExtractParams) -> Result<zip::ZipArchive<BufReader<File>>, ArchiveError> {
+    let archive = zip::ZipArchive::new(BufReader::new(File::open(path)?))?;
+    if archive.len() > params.max_entries {
+        return Err(ArchiveError::TooLarge(format!(
+            "{} entries, more than max_entries = {}",
+            archive.len(),
+            params.max_entries
+        )));
+    }
+    if let Some(total) = archive.decompressed_size().filter(|t| *t > params.max_total_bytes as u128) {
+        return Err(ArchiveError::TooLarge(format!(
+            "{total} uncompressed bytes, more than max_total_bytes = {}",
+            params.max_total_bytes
+        )));
+    }
+    Ok(archive)
 }
 
 fn is_image_name(name: &str, params: &ExtractParams) -> bool {

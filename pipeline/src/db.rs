@@ -12,7 +12,10 @@ use tokio_postgres::NoTls;
 use crate::messages::{FaceBox, ImageStatus, Outcome};
 
 /// Schema migrations in order; each runs once, recorded in `schema_migrations`.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/0001_batches_and_images.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../migrations/0001_batches_and_images.sql")),
+    (2, include_str!("../migrations/0002_record_ids.sql")),
+];
 
 /// Longest wait for a connection before an operation fails as unavailable.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -118,8 +121,10 @@ pub struct BatchStatus {
 pub struct ImageResult {
     /// Image id.
     pub image_id: String,
-    /// Name of the ZIP entry.
+    /// Name of the ZIP entry, or the image's URL.
     pub entry: String,
+    /// The caller's id for an image given by URL.
+    pub record_id: Option<String>,
     /// `pending`, `cropped`, `no_face` or `failed`.
     pub status: String,
     /// Upright original width.
@@ -147,10 +152,12 @@ pub struct ImageResult {
 pub struct NewImage {
     /// Image id.
     pub image_id: String,
-    /// ZIP entry name.
+    /// ZIP entry name, or the image's URL.
     pub entry_name: String,
     /// Original object key; empty for an entry that could not be read.
     pub original_key: String,
+    /// The caller's id for an image given by URL.
+    pub record_id: Option<String>,
 }
 
 /// What recording an outcome changed.
@@ -261,13 +268,15 @@ impl Db {
         let ids: Vec<&str> = images.iter().map(|i| i.image_id.as_str()).collect();
         let names: Vec<&str> = images.iter().map(|i| i.entry_name.as_str()).collect();
         let keys: Vec<&str> = images.iter().map(|i| i.original_key.as_str()).collect();
+        let records: Vec<Option<&str>> = images.iter().map(|i| i.record_id.as_deref()).collect();
         let client = self.pool.get().await?;
         client
             .execute(
-                "INSERT INTO images (batch_id, image_id, entry_name, original_key)
-                 SELECT $1, id, name, NULLIF(key, '') FROM unnest($2::text[], $3::text[], $4::text[]) AS t(id, name, key)
+                "INSERT INTO images (batch_id, image_id, entry_name, original_key, record_id)
+                 SELECT $1, id, name, NULLIF(key, ''), record
+                 FROM unnest($2::text[], $3::text[], $4::text[], $5::text[]) AS t(id, name, key, record)
                  ON CONFLICT (batch_id, image_id) DO NOTHING",
-                &[&batch_id, &ids, &names, &keys],
+                &[&batch_id, &ids, &names, &keys, &records],
             )
             .await?;
         Ok(())
@@ -477,13 +486,18 @@ impl Db {
 
     /// Every image of a batch with its outcome, in image-id order.
     pub async fn results(&self, batch_id: &str) -> Result<Vec<ImageResult>, DbError> {
+        self.results_page(batch_id, 0, i64::MAX).await
+    }
+
+    /// At most `limit` images of a batch from the `offset`-th on, in image-id order.
+    pub async fn results_page(&self, batch_id: &str, offset: i64, limit: i64) -> Result<Vec<ImageResult>, DbError> {
         let client = self.pool.get().await?;
         let rows = client
             .query(
                 "SELECT image_id, entry_name, status, width, height, faces, crop_keys, original_key,
-                        detector, error, failed_stage, attempts
-                 FROM images WHERE batch_id = $1 ORDER BY image_id",
-                &[&batch_id],
+                        detector, error, failed_stage, attempts, record_id
+                 FROM images WHERE batch_id = $1 ORDER BY image_id OFFSET $2 LIMIT $3",
+                &[&batch_id, &offset, &limit],
             )
             .await?;
         Ok(rows
@@ -501,6 +515,7 @@ impl Db {
                 error: r.get(9),
                 failed_stage: r.get(10),
                 attempts: r.get(11),
+                record_id: r.get(12),
             })
             .collect())
     }

@@ -60,6 +60,17 @@ pub fn derived_batch_id(parts: &[&str]) -> String {
     format!("b-{hex}")
 }
 
+/// A new batch id for a submission (CLI or API): derived from its project, its
+/// source and the current time, so two submissions of one file are two batches.
+pub fn new_batch_id(project_id: &str, source: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let salt: u64 = rand::random();
+    derived_batch_id(&[project_id, source, &now.to_string(), &salt.to_string()])
+}
+
 /// True when `id` is safe inside an object key and a subject token: letters, digits, `-`, `_`.
 pub fn is_valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')

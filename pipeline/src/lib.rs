@@ -24,6 +24,8 @@
 //! - [`runtime`]: the stage runtime (pull, ack, retry, dead letters, graceful shutdown).
 //! - [`app`]: start-up shared by every stage binary.
 //! - [`archive`]: reading a ZIP entry by entry with bounded memory.
+//! - [`download`]: fetching images given by URL, with time, size and redirect limits.
+//! - [`api`]: the HTTP API (`pipeline serve`), the old design's endpoints.
 //! - [`vision`]: OpenCV decoding, detection and cropping.
 //! - [`error`]: the transient/permanent classification of stage errors.
 //! - [`eval`]: detection quality on labelled photos (`pipeline eval`).
@@ -32,11 +34,13 @@
 //! The operator CLI (`pipeline apply | submit | status | results | up`) is
 //! `src/bin/pipeline.rs`; the stage binaries live in `stages/`.
 
+pub mod api;
 pub mod app;
 pub mod archive;
 pub mod bus;
 pub mod db;
 pub mod deadletters;
+pub mod download;
 pub mod error;
 pub mod eval;
 pub mod health;

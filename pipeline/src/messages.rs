@@ -24,9 +24,10 @@ pub fn encode<T: Serialize>(msg: &T) -> bytes::Bytes {
         .into()
 }
 
-/// Input of `extract`: one ZIP to unpack into a batch.
+/// Input of `extract`: one ZIP to unpack, or a list of image URLs to download, into a batch.
 ///
-/// `{"project_id": "proj-123", "priority": 5, "zip": "uploads/photos.zip"}`
+/// `{"project_id": "proj-123", "priority": 5, "zip": "uploads/photos.zip"}` or
+/// `{"project_id": "proj-123", "images": [{"record_id": "r1", "url": "https://host/a.jpg"}]}`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ExtractJob {
     /// Batch id; when absent one is derived from the job message itself, so a
@@ -40,7 +41,56 @@ pub struct ExtractJob {
     pub priority: u8,
     /// The ZIP: an object-store key (`uploads/x.zip`), or a local path
     /// (`/data/x.zip` or `file:///data/x.zip`) readable by the extract process.
-    pub zip: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zip: Option<String>,
+    /// Images to download instead of a ZIP; image `n` of the list gets image id `n`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<RemoteImage>,
+}
+
+/// One image of an [`ExtractJob`] given by URL.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RemoteImage {
+    /// The caller's own id for the image, kept on its outcome.
+    #[serde(default)]
+    pub record_id: Option<String>,
+    /// `http` or `https` URL of the image.
+    pub url: String,
+}
+
+/// Where an [`ExtractJob`]'s images come from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ExtractSource<'a> {
+    /// A ZIP archive (object-store key or local path).
+    Zip(&'a str),
+    /// Image URLs.
+    Urls(&'a [RemoteImage]),
+}
+
+impl ExtractJob {
+    /// A job unpacking the ZIP at `zip` into batch `batch_id`.
+    pub fn for_zip(batch_id: Option<String>, project_id: String, priority: u8, zip: String) -> Self {
+        Self { batch_id, project_id, priority, zip: Some(zip), images: Vec::new() }
+    }
+
+    /// The job's one source, or why it has none or two.
+    pub fn source(&self) -> Result<ExtractSource<'_>, String> {
+        match (&self.zip, self.images.is_empty()) {
+            (Some(zip), true) => Ok(ExtractSource::Zip(zip)),
+            (None, false) => Ok(ExtractSource::Urls(&self.images)),
+            (Some(_), false) => Err("a job has either `zip` or `images`, not both".into()),
+            (None, true) => Err("a job needs `zip` (an archive) or `images` (a non-empty URL list)".into()),
+        }
+    }
+
+    /// A short description of the source, recorded with the batch.
+    pub fn describe_source(&self) -> String {
+        match self.source() {
+            Ok(ExtractSource::Zip(zip)) => zip.to_string(),
+            Ok(ExtractSource::Urls(urls)) => format!("{} image URL(s)", urls.len()),
+            Err(_) => "no source".to_string(),
+        }
+    }
 }
 
 fn default_priority() -> u8 {
@@ -54,6 +104,25 @@ pub struct ImageRef {
     pub batch_id: String,
     /// Image id, unique within the batch and stable across redeliveries.
     pub image_id: String,
+}
+
+/// The ids any message may carry, read leniently (every field optional) so logs
+/// and dead letters can name the batch and image even of a malformed message.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct MessageIds {
+    /// Batch id, when the payload has one.
+    #[serde(default)]
+    pub batch_id: Option<String>,
+    /// Image id, when the payload has one.
+    #[serde(default)]
+    pub image_id: Option<String>,
+}
+
+impl MessageIds {
+    /// Reads the ids from any payload; empty when it is not a JSON object.
+    pub fn read(payload: &[u8]) -> Self {
+        serde_json::from_slice(payload).unwrap_or_default()
+    }
 }
 
 /// Input of `detect`: one original in the object store.
@@ -229,13 +298,30 @@ mod tests {
             decode(br#"{"project_id":"proj-123","zip":"uploads/a.zip","color":"blue"}"#).unwrap();
         assert_eq!(job.priority, 5);
         assert_eq!(job.batch_id, None);
-        assert_eq!(job.zip, "uploads/a.zip");
+        assert_eq!(job.source(), Ok(ExtractSource::Zip("uploads/a.zip")));
+    }
+
+    #[test]
+    fn extract_job_has_exactly_one_source() {
+        let urls: ExtractJob =
+            decode(br#"{"project_id":"p","images":[{"record_id":"r1","url":"http://h/a.jpg"},{"url":"http://h/b"}]}"#)
+                .unwrap();
+        let Ok(ExtractSource::Urls(images)) = urls.source() else { panic!("{urls:?}") };
+        assert_eq!(images[0].record_id.as_deref(), Some("r1"));
+        assert_eq!(images[1].record_id, None);
+        let neither: ExtractJob = decode(br#"{"project_id":"p"}"#).unwrap();
+        assert!(neither.source().unwrap_err().contains("zip"));
+        let both: ExtractJob = decode(br#"{"project_id":"p","zip":"z","images":[{"url":"http://h/a"}]}"#).unwrap();
+        assert!(both.source().is_err());
+        // A ZIP job is encoded without an empty image list, as before URL jobs existed.
+        let zip = ExtractJob::for_zip(None, "p".into(), 5, "z".into());
+        assert_eq!(String::from_utf8(encode(&zip).to_vec()).unwrap(), r#"{"batch_id":null,"project_id":"p","priority":5,"zip":"z"}"#);
     }
 
     #[test]
     fn missing_field_is_an_error_naming_it() {
-        let err = decode::<ExtractJob>(br#"{"project_id":"p"}"#).unwrap_err();
-        assert!(err.to_string().contains("zip"), "{err}");
+        let err = decode::<ExtractJob>(br#"{"priority":3}"#).unwrap_err();
+        assert!(err.to_string().contains("project_id"), "{err}");
         let err = decode::<DetectJob>(br#"{"batch_id":"b","key":"k"}"#).unwrap_err();
         assert!(err.to_string().contains("image_id"), "{err}");
         assert!(decode::<DetectJob>(b"not json").is_err());

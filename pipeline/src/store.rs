@@ -154,6 +154,31 @@ impl Store {
         Ok(copied)
     }
 
+    /// Moves a spooled file the caller owns into the store: a rename when the
+    /// store is local and on the same filesystem (no second copy of a large
+    /// upload), otherwise a streamed copy. The rename is atomic, like a put.
+    pub async fn put_spooled(&self, key: &str, spooled: tempfile::NamedTempFile) -> Result<u64, StoreError> {
+        self.path(key)?;
+        if let Some(root) = &self.local_root {
+            let target = root.join(key);
+            if let Some(parent) = target.parent() {
+                tokio::fs::create_dir_all(parent).await?;
+            }
+            let size = spooled.as_file().metadata()?.len();
+            match spooled.persist(&target) {
+                Ok(file) => {
+                    use std::os::unix::fs::PermissionsExt;
+                    // Spool files are private (0600); stored objects are not.
+                    file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+                    return Ok(size);
+                }
+                // Another filesystem: fall through to a copy (the file is handed back).
+                Err(e) => return self.put_file(key, e.file.path()).await,
+            }
+        }
+        self.put_file(key, spooled.path()).await
+    }
+
     /// A local file holding the object: the file itself for `file://` stores,
     /// otherwise a streamed download into a temporary file.
     pub async fn local_copy(&self, key: &str) -> Result<LocalCopy, StoreError> {

@@ -19,6 +19,8 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("PIPELINE_NATS_PASSWORD", "nats.auth.password"),
     ("PIPELINE_NATS_TOKEN", "nats.auth.token"),
     ("PIPELINE_NATS_CREDS", "nats.auth.creds_file"),
+    ("PIPELINE_API_TOKEN", "api.token"),
+    ("PIPELINE_API_LISTEN", "api.listen"),
 ];
 
 /// Environment variable naming the topology file when `--topology` is not given.
@@ -68,6 +70,81 @@ pub struct Topology {
     pub retry: RetryConfig,
     /// The four stages.
     pub stages: Stages,
+    /// The HTTP API served by `pipeline serve`.
+    #[serde(default)]
+    pub api: ApiConfig,
+}
+
+/// The HTTP API (`pipeline serve`): the old design's endpoints.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Listen address (`host:port`). Env: `PIPELINE_API_LISTEN`.
+    #[serde(default = "default_api_listen")]
+    pub listen: String,
+    /// Largest ZIP accepted by `upload-zip`, in bytes; a bigger upload gets 413.
+    #[serde(default = "default_max_upload_bytes")]
+    pub max_upload_bytes: u64,
+    /// Largest JSON request body, in bytes; a bigger one gets 413.
+    #[serde(default = "default_max_request_bytes")]
+    pub max_request_bytes: usize,
+    /// Most images one `add-images` call may list.
+    #[serde(default = "default_max_images_per_request")]
+    pub max_images_per_request: usize,
+    /// Batches (uploads and image lists) one client address may start per minute; 0: no limit.
+    #[serde(default = "default_uploads_per_minute")]
+    pub uploads_per_minute: u32,
+    /// Bearer token every `/api` request must carry; none: no authentication.
+    /// Env: `PIPELINE_API_TOKEN` (prefer it to the file).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Where uploads are spooled before they enter the object store (default: the system's temp dir).
+    #[serde(default)]
+    pub upload_dir: Option<PathBuf>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_api_listen(),
+            max_upload_bytes: default_max_upload_bytes(),
+            max_request_bytes: default_max_request_bytes(),
+            max_images_per_request: default_max_images_per_request(),
+            uploads_per_minute: default_uploads_per_minute(),
+            token: None,
+            upload_dir: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("listen", &self.listen)
+            .field("max_upload_bytes", &self.max_upload_bytes)
+            .field("max_request_bytes", &self.max_request_bytes)
+            .field("max_images_per_request", &self.max_images_per_request)
+            .field("uploads_per_minute", &self.uploads_per_minute)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("upload_dir", &self.upload_dir)
+            .finish()
+    }
+}
+
+fn default_api_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_max_upload_bytes() -> u64 {
+    5 << 30
+}
+fn default_max_request_bytes() -> usize {
+    8 << 20
+}
+fn default_max_images_per_request() -> usize {
+    10_000
+}
+fn default_uploads_per_minute() -> u32 {
+    30
 }
 
 /// NATS connection and JetStream stream settings.
@@ -337,6 +414,15 @@ pub struct ExtractParams {
     /// as images (decompression bombs); small entries (under 1 MiB) are exempt.
     #[serde(default = "default_max_compression_ratio")]
     pub max_compression_ratio: u64,
+    /// Longest one download of an image URL may take (connecting included).
+    #[serde(default = "default_download_timeout", with = "humantime_serde")]
+    pub download_timeout: Duration,
+    /// Redirects followed per image URL; one more fails the image.
+    #[serde(default = "default_max_redirects")]
+    pub max_redirects: usize,
+    /// Attempts per image URL on transient failures (timeouts, connection errors, 5xx, 429).
+    #[serde(default = "default_download_attempts")]
+    pub download_attempts: u32,
 }
 
 impl Default for ExtractParams {
@@ -348,6 +434,9 @@ impl Default for ExtractParams {
             max_entries: default_max_entries(),
             max_total_bytes: default_max_total_bytes(),
             max_compression_ratio: default_max_compression_ratio(),
+            download_timeout: default_download_timeout(),
+            max_redirects: default_max_redirects(),
+            download_attempts: default_download_attempts(),
         }
     }
 }
@@ -497,6 +586,8 @@ impl Topology {
                     "PIPELINE_NATS_PASSWORD" => self.nats.auth.password = Some(value),
                     "PIPELINE_NATS_TOKEN" => self.nats.auth.token = Some(value),
                     "PIPELINE_NATS_CREDS" => self.nats.auth.creds_file = Some(value.into()),
+                    "PIPELINE_API_TOKEN" => self.api.token = Some(value),
+                    "PIPELINE_API_LISTEN" => self.api.listen = value,
                     _ => unreachable!("every override is matched"),
                 }
             }
@@ -603,8 +694,21 @@ impl Topology {
         if !(1..=100).contains(&c.jpeg_quality) {
             return invalid("stages.crop.params.jpeg_quality", "must be in 1..=100");
         }
-        if self.stages.extract.params.parallelism == 0 {
+        let e = &self.stages.extract.params;
+        if e.parallelism == 0 {
             return invalid("stages.extract.params.parallelism", "must be at least 1");
+        }
+        if e.download_attempts == 0 {
+            return invalid("stages.extract.params.download_attempts", "must be at least 1");
+        }
+        if e.download_timeout < Duration::from_millis(100) {
+            return invalid("stages.extract.params.download_timeout", "must be at least 100ms");
+        }
+        if self.api.listen.parse::<std::net::SocketAddr>().is_err() {
+            return invalid("api.listen", "must be `host:port` with an IP address, e.g. 127.0.0.1:8080");
+        }
+        if self.api.max_upload_bytes == 0 || self.api.max_request_bytes == 0 || self.api.max_images_per_request == 0 {
+            return invalid("api", "size limits must be positive");
         }
         Ok(())
     }
@@ -762,6 +866,15 @@ fn default_max_total_bytes() -> u64 {
 }
 fn default_max_compression_ratio() -> u64 {
     100
+}
+fn default_download_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_redirects() -> usize {
+    5
+}
+fn default_download_attempts() -> u32 {
+    3
 }
 fn default_haar_cascade() -> PathBuf {
     "/usr/share/opencv4/haarcascades/haarcascade_frontalface_default.xml".into()

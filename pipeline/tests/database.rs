@@ -23,7 +23,12 @@ fn outcome(image_id: &str, status: ImageStatus) -> Outcome {
 }
 
 fn image(id: &str) -> NewImage {
-    NewImage { image_id: id.into(), entry_name: format!("{id}.jpg"), original_key: format!("batches/b-1/originals/{id}.jpg") }
+    NewImage {
+        image_id: id.into(),
+        entry_name: format!("{id}.jpg"),
+        original_key: format!("batches/b-1/originals/{id}.jpg"),
+        record_id: None,
+    }
 }
 
 #[tokio::test]

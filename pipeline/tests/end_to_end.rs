@@ -238,7 +238,7 @@ async fn malformed_messages_are_dead_lettered_and_workers_keep_serving() {
     let zip = d.dir.path().join("one.zip");
     let astronaut = std::fs::read(shared_dir().join("data/faces/skimage/astronaut.png")).unwrap();
     write_zip(&zip, &[("astronaut.png".into(), astronaut)]);
-    let job = ExtractJob { batch_id: Some("after-bad".into()), project_id: "p".into(), priority: 5, zip: zip.display().to_string() };
+    let job = ExtractJob::for_zip(Some("after-bad".into()), "p".into(), 5, zip.display().to_string());
     client.publish("faces.extract", serde_json::to_vec(&job).unwrap().into()).await.unwrap();
     let status = d.wait_for_batch("after-bad", BATCH_TIMEOUT).await;
     assert_eq!((status.status.as_str(), status.processed, status.failed), ("completed", 1, 0));

@@ -67,11 +67,13 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-fn free_port() -> u16 {
+/// A TCP port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn wait_for_port(port: u16, timeout: Duration) {
+/// Waits until something listens on 127.0.0.1:`port`.
+pub fn wait_for_port(port: u16, timeout: Duration) {
     let start = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(start.elapsed() < timeout, "nothing listens on port {port}");
@@ -347,7 +349,8 @@ impl Deployment {
             .sum()
     }
 
-    fn command(&self, binary: &str) -> Command {
+    /// A command running a workspace binary with this deployment's topology.
+    pub fn command(&self, binary: &str) -> Command {
         self.command_with(binary, &self.topology_path)
     }
 

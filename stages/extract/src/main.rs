@@ -1,18 +1,21 @@
-//! The extract stage: ZIP -> one original per image in the object store ->
-//! one detect job per image; records the batch and its image count.
+//! The extract stage: a ZIP, or a list of image URLs -> one original per image
+//! in the object store -> one detect job per image; records the batch and its
+//! image count.
 //!
-//! A blocking thread reads the archive entry by entry into a small channel;
-//! the async side stores, registers and publishes entries a chunk at a time,
-//! so memory stays bounded by `parallelism` entries whatever the archive's size.
+//! A blocking thread reads the archive entry by entry into a small channel (or
+//! `parallelism` downloads run at once); the async side stores, registers and
+//! publishes entries a chunk at a time, so memory stays bounded by
+//! `parallelism` entries whatever the batch's size.
 
 use std::path::PathBuf;
 
 use futures::StreamExt;
 use pipeline::archive::{self, Entry};
-use pipeline::app::Stage;
+use pipeline::app::{Stage, StartError};
 use pipeline::db::{Db, NewImage};
+use pipeline::download::Downloader;
 use pipeline::keys;
-use pipeline::messages::{self, DetectJob, ExtractJob, ImageRef, Outcome};
+use pipeline::messages::{self, DetectJob, ExtractJob, ExtractSource, ImageRef, Outcome, RemoteImage};
 use pipeline::runtime::{Ctx, Delivery, Failed, Handler};
 use pipeline::store::LocalCopy;
 use pipeline::topology::StageName;
@@ -20,6 +23,7 @@ use pipeline::StageError;
 
 struct Extract {
     db: Db,
+    downloader: Downloader,
 }
 
 impl Handler for Extract {
@@ -34,8 +38,12 @@ impl Handler for Extract {
         if !(1..=10).contains(&job.priority) {
             return Err(StageError::permanent(format!("priority {} is outside 1-10", job.priority)));
         }
-        self.db.insert_batch(&batch_id, &job.project_id, job.priority, &job.zip).await?;
-        self.unpack(ctx, &job, &batch_id).await
+        let source = job.source().map_err(StageError::permanent)?;
+        self.db.insert_batch(&batch_id, &job.project_id, job.priority, &job.describe_source()).await?;
+        match source {
+            ExtractSource::Zip(zip) => self.unpack(ctx, zip, &batch_id).await,
+            ExtractSource::Urls(images) => self.download(ctx, images, &batch_id).await,
+        }
     }
 
     /// A job that failed for good (an unreadable archive, retries exhausted, or a
@@ -43,7 +51,7 @@ impl Handler for Extract {
     async fn on_dead_letter(&self, _: &Ctx, failed: &Failed<'_>) -> Result<(), StageError> {
         let Ok(job) = messages::decode::<ExtractJob>(failed.payload) else { return Ok(()) };
         let Ok(batch_id) = batch_id(&job, failed.stream_sequence, &failed.published) else { return Ok(()) };
-        self.db.insert_batch(&batch_id, &job.project_id, job.priority, &job.zip).await?;
+        self.db.insert_batch(&batch_id, &job.project_id, job.priority, &job.describe_source()).await?;
         Ok(self.db.fail_batch(&batch_id, &failed.error.message).await?)
     }
 }
@@ -54,13 +62,13 @@ fn batch_id(job: &ExtractJob, stream_sequence: u64, published: &str) -> Result<S
     match &job.batch_id {
         Some(id) if keys::is_valid_id(id) => Ok(id.clone()),
         Some(id) => Err(StageError::permanent(format!("invalid batch_id `{id}`: use letters, digits, '-' or '_'"))),
-        None => Ok(keys::derived_batch_id(&[&job.project_id, &job.zip, &stream_sequence.to_string(), published])),
+        None => Ok(keys::derived_batch_id(&[&job.project_id, &job.describe_source(), &stream_sequence.to_string(), published])),
     }
 }
 
 impl Extract {
-    async fn unpack(&self, ctx: &Ctx, job: &ExtractJob, batch_id: &str) -> Result<(), StageError> {
-        let zip = locate(ctx, &job.zip).await?;
+    async fn unpack(&self, ctx: &Ctx, zip: &str, batch_id: &str) -> Result<(), StageError> {
+        let zip = locate(ctx, zip).await?;
         let params = ctx.topology.stages.extract.params.clone();
         let parallelism = params.parallelism;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Entry>(parallelism);
@@ -72,7 +80,7 @@ impl Extract {
         let mut chunks = entries.ready_chunks(parallelism);
         let mut published = 0usize;
         while let Some(chunk) = chunks.next().await {
-            published += self.ingest_chunk(ctx, batch_id, chunk).await?;
+            published += self.ingest_chunk(ctx, batch_id, chunk, &[]).await?;
         }
         let summary = reader
             .await
@@ -89,9 +97,45 @@ impl Extract {
         Ok(())
     }
 
+    /// Downloads each image URL (a failed download fails that image alone, with
+    /// its reason) and ingests them like archive entries; image `n` is URL `n`.
+    async fn download(&self, ctx: &Ctx, images: &[RemoteImage], batch_id: &str) -> Result<(), StageError> {
+        let parallelism = ctx.topology.stages.extract.params.parallelism;
+        let mut published = 0usize;
+        for (chunk_start, chunk) in (0..).step_by(parallelism).zip(images.chunks(parallelism)) {
+            let fetches = chunk.iter().enumerate().map(|(i, image)| async move {
+                let index = chunk_start + i;
+                let name = image.url.clone();
+                // A redelivered job does not download again what it already stored.
+                let key = keys::original_key(batch_id, &keys::image_id(index), url_path(&name));
+                if ctx.store.exists(&key).await? {
+                    // No bytes needed: ingest_chunk writes only objects that do not exist yet.
+                    return Ok(Entry::Image { index, name, bytes: Vec::new() });
+                }
+                Ok::<_, StageError>(match self.downloader.fetch(&image.url).await {
+                    Ok(bytes) => Entry::Image { index, name, bytes: bytes.into() },
+                    Err(e) => Entry::Unreadable { index, name, reason: e.to_string() },
+                })
+            });
+            let entries = futures::future::try_join_all(fetches).await?;
+            published += self.ingest_chunk(ctx, batch_id, entries, images).await?;
+        }
+        let completed = self.db.finish_ingest(batch_id, images.len(), &[]).await?;
+        tracing::info!(batch = batch_id, images = images.len(), published, completed, "image URLs downloaded");
+        Ok(())
+    }
+
     /// Stores a chunk of entries, registers them, then publishes one message per image.
     /// Rows exist before any message that could reach persist is published.
-    async fn ingest_chunk(&self, ctx: &Ctx, batch_id: &str, chunk: Vec<Entry>) -> Result<usize, StageError> {
+    /// `remote` is the job's URL list (empty for a ZIP): it gives each image its record id.
+    async fn ingest_chunk(
+        &self,
+        ctx: &Ctx,
+        batch_id: &str,
+        chunk: Vec<Entry>,
+        remote: &[RemoteImage],
+    ) -> Result<usize, StageError> {
+        let record_id = |index: usize| remote.get(index).and_then(|r| r.record_id.clone());
         let mut rows = Vec::new();
         let mut images = Vec::new();
         let mut failures = Vec::new();
@@ -99,13 +143,15 @@ impl Extract {
             match entry {
                 Entry::Image { index, name, bytes } => {
                     let image_id = keys::image_id(index);
-                    let key = keys::original_key(batch_id, &image_id, &name);
-                    rows.push(NewImage { image_id: image_id.clone(), entry_name: name, original_key: key.clone() });
+                    let key = keys::original_key(batch_id, &image_id, url_path(&name));
+                    let record_id = record_id(index);
+                    rows.push(NewImage { image_id: image_id.clone(), entry_name: name, original_key: key.clone(), record_id });
                     images.push((image_id, key, bytes::Bytes::from(bytes)));
                 }
                 Entry::Unreadable { index, name, reason } => {
                     let image_id = keys::image_id(index);
-                    rows.push(NewImage { image_id: image_id.clone(), entry_name: name, original_key: String::new() });
+                    let record_id = record_id(index);
+                    rows.push(NewImage { image_id: image_id.clone(), entry_name: name, original_key: String::new(), record_id });
                     failures.push((image_id, reason));
                 }
                 Entry::Skipped { name } => tracing::debug!(entry = %name, "skipped non-image entry"),
@@ -143,6 +189,15 @@ impl Extract {
     }
 }
 
+/// The path part of a URL (its extension names the original's key), or `name` itself.
+fn url_path(name: &str) -> &str {
+    let without_query = name.split(['?', '#']).next().unwrap_or(name);
+    match without_query.split_once("://") {
+        Some((_, rest)) => rest.split_once('/').map(|(_, path)| path).unwrap_or(""),
+        None => without_query,
+    }
+}
+
 /// Finds the ZIP: a local path (`/x.zip`, `file:///x.zip`) or an object-store key.
 async fn locate(ctx: &Ctx, zip: &str) -> Result<LocalCopy, StageError> {
     let local = zip.strip_prefix("file://").or_else(|| zip.starts_with('/').then_some(zip));
@@ -161,5 +216,10 @@ async fn locate(ctx: &Ctx, zip: &str) -> Result<LocalCopy, StageError> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    Ok(Stage::main(StageName::Extract, async |stage| { Ok(Extract { db: stage.database().await? }) }).await?)
+    Ok(Stage::main(StageName::Extract, async |stage| {
+        let downloader = Downloader::new(&stage.ctx.topology.stages.extract.params)
+            .map_err(|e| StartError::Stage(format!("HTTP client: {e}")))?;
+        Ok(Extract { db: stage.database().await?, downloader })
+    })
+    .await?)
 }

@@ -156,7 +156,7 @@ pub async fn run(topology_path: &Path, topology: &Topology, args: BenchArgs) -> 
     let key = format!("uploads/{batch_id}.zip");
     store.put_file(&key, &zip_path).await?;
     let started = Instant::now();
-    let job = ExtractJob { batch_id: Some(batch_id.clone()), project_id: "bench".into(), priority: 5, zip: key };
+    let job = ExtractJob::for_zip(Some(batch_id.clone()), "bench".into(), 5, key);
     bus.publish(&topology.stages.extract.subject, &keys::msg_id("submit", &batch_id, "zip"), messages::encode(&job))
         .await?;
     let status = loop {

@@ -115,6 +115,12 @@ enum Command {
         #[arg(long, value_parser = parse_replicas)]
         replicas: Vec<(StageName, usize)>,
     },
+    /// Serve the HTTP API (the old design's endpoints) until Ctrl-C or SIGTERM.
+    Serve {
+        /// Listen address, overriding `api.listen`.
+        #[arg(long)]
+        listen: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -155,7 +161,9 @@ pub(crate) fn parse_replicas(s: &str) -> Result<(StageName, usize), String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    pipeline::app::init_logging(pipeline::app::LogFormat::Human, "warn");
+    // A server logs its requests; the one-shot commands only what goes wrong.
+    let default_filter = if matches!(cli.command, Command::Serve { .. }) { "info" } else { "warn" };
+    pipeline::app::init_logging(pipeline::app::LogFormat::Human, default_filter);
     let topology = Topology::load(&cli.topology)?;
     match cli.command {
         Command::Validate => {
@@ -180,7 +188,21 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(&cli.topology, &topology, args).await,
         Command::DeadLetters { command } => dead_letters(&topology, command).await,
         Command::Up { replicas } => up(&cli.topology, &topology, replicas.into_iter().collect()).await,
+        Command::Serve { listen } => serve(topology, listen).await,
     }
+}
+
+async fn serve(topology: Topology, listen: Option<String>) -> anyhow::Result<()> {
+    let addr = listen.unwrap_or_else(|| topology.api.listen.clone());
+    let bus = Bus::connect(&topology.nats, "facepipe-api", true).await?;
+    let store = Store::open(&topology.object_store.url)?;
+    let db = database(&topology)?;
+    db.ping().await.context("PostgreSQL")?;
+    let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("listening on {addr}"))?;
+    eprintln!("serving the HTTP API on http://{} (OpenAPI document at /openapi.json)", listener.local_addr()?);
+    let state = std::sync::Arc::new(pipeline::api::ApiState::new(topology, bus, store, db));
+    pipeline::api::serve(listener, state, pipeline::runtime::shutdown_signal()).await?;
+    Ok(())
 }
 
 fn database(topology: &Topology) -> anyhow::Result<Db> {
@@ -222,16 +244,13 @@ async fn submit(
     let batch_id = match batch_id {
         Some(id) if keys::is_valid_id(&id) => id,
         Some(id) => bail!("invalid batch id `{id}`: use letters, digits, '-' or '_'"),
-        None => {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
-            keys::derived_batch_id(&[&project_id, &zip.display().to_string(), &now.to_string()])
-        }
+        None => keys::new_batch_id(&project_id, &zip.display().to_string()),
     };
     let store = Store::open(&topology.object_store.url)?;
     let key = format!("uploads/{batch_id}.zip");
     let bytes = store.put_file(&key, zip).await.context("uploading the ZIP")?;
     let bus = Bus::connect(&topology.nats, "facepipe-cli", false).await?;
-    let job = ExtractJob { batch_id: Some(batch_id.clone()), project_id, priority, zip: key };
+    let job = ExtractJob::for_zip(Some(batch_id.clone()), project_id, priority, key);
     bus.publish(
         &topology.stages.extract.subject,
         &keys::msg_id("submit", &batch_id, "zip"),

@@ -1,0 +1,386 @@
+//! The HTTP API (`pipeline serve`) through a real HTTP client, against a real
+//! deployment (nats-server, PostgreSQL, the stage binaries) and, for
+//! `add-images`, a real HTTP server serving images on 127.0.0.1.
+
+mod support;
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::{free_port, labelled_photos, shared_dir, wait_for_port, write_zip, Deployment};
+
+const TOKEN: &str = "test-token-3f9a";
+const BATCH_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// A `pipeline serve` process, stopped (by its PID) on drop.
+struct ApiServer {
+    child: Child,
+    base: String,
+    client: reqwest::Client,
+}
+
+impl ApiServer {
+    fn start(d: &Deployment) -> Self {
+        let port = free_port();
+        let log = std::fs::File::create(d.dir.path().join("api.log.txt")).unwrap();
+        let child = d
+            .command("pipeline")
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .env("PIPELINE_API_TOKEN", TOKEN)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        wait_for_port(port, Duration::from_secs(30));
+        Self { child, base: format!("http://127.0.0.1:{port}"), client: reqwest::Client::new() }
+    }
+
+    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.get(format!("{}{path}", self.base)).bearer_auth(TOKEN)
+    }
+
+    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.post(format!("{}{path}", self.base)).bearer_auth(TOKEN)
+    }
+
+    async fn json(&self, request: reqwest::RequestBuilder) -> (u16, Value) {
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}")))
+    }
+
+    /// Polls the status endpoint until the batch completes or fails.
+    async fn wait_for_batch(&self, batch_id: &str) -> Value {
+        let start = Instant::now();
+        loop {
+            let (code, body) = self.json(self.get(&format!("/api/batch/status/{batch_id}"))).await;
+            assert_eq!(code, 200, "{body}");
+            if ["completed", "failed"].contains(&body["batch"]["status"].as_str().unwrap()) {
+                return body;
+            }
+            assert!(start.elapsed() < BATCH_TIMEOUT, "batch did not finish: {body}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Peak resident memory of the server so far, in bytes (Linux's VmHWM).
+    fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn photo_entries(n: usize) -> Vec<(String, Vec<u8>)> {
+    let faces_dir = shared_dir().join("data/faces");
+    labelled_photos()
+        .iter()
+        .take(n)
+        .map(|p| (p.file.clone(), std::fs::read(faces_dir.join(&p.file)).unwrap()))
+        .collect()
+}
+
+fn zip_form(bytes: Vec<u8>, project: &str) -> reqwest::multipart::Form {
+    reqwest::multipart::Form::new()
+        .text("projectId", project.to_string())
+        .text("priority", "7")
+        .part("file", reqwest::multipart::Part::bytes(bytes).file_name("photos.zip"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upload_zip_then_status_results_crops_and_queue_stats() {
+    let spool = tempfile::tempdir().unwrap();
+    let spool_dir = spool.path().to_owned();
+    let d = Deployment::start(move |t| {
+        t.api.max_upload_bytes = 8 << 20;
+        t.api.upload_dir = Some(spool_dir);
+    })
+    .await;
+    let api = ApiServer::start(&d);
+
+    let mut entries = photo_entries(6);
+    entries.push(("broken.jpg".into(), b"\xff\xd8\xff\xe0 truncated".to_vec()));
+    entries.push(("notes.txt".into(), b"not an image".to_vec()));
+    let zip_path = d.dir.path().join("photos.zip");
+    write_zip(&zip_path, &entries);
+    let (code, started) =
+        api.json(api.post("/api/batch/upload-zip").multipart(zip_form(std::fs::read(&zip_path).unwrap(), "api"))).await;
+    assert_eq!(code, 200, "{started}");
+    assert_eq!(started["success"], true);
+    assert_eq!(started["imageCount"], 7, "six photos and the broken one; the text file is not an image");
+    assert_eq!(started["queued"], 7);
+    let batch = started["batchId"].as_str().unwrap().to_string();
+
+    let done = api.wait_for_batch(&batch).await;
+    let b = &done["batch"];
+    assert_eq!(b["status"], "completed", "{done}");
+    assert_eq!(b["progress"], json!({"processed": 7, "total": 7, "failed": 1}));
+    assert_eq!(b["progressPercent"], 100.0);
+    assert_eq!(b["projectId"], "api");
+    assert_eq!(b["priority"], 7);
+
+    // Paged results cover every image once, in order.
+    let mut seen = Vec::new();
+    for page in 1..=3 {
+        let (code, body) = api.json(api.get(&format!("/api/batch/{batch}/results?page={page}&pageSize=3"))).await;
+        assert_eq!(code, 200, "{body}");
+        let results = body["results"].as_array().unwrap();
+        assert_eq!(results.len(), [3, 3, 1][page - 1]);
+        seen.extend(results.iter().cloned());
+    }
+    let ids: Vec<&str> = seen.iter().map(|r| r["imageId"].as_str().unwrap()).collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(ids, sorted);
+    let broken = seen.iter().find(|r| r["entry"] == "broken.jpg").unwrap();
+    assert_eq!(broken["status"], "failed");
+    assert_eq!(broken["failedStage"], "detect");
+
+    // Every crop listed is downloadable as a JPEG.
+    let crops: Vec<&str> = seen.iter().flat_map(|r| r["crops"].as_array().unwrap()).map(|c| c["url"].as_str().unwrap()).collect();
+    assert!(!crops.is_empty(), "the labelled photos hold faces");
+    for url in &crops {
+        let response = api.get(url).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["content-type"], "image/jpeg");
+        assert!(response.bytes().await.unwrap().starts_with(b"\xff\xd8"));
+    }
+    let (code, _) = api.json(api.get(&format!("/api/batch/{batch}/crops/9999999-0.jpg"))).await;
+    assert_eq!(code, 404);
+    let (code, _) = api.json(api.get(&format!("/api/batch/{batch}/crops/..%2F..%2Fsecret.jpg"))).await;
+    assert_eq!(code, 404, "names outside the batch's crops are not served");
+
+    // Queue statistics under the old names and the stage names.
+    let (code, stats) = api.json(api.get("/api/batch/queue-stats")).await;
+    assert_eq!(code, 200, "{stats}");
+    for name in ["batchIngestion", "faceDetection", "faceCrop", "resultPersist"] {
+        for field in ["waiting", "active", "completed", "failed", "delayed"] {
+            assert!(stats["queues"][name][field].is_u64(), "{name}.{field} in {stats}");
+        }
+    }
+    assert_eq!(stats["queues"]["faceDetection"], stats["stages"]["detect"]);
+    assert!(stats["stages"]["detect"]["completed"].as_u64().unwrap() >= 7);
+    assert!(stats["stages"]["detect"]["failed"].as_u64().unwrap() >= 1);
+
+    // Errors are JSON with a message.
+    let (code, body) = api.json(api.get("/api/batch/status/no-such-batch")).await;
+    assert_eq!((code, body["success"].clone()), (404, json!(false)));
+    assert!(body["error"].as_str().unwrap().contains("no-such-batch"));
+    let (code, body) = api.json(api.client.get(format!("{}/api/batch/status/{batch}", api.base))).await;
+    assert_eq!(code, 401, "no token: {body}");
+    let (code, _) = api.json(api.client.get(format!("{}/api/batch/status/{batch}", api.base)).bearer_auth("wrong")).await;
+    assert_eq!(code, 401);
+    let (code, body) = api.json(api.post("/api/batch/upload-zip").multipart(zip_form(b"not a zip".to_vec(), "api"))).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("not a usable ZIP"), "{body}");
+    let no_project = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(vec![1, 2, 3]));
+    let (code, body) = api.json(api.post("/api/batch/upload-zip").multipart(no_project)).await;
+    assert_eq!(code, 400);
+    assert!(body["error"].as_str().unwrap().contains("projectId"), "{body}");
+
+    // Over the size cap: 413, and nothing is left in the spool directory.
+    let big = vec![7u8; 9 << 20];
+    let (code, body) = api.json(api.post("/api/batch/upload-zip").multipart(zip_form(big, "api"))).await;
+    assert_eq!(code, 413, "{body}");
+    let body_stream = reqwest::Body::wrap_stream(futures::stream::iter(
+        (0..9).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![7u8; 1 << 20]))),
+    ));
+    let streamed = reqwest::multipart::Form::new()
+        .text("projectId", "api")
+        .part("file", reqwest::multipart::Part::stream(body_stream).file_name("big.zip"));
+    let (code, body) = api.json(api.post("/api/batch/upload-zip").multipart(streamed)).await;
+    assert_eq!(code, 413, "a chunked upload without a length is cut off at the cap too: {body}");
+    assert_eq!(std::fs::read_dir(spool.path()).unwrap().count(), 0, "spool files are removed");
+
+    // The OpenAPI document served is the one in the repository, and lists every route.
+    let served: Value = api.client.get(format!("{}/openapi.json", api.base)).send().await.unwrap().json().await.unwrap();
+    let kept: Value = serde_json::from_str(pipeline::api::OPENAPI).unwrap();
+    assert_eq!(served, kept);
+    for path in ["/api/batch/upload-zip", "/api/batch/add-images", "/api/batch/status/{batchId}", "/api/batch/queue-stats", "/api/batch/{batchId}/results", "/api/batch/{batchId}/crops/{name}"] {
+        assert!(served["paths"][path].is_object(), "{path} is documented");
+    }
+}
+
+/// A small HTTP server with one route per way a download can go.
+async fn image_server(photo: Vec<u8>) -> String {
+    use axum::http::{header, StatusCode};
+    use axum::routing::get;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let flaky_calls = Arc::new(AtomicUsize::new(0));
+    let jpeg = ([(header::CONTENT_TYPE, "image/jpeg")], photo.clone());
+    let app = axum::Router::new()
+        .route("/photo.jpg", get({ let jpeg = jpeg.clone(); move || async move { jpeg } }))
+        .route("/redirect", get(|| async { axum::response::Redirect::temporary("/photo.jpg") }))
+        .route("/loop", get(|| async { axum::response::Redirect::temporary("/loop") }))
+        .route("/missing.jpg", get(|| async { (StatusCode::NOT_FOUND, "no such image") }))
+        .route("/slow.jpg", get({ let jpeg = jpeg.clone(); move || async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            jpeg
+        } }))
+        .route("/huge.jpg", get(|| async { ([(header::CONTENT_TYPE, "image/jpeg")], vec![0xffu8; 3 << 20]) }))
+        .route("/page.html", get(|| async { ([(header::CONTENT_TYPE, "text/html")], "<html>hello</html>") }))
+        .route("/fake.jpg", get(|| async { ([(header::CONTENT_TYPE, "image/jpeg")], "plain text, not a JPEG") }))
+        .route("/flaky.jpg", get({ let jpeg = jpeg.clone(); move || {
+            let calls = flaky_calls.clone();
+            let jpeg = jpeg.clone();
+            async move {
+                // Fails once with a 503, then serves: a transient failure that a retry fixes.
+                if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                    Err((StatusCode::SERVICE_UNAVAILABLE, "busy"))
+                } else {
+                    Ok(jpeg)
+                }
+            }
+        } }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    base
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn add_images_downloads_each_url_and_records_each_failure_with_its_record_id() {
+    let d = Deployment::start(|t| {
+        let p = &mut t.stages.extract.params;
+        p.download_timeout = Duration::from_secs(1);
+        p.max_entry_bytes = 2 << 20;
+        p.max_redirects = 3;
+        t.api.uploads_per_minute = 2;
+    })
+    .await;
+    let api = ApiServer::start(&d);
+    let (name, photo) = photo_entries(1).remove(0);
+    assert!(photo.len() < 2 << 20, "{name} fits under the cap");
+    let host = image_server(photo).await;
+    let cases = [
+        ("ok", "/photo.jpg"),
+        ("redirected", "/redirect"),
+        ("flaky", "/flaky.jpg"),
+        ("missing", "/missing.jpg"),
+        ("slow", "/slow.jpg"),
+        ("huge", "/huge.jpg"),
+        ("html", "/page.html"),
+        ("fake", "/fake.jpg"),
+        ("loop", "/loop"),
+    ];
+    let mut images: Vec<Value> =
+        cases.iter().map(|(record, path)| json!({"recordId": record, "imageUrl": format!("{host}{path}")})).collect();
+    images.push(json!({"recordId": 42, "imageUrl": "http://127.0.0.1:1/refused.jpg"}));
+    let (code, started) =
+        api.json(api.post("/api/batch/add-images").json(&json!({"projectId": "urls", "priority": 3, "images": images}))).await;
+    assert_eq!(code, 200, "{started}");
+    assert_eq!(started["imageCount"], 10);
+    let batch = started["batchId"].as_str().unwrap().to_string();
+    let done = api.wait_for_batch(&batch).await;
+    assert_eq!(done["batch"]["status"], "completed", "{done}");
+    assert_eq!(done["batch"]["progress"]["total"], 10);
+
+    let (_, body) = api.json(api.get(&format!("/api/batch/{batch}/results?pageSize=100"))).await;
+    let by_record = |record: &str| -> Value {
+        body["results"].as_array().unwrap().iter().find(|r| r["recordId"] == record).cloned()
+            .unwrap_or_else(|| panic!("no result for {record}: {body}"))
+    };
+    for ok in ["ok", "redirected", "flaky"] {
+        let r = by_record(ok);
+        assert!(["cropped", "no_face"].contains(&r["status"].as_str().unwrap()), "{ok}: {r}");
+    }
+    let expect_failure = |record: &str, needle: &str| {
+        let r = by_record(record);
+        assert_eq!(r["status"], "failed", "{record}: {r}");
+        assert_eq!(r["failedStage"], "extract", "{record}: {r}");
+        let error = r["error"].as_str().unwrap();
+        assert!(error.contains(needle), "{record}: `{error}` should mention `{needle}`");
+    };
+    expect_failure("missing", "HTTP 404");
+    expect_failure("slow", "timed out");
+    expect_failure("huge", "larger than");
+    expect_failure("html", "not an image (content type `text/html`)");
+    expect_failure("fake", "not an image");
+    expect_failure("loop", "redirect");
+    expect_failure("42", "127.0.0.1:1");
+    assert_eq!(done["batch"]["progress"]["failed"], 7);
+
+    // Bad requests are refused with a reason, before any batch exists.
+    let (code, body) = api.json(api.post("/api/batch/add-images").json(&json!({"projectId": "urls", "images": [{"imageUrl": "ftp://x/y.jpg"}]}))).await;
+    assert_eq!(code, 400);
+    assert!(body["error"].as_str().unwrap().contains("images[0].imageUrl"), "{body}");
+    let (code, body) = api.json(api.post("/api/batch/add-images").json(&json!({"projectId": "urls", "priority": 11, "images": [{"imageUrl": "http://x/y.jpg"}]}))).await;
+    assert_eq!(code, 400);
+    assert!(body["error"].as_str().unwrap().contains("priority"), "{body}");
+    let (code, _) = api.json(api.post("/api/batch/add-images").header("content-type", "application/json").body("{not json")).await;
+    assert_eq!(code, 400);
+
+    // Two batches a minute per client: the third is refused with Retry-After.
+    let one = json!({"projectId": "urls", "images": [{"recordId": "again", "imageUrl": format!("{host}/photo.jpg")}]});
+    let (code, _) = api.json(api.post("/api/batch/add-images").json(&one)).await;
+    assert_eq!(code, 200);
+    let response = api.post("/api/batch/add-images").json(&one).send().await.unwrap();
+    assert_eq!(response.status(), 429);
+    assert!(response.headers().contains_key("retry-after"));
+}
+
+/// Writes a ZIP of about `bytes` bytes: stored (uncompressed) blobs that are not
+/// images, so extract skips them after the upload, plus one photo.
+fn write_large_zip(path: &std::path::Path, bytes: u64) {
+    use std::io::Write;
+    let mut w = zip::ZipWriter::new(std::io::BufWriter::new(std::fs::File::create(path).unwrap()));
+    let stored = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored).large_file(true);
+    let blob: Vec<u8> = (0..(8u32 << 20)).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let per_entry = 64u64 << 20;
+    for i in 0..bytes.div_ceil(per_entry) {
+        w.start_file(format!("blobs/{i:03}.bin"), stored).unwrap();
+        for _ in 0..per_entry / blob.len() as u64 {
+            w.write_all(&blob).unwrap();
+        }
+    }
+    let (name, photo) = photo_entries(1).remove(0);
+    w.start_file(name, stored).unwrap();
+    w.write_all(&photo).unwrap();
+    w.finish().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_one_gigabyte_upload_streams_through_with_bounded_memory() {
+    let d = Deployment::start(|_| {}).await;
+    let api = ApiServer::start(&d);
+    let zip = d.dir.path().join("large.zip");
+    write_large_zip(&zip, 1 << 30);
+    let size = std::fs::metadata(&zip).unwrap().len();
+    assert!(size >= 1 << 30);
+
+    let file = tokio::fs::File::open(&zip).await.unwrap();
+    let body = reqwest::Body::from(file);
+    let form = reqwest::multipart::Form::new()
+        .text("projectId", "large")
+        .part("file", reqwest::multipart::Part::stream_with_length(body, size).file_name("large.zip"));
+    let started = Instant::now();
+    let (code, body) = api.json(api.post("/api/batch/upload-zip").multipart(form)).await;
+    let elapsed = started.elapsed();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["imageCount"], 1, "the blobs are not images");
+    let peak = api.peak_rss();
+    println!(
+        "uploaded {} MiB in {:.1} s ({:.0} MiB/s); server peak RSS {} MiB",
+        size >> 20,
+        elapsed.as_secs_f64(),
+        (size >> 20) as f64 / elapsed.as_secs_f64(),
+        peak >> 20
+    );
+    // The upload is streamed to disk and to the store: memory does not grow with its size.
+    assert!(peak < 128 << 20, "server peak RSS {} MiB for a {} MiB upload", peak >> 20, size >> 20);
+
+    let done = api.wait_for_batch(body["batchId"].as_str().unwrap()).await;
+    assert_eq!(done["batch"]["status"], "completed", "{done}");
+    assert_eq!(done["batch"]["skipped"], 16);
+}
