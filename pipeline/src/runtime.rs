@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{AckKind, Message};
 use futures::StreamExt;
+use tracing::Instrument;
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -33,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::Bus;
 use crate::error::StageError;
 use crate::keys;
-use crate::messages::{self, DeadLetter, ImageRef, Outcome};
+use crate::messages::{self, DeadLetter, ImageRef, MessageIds, Outcome};
 use crate::store::Store;
 use crate::topology::{StageName, Topology};
 
@@ -163,6 +164,9 @@ where
     T: Send + 'static,
 {
     let lost = |e: &dyn std::fmt::Display| StageError::transient(format!("worker thread failed: {e}"));
+    // The worker thread logs inside the caller's span (batch and image ids).
+    let span = tracing::Span::current();
+    let work = move || span.in_scope(work);
     let Some(pool) = CPU_POOL.get() else {
         return tokio::task::spawn_blocking(work).await.map_err(|e| lost(&e))?;
     };
@@ -341,12 +345,13 @@ impl<H: Handler> Worker<H> {
             }
         };
         let attempt = delivery.attempt;
-        let image = messages::decode::<ImageRef>(&msg.payload).ok();
+        // Every line about this message, the handler's too, carries its batch and image.
+        let ids = MessageIds::read(&msg.payload);
         let span = tracing::info_span!(
             "message",
             stage,
-            batch = image.as_ref().map(|i| i.batch_id.as_str()).unwrap_or(""),
-            image = image.as_ref().map(|i| i.image_id.as_str()).unwrap_or(""),
+            batch = ids.batch_id.as_deref().unwrap_or(""),
+            image = ids.image_id.as_deref().unwrap_or(""),
             attempt,
         );
         if attempt > 1 {
@@ -390,7 +395,7 @@ impl<H: Handler> Worker<H> {
             }
         };
         let result = tokio::select! {
-            result = work => result,
+            result = work.instrument(span.clone()) => result,
             _ = keep_alive(&msg, settings.ack_wait) => unreachable!("keep_alive never returns"),
             _ = self.abandon.cancelled() => {
                 let _ = msg.ack_with(AckKind::Nak(None)).await;
@@ -446,7 +451,7 @@ impl<H: Handler> Worker<H> {
     /// Publishes the dead letter, then lets the handler record the failure.
     async fn give_up(&self, failed: Failed<'_>) -> Result<(), StageError> {
         let ctx = &*self.ctx;
-        let image = messages::decode::<ImageRef>(failed.payload).ok();
+        let ids = MessageIds::read(failed.payload);
         let letter = DeadLetter {
             stage: ctx.stage.to_string(),
             subject: failed.subject.to_string(),
@@ -454,8 +459,8 @@ impl<H: Handler> Worker<H> {
             error: failed.error.message.clone(),
             permanent: failed.error.is_permanent(),
             attempts: failed.attempts,
-            batch_id: image.as_ref().map(|i| i.batch_id.clone()),
-            image_id: image.as_ref().map(|i| i.image_id.clone()),
+            batch_id: ids.batch_id,
+            image_id: ids.image_id,
             time: chrono::Utc::now(),
         };
         let msg_id = format!("dead:{}:{}", ctx.topology.stream_name(ctx.stage), failed.stream_sequence);
