@@ -21,6 +21,7 @@
 //! - [`store`]: the object store (`file://`, `s3://`).
 //! - [`db`]: PostgreSQL pool, migrations and the idempotent queries.
 //! - [`deadletters`]: listing and replaying dead letters.
+//! - [`scratch`]: temporary files a restarted process can clean up after a crash.
 //! - [`runtime`]: the stage runtime (pull, ack, retry, dead letters, graceful shutdown).
 //! - [`app`]: start-up shared by every stage binary.
 //! - [`archive`]: reading a ZIP entry by entry with bounded memory.
@@ -47,6 +48,7 @@ pub mod health;
 pub mod keys;
 pub mod messages;
 pub mod runtime;
+pub mod scratch;
 pub mod store;
 pub mod topology;
 pub mod vision;

@@ -193,7 +193,7 @@ impl Store {
         }
         use futures::StreamExt;
         let mut stream = self.inner.get(&path).await.map_err(|e| Self::map_err(key, e))?.into_stream();
-        let temp = tempfile::NamedTempFile::new()?;
+        let temp = crate::scratch::file_in(&std::env::temp_dir(), "download")?;
         let mut out = tokio::fs::File::from_std(temp.reopen()?);
         while let Some(chunk) = stream.next().await {
             out.write_all(&chunk.map_err(|e| Self::map_err(key, e))?).await?;

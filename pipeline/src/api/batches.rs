@@ -102,7 +102,7 @@ async fn spool(
     let dir = state.topology.api.upload_dir.clone().unwrap_or_else(std::env::temp_dir);
     let io = |e: std::io::Error| ApiError::unavailable("the upload spool directory", e);
     // Removed when dropped: on success, on any error, and on a client that goes away.
-    let spooled = tempfile::Builder::new().prefix("facepipe-upload-").suffix(".zip").tempfile_in(&dir).map_err(io)?;
+    let spooled = crate::scratch::file_in(&dir, "upload").map_err(io)?;
     let mut out = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(spooled.reopen().map_err(io)?));
     let mut written = 0u64;
     while let Some(chunk) = field.chunk().await? {

@@ -217,6 +217,8 @@ async fn locate(ctx: &Ctx, zip: &str) -> Result<LocalCopy, StageError> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     Ok(Stage::main(StageName::Extract, async |stage| {
+        // Downloads of remote ZIPs that a crashed extract left behind.
+        pipeline::scratch::sweep(&std::env::temp_dir());
         let downloader = Downloader::new(&stage.ctx.topology.stages.extract.params)
             .map_err(|e| StartError::Stage(format!("HTTP client: {e}")))?;
         Ok(Extract { db: stage.database().await?, downloader })

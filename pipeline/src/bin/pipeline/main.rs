@@ -194,6 +194,8 @@ async fn main() -> anyhow::Result<()> {
 
 async fn serve(topology: Topology, listen: Option<String>) -> anyhow::Result<()> {
     let addr = listen.unwrap_or_else(|| topology.api.listen.clone());
+    // Uploads a crashed server was spooling.
+    pipeline::scratch::sweep(&topology.api.upload_dir.clone().unwrap_or_else(std::env::temp_dir));
     let bus = Bus::connect(&topology.nats, "facepipe-api", true).await?;
     let store = Store::open(&topology.object_store.url)?;
     let db = database(&topology)?;
