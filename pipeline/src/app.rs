@@ -14,6 +14,7 @@ use crate::health::Health;
 use crate::error::StageError;
 use crate::runtime::{self, Ctx, Handler};
 use crate::store::{Store, StoreError};
+use crate::telemetry;
 use crate::topology::{StageName, Topology, TopologyError, TOPOLOGY_ENV};
 
 /// Command-line arguments every stage binary takes.
@@ -98,19 +99,36 @@ pub fn tune_allocator() {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` (`host:port`; port 0 disables).
-pub async fn init_endpoints(addr: &str, health: Arc<Health>) -> Result<(), StartError> {
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` (`host:port`; port 0
+/// disables them). Every metric of the process gets the label `stage`.
+/// Returns whether metrics are recorded.
+pub async fn init_endpoints(addr: &str, stage: StageName, health: Arc<Health>) -> Result<bool, StartError> {
     let err = |reason: String| StartError::Metrics { addr: addr.to_string(), reason };
     let socket: SocketAddr = addr.parse().map_err(|e: std::net::AddrParseError| err(e.to_string()))?;
     if socket.port() == 0 {
-        return Ok(());
+        return Ok(false);
     }
     let listener = tokio::net::TcpListener::bind(socket).await.map_err(|e| err(e.to_string()))?;
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        // Process-wide, so the object store and vision code need not know their stage.
+        .add_global_label("stage", stage.as_str())
+        // Buckets make histograms (not summaries), which Prometheus can aggregate across replicas.
+        .set_buckets(telemetry::SECONDS_BUCKETS)
+        .map_err(|e| err(e.to_string()))?
         .install_recorder()
         .map_err(|e| err(e.to_string()))?;
+    telemetry::describe();
+    // Histogram samples are buffered until drained; without a scraper they would only grow.
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
     tokio::spawn(crate::health::serve(listener, handle, health));
-    Ok(())
+    Ok(true)
 }
 
 /// A started stage process, ready to run its handler.
@@ -141,10 +159,12 @@ impl Stage {
             .metrics_addr
             .or_else(|| topology.stage(stage).metrics_addr.map(String::from));
         let health = Arc::new(Health::default());
+        let mut metrics_on = false;
         if let Some(addr) = metrics_addr {
             // A second replica on the same host finds the port taken; it keeps working without them.
-            if let Err(e) = init_endpoints(&addr, health.clone()).await {
-                tracing::warn!(error = %e, "metrics and health endpoints disabled");
+            match init_endpoints(&addr, stage, health.clone()).await {
+                Ok(on) => metrics_on = on,
+                Err(e) => tracing::warn!(error = %e, "metrics and health endpoints disabled"),
             }
         }
         let client_name = format!("facepipe-{stage}");
@@ -153,6 +173,9 @@ impl Stage {
             _ = shutdown.cancelled() => return Err(StartError::Stopped),
         };
         let store = Store::open(&topology.object_store.url)?;
+        if metrics_on {
+            telemetry::spawn_lag_poller(bus.clone(), topology.stream_name(stage), telemetry::LAG_INTERVAL, shutdown.clone());
+        }
         Ok(Self { ctx: Arc::new(Ctx { stage, topology, bus, store, health }), shutdown })
     }
 

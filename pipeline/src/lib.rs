@@ -31,6 +31,7 @@
 //! - [`error`]: the transient/permanent classification of stage errors.
 //! - [`eval`]: detection quality on labelled photos (`pipeline eval`).
 //! - [`health`]: the `/metrics`, `/healthz` and `/readyz` endpoints of a stage process.
+//! - [`telemetry`]: metric names and buckets, per-step timing, object bytes, consumer lag.
 //!
 //! The operator CLI (`pipeline apply | submit | status | results | up`) is
 //! `src/bin/pipeline.rs`; the stage binaries live in `stages/`.
@@ -50,6 +51,7 @@ pub mod messages;
 pub mod runtime;
 pub mod scratch;
 pub mod store;
+pub mod telemetry;
 pub mod topology;
 pub mod vision;
 

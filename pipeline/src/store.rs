@@ -9,6 +9,8 @@ use object_store::path::Path;
 use object_store::{ObjectStore, PutPayload};
 use tokio::io::AsyncWriteExt;
 
+use crate::telemetry::{self, Step};
+
 /// Why an object-store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -105,18 +107,24 @@ impl Store {
     /// Writes an object (atomically on the local filesystem).
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
         let path = self.path(key)?;
+        let _timer = Step::Store.start();
+        let len = bytes.len() as u64;
         self.inner
             .put(&path, PutPayload::from_bytes(bytes))
             .await
             .map_err(|e| Self::map_err(key, e))?;
+        telemetry::object_written(len);
         Ok(())
     }
 
     /// Reads a whole object.
     pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         let path = self.path(key)?;
+        let _timer = Step::Fetch.start();
         let result = self.inner.get(&path).await.map_err(|e| Self::map_err(key, e))?;
-        result.bytes().await.map_err(|e| Self::map_err(key, e))
+        let bytes = result.bytes().await.map_err(|e| Self::map_err(key, e))?;
+        telemetry::object_read(bytes.len() as u64);
+        Ok(bytes)
     }
 
     /// True when an object exists under `key`.
@@ -147,10 +155,12 @@ impl Store {
     /// Streams a local file into the store without holding it in memory.
     pub async fn put_file(&self, key: &str, file: &FsPath) -> Result<u64, StoreError> {
         let path = self.path(key)?;
+        let _timer = Step::Store.start();
         let mut reader = tokio::fs::File::open(file).await?;
         let mut writer = object_store::buffered::BufWriter::new(self.inner.clone(), path);
         let copied = tokio::io::copy(&mut reader, &mut writer).await?;
         writer.shutdown().await?;
+        telemetry::object_written(copied);
         Ok(copied)
     }
 
@@ -168,6 +178,8 @@ impl Store {
             match spooled.persist(&target) {
                 Ok(file) => {
                     use std::os::unix::fs::PermissionsExt;
+                    // A rename copies nothing, but the object's bytes did enter the store.
+                    telemetry::object_written(size);
                     // Spool files are private (0600); stored objects are not.
                     file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
                     return Ok(size);
@@ -191,12 +203,16 @@ impl Store {
                 Err(StoreError::NotFound(key.to_string()))
             };
         }
+        // Only a download is a fetch: an in-place file is read by the caller.
+        let _timer = Step::Fetch.start();
         use futures::StreamExt;
         let mut stream = self.inner.get(&path).await.map_err(|e| Self::map_err(key, e))?.into_stream();
         let temp = crate::scratch::file_in(&std::env::temp_dir(), "download")?;
         let mut out = tokio::fs::File::from_std(temp.reopen()?);
         while let Some(chunk) = stream.next().await {
-            out.write_all(&chunk.map_err(|e| Self::map_err(key, e))?).await?;
+            let chunk = chunk.map_err(|e| Self::map_err(key, e))?;
+            out.write_all(&chunk).await?;
+            telemetry::object_read(chunk.len() as u64);
         }
         out.flush().await?;
         Ok(LocalCopy::Temporary(temp))

@@ -14,6 +14,7 @@ use opencv::prelude::*;
 use super::decode;
 use super::VisionError;
 use crate::messages::FaceBox;
+use crate::telemetry::Step;
 use crate::topology::{CropParams, CropPolicy};
 
 /// A square window in full-resolution pixels.
@@ -82,6 +83,8 @@ pub fn crop_faces(
     let (dw, dh) = (image.cols(), image.rows());
     let out_size = Size::new(params.output_size as i32, params.output_size as i32);
     let encode_params = Vector::<i32>::from_slice(&[imgcodecs::IMWRITE_JPEG_QUALITY, params.jpeg_quality]);
+    // Every chosen face's resize and JPEG encoding, as one step per image.
+    let _timer = Step::Encode.start();
 
     chosen
         .iter()

@@ -11,6 +11,7 @@ use opencv::imgcodecs;
 use opencv::prelude::*;
 
 use super::VisionError;
+use crate::telemetry::Step;
 
 /// What the header says about an image, before decoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +69,7 @@ pub fn decode(bytes: &[u8], header: Header, reduction: u32) -> Result<Decoded, V
         2 => imgcodecs::IMREAD_REDUCED_COLOR_2,
         _ => imgcodecs::IMREAD_COLOR,
     };
+    let _timer = Step::Decode.start();
     let buf = Vector::<u8>::from_slice(bytes);
     let image = imgcodecs::imdecode(&buf, flags)?;
     if image.empty() || image.cols() == 0 || image.rows() == 0 {

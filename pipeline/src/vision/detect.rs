@@ -16,6 +16,7 @@ use opencv::imgproc;
 use super::decode::{self, Decoded};
 use super::VisionError;
 use crate::messages::FaceBox;
+use crate::telemetry::Step;
 use crate::topology::{DetectParams, DetectorKind};
 
 /// Faces found in one image.
@@ -125,6 +126,8 @@ pub fn detect_faces(bytes: &[u8], params: &DetectParams) -> Result<Detection, Vi
 
 /// Detects faces on an already decoded image.
 pub fn detect_decoded(decoded: &Decoded, params: &DetectParams) -> Result<Detection, VisionError> {
+    // Scaling to the detector's input is part of the step.
+    let _timer = Step::Detect.start();
     let image = &decoded.image;
     let long = image.cols().max(image.rows());
     // Scale the longer side to the detection size; enlarge small images only when asked.

@@ -1,0 +1,171 @@
+//! Prometheus metrics shared by every stage process: their names, the
+//! histogram buckets, per-step timing, object bytes, and the consumer-lag poller.
+//!
+//! Names follow `facepipe_<name>_<unit>`, counters ending in `_total`. Every
+//! series carries a `stage` label: the exporter adds it process-wide
+//! ([`crate::app::init_endpoints`]), so code that does not know its stage (the
+//! object store, the vision functions) records without it, and a label given
+//! explicitly takes its place rather than duplicating it.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::Bus;
+
+/// Histogram: time of one step of handling an image, by `step` (see [`Step`]).
+pub const STEP_SECONDS: &str = "facepipe_step_seconds";
+/// Counter: bytes read from the object store.
+pub const OBJECT_READ_BYTES: &str = "facepipe_object_read_bytes_total";
+/// Counter: bytes written to the object store.
+pub const OBJECT_WRITTEN_BYTES: &str = "facepipe_object_written_bytes_total";
+/// Gauge: messages of the stage's stream not yet delivered, per consumer.
+pub const CONSUMER_PENDING: &str = "facepipe_consumer_pending_messages";
+/// Gauge: messages delivered and not yet acknowledged, per consumer.
+pub const CONSUMER_ACK_PENDING: &str = "facepipe_consumer_ack_pending_messages";
+/// Gauge: unacknowledged messages delivered more than once, per consumer.
+pub const CONSUMER_REDELIVERED: &str = "facepipe_consumer_redelivered_messages";
+
+/// Bucket bounds (seconds) of every histogram: from sub-millisecond object
+/// reads to an extract job reading a large archive for minutes.
+pub const SECONDS_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// How often the consumer lag is read from JetStream.
+pub const LAG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// One timed step of handling an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Reading an object from the store.
+    Fetch,
+    /// Decoding image bytes into pixels.
+    Decode,
+    /// Running the face detector.
+    Detect,
+    /// Resizing and JPEG-encoding a crop.
+    Encode,
+    /// Writing an object to the store.
+    Store,
+}
+
+impl Step {
+    /// The `step` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fetch => "fetch",
+            Self::Decode => "decode",
+            Self::Detect => "detect",
+            Self::Encode => "encode",
+            Self::Store => "store",
+        }
+    }
+
+    /// Starts timing this step; the time is recorded when the timer is dropped,
+    /// so a step that fails (returns early with `?`) is timed too.
+    pub fn start(self) -> StepTimer {
+        StepTimer { step: self, started: Instant::now() }
+    }
+}
+
+/// Records the time since [`Step::start`] into [`STEP_SECONDS`] on drop.
+#[derive(Debug)]
+#[must_use = "the step is timed until the timer is dropped"]
+pub struct StepTimer {
+    step: Step,
+    started: Instant,
+}
+
+impl Drop for StepTimer {
+    fn drop(&mut self) {
+        metrics::histogram!(STEP_SECONDS, "step" => self.step.as_str()).record(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// Counts `bytes` read from the object store.
+pub fn object_read(bytes: u64) {
+    metrics::counter!(OBJECT_READ_BYTES).increment(bytes);
+}
+
+/// Counts `bytes` written to the object store.
+pub fn object_written(bytes: u64) {
+    metrics::counter!(OBJECT_WRITTEN_BYTES).increment(bytes);
+}
+
+/// Registers the help text and unit of every metric, for the `# HELP` lines
+/// and so `/metrics` documents itself.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!("facepipe_messages_total", "Messages handled, by outcome.");
+    describe_counter!("facepipe_redeliveries_total", "Deliveries after the first.");
+    describe_histogram!("facepipe_processing_seconds", Unit::Seconds, "Time from delivery to ack, Nak or Term.");
+    describe_gauge!("facepipe_in_flight_messages", "Messages being handled now.");
+    describe_counter!("facepipe_faces_found_total", "Faces detected.");
+    describe_histogram!(STEP_SECONDS, Unit::Seconds, "Time of one step (fetch, decode, detect, encode, store).");
+    describe_counter!(OBJECT_READ_BYTES, Unit::Bytes, "Bytes read from the object store.");
+    describe_counter!(OBJECT_WRITTEN_BYTES, Unit::Bytes, "Bytes written to the object store.");
+    describe_gauge!(CONSUMER_PENDING, "Messages not yet delivered, per JetStream consumer.");
+    describe_gauge!(CONSUMER_ACK_PENDING, "Messages delivered and not yet acknowledged, per JetStream consumer.");
+    describe_gauge!(CONSUMER_REDELIVERED, "Unacknowledged messages delivered more than once, per JetStream consumer.");
+}
+
+/// Reads the lag of every consumer of `stream` (the stage's stream: one
+/// durable per priority band) every `interval` into the consumer gauges,
+/// labelled `consumer`, until `shutdown`. Every replica of a stage reports the
+/// same values, so aggregate them with `max by (stage, consumer)`, not `sum`.
+pub fn spawn_lag_poller(bus: Bus, stream: String, interval: Duration, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            // Best effort: an outage shows as stale gauges and is reported by /readyz.
+            if let Err(reason) = read_lag(&bus, &stream).await {
+                tracing::debug!(stream, reason, "consumer lag not read");
+            }
+        }
+    });
+}
+
+async fn read_lag(bus: &Bus, stream: &str) -> Result<(), String> {
+    let stream = bus.js.get_stream_no_info(stream).await.map_err(|e| e.to_string())?;
+    let mut consumers = stream.consumers();
+    while let Some(info) = consumers.next().await {
+        let info = info.map_err(|e| e.to_string())?;
+        let consumer = info.name.clone();
+        metrics::gauge!(CONSUMER_PENDING, "consumer" => consumer.clone()).set(info.num_pending as f64);
+        metrics::gauge!(CONSUMER_ACK_PENDING, "consumer" => consumer.clone()).set(info.num_ack_pending as f64);
+        metrics::gauge!(CONSUMER_REDELIVERED, "consumer" => consumer).set(info.num_redelivered as f64);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_and_buckets_render_as_a_labelled_histogram() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .add_global_label("stage", "detect")
+            .set_buckets(SECONDS_BUCKETS)
+            .unwrap()
+            .build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            drop(Step::Decode.start());
+            object_read(1234);
+            // An explicit stage label replaces the global one instead of duplicating it.
+            metrics::counter!("facepipe_messages_total", "stage" => "detect", "outcome" => "ok").increment(1);
+        });
+        let text = handle.render();
+        assert!(text.contains(r#"facepipe_step_seconds_bucket{stage="detect",step="decode",le="0.0005"}"#), "{text}");
+        assert!(text.contains(r#"facepipe_object_read_bytes_total{stage="detect"} 1234"#), "{text}");
+        assert!(text.contains(r#"facepipe_messages_total{stage="detect",outcome="ok"} 1"#), "{text}");
+    }
+}
