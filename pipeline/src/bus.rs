@@ -11,7 +11,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 
-use crate::topology::{NatsAuth, NatsConfig, StageName, StorageKind, Topology};
+use crate::messages::ExtractJob;
+use crate::topology::{NatsAuth, NatsConfig, StageBand, StageName, StorageKind, Topology};
 
 /// Why a NATS operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -112,21 +113,31 @@ impl Bus {
         Ok(())
     }
 
-    /// The stage's durable pull consumer, which every replica shares.
-    pub async fn stage_consumer(
+    /// Publishes a batch's extract job on the band subject of its priority; the
+    /// message id is the batch's, so a repeated submission is stored once.
+    pub async fn publish_job(&self, topology: &Topology, job: &ExtractJob) -> Result<(), BusError> {
+        let subject = topology.priority_subject(&topology.stages.extract.subject, job.priority);
+        let batch_id = job.batch_id.as_deref().unwrap_or_default();
+        self.publish(&subject, &crate::keys::msg_id("submit", batch_id, "job"), crate::messages::encode(job)).await
+    }
+
+    /// The stage's durable pull consumers, one per priority band (highest
+    /// first), which every replica shares.
+    pub async fn stage_consumers(
         &self,
         topology: &Topology,
         stage: StageName,
-    ) -> Result<consumer::PullConsumer, BusError> {
+    ) -> Result<Vec<(StageBand, consumer::PullConsumer)>, BusError> {
         let stream = topology.stream_name(stage);
-        let durable = topology.stage(stage).durable;
-        self.js
-            .get_consumer_from_stream(durable, &stream)
-            .await
-            .map_err(|e| BusError::Setup {
-                what: format!("consumer {stream}/{durable}"),
+        let mut out = Vec::new();
+        for band in topology.stage_bands(stage) {
+            let consumer = self.js.get_consumer_from_stream(&band.durable, &stream).await.map_err(|e| BusError::Setup {
+                what: format!("consumer {stream}/{}", band.durable),
                 reason: format!("{e} (run `pipeline apply` first)"),
-            })
+            })?;
+            out.push((band, consumer));
+        }
+        Ok(out)
     }
 }
 
@@ -145,6 +156,8 @@ pub struct QueueStats {
     pub completed: u64,
     /// Pull requests waiting at the server: replicas idle and asking for work.
     pub idle_pullers: usize,
+    /// `waiting`, per priority band.
+    pub waiting_by_band: std::collections::BTreeMap<String, u64>,
 }
 
 /// Queue statistics of every stage, in flow order.
@@ -154,16 +167,24 @@ pub async fn queue_stats(bus: &Bus, topology: &Topology) -> Result<Vec<QueueStat
         let name = topology.stream_name(stage);
         let mut stream = bus.js.get_stream(&name).await.map_err(|e| setup(&name, e))?;
         let state = stream.info().await.map_err(|e| setup(&name, e))?.state.clone();
-        let durable = topology.stage(stage).durable;
-        let info = stream.consumer_info(durable).await.map_err(|e| setup(durable, e))?;
-        out.push(QueueStats {
+        let mut stats = QueueStats {
             stage: stage.to_string(),
-            waiting: info.num_pending,
-            active: info.num_ack_pending,
-            retrying: info.num_redelivered,
+            waiting: 0,
+            active: 0,
+            retrying: 0,
             completed: state.last_sequence.saturating_sub(state.messages),
-            idle_pullers: info.num_waiting,
-        });
+            idle_pullers: 0,
+            waiting_by_band: std::collections::BTreeMap::new(),
+        };
+        for band in topology.stage_bands(stage) {
+            let info = stream.consumer_info(&band.durable).await.map_err(|e| setup(&band.durable, e))?;
+            stats.waiting += info.num_pending;
+            stats.active += info.num_ack_pending;
+            stats.retrying += info.num_redelivered;
+            stats.idle_pullers += info.num_waiting;
+            stats.waiting_by_band.insert(band.name, info.num_pending);
+        }
+        out.push(stats);
     }
     Ok(out)
 }
@@ -231,7 +252,8 @@ pub fn stage_stream(topology: &Topology, stage: StageName) -> stream::Config {
     stream::Config {
         name: topology.stream_name(stage),
         description: Some(format!("face pipeline: input of the {stage} stage")),
-        subjects: vec![topology.stage(stage).subject.to_string()],
+        // One subject per priority band; the consumers' filters split them.
+        subjects: topology.stage_bands(stage).into_iter().map(|b| b.subject).collect(),
         retention: stream::RetentionPolicy::WorkQueue,
         storage: storage(topology.nats.storage),
         num_replicas: topology.nats.replicas,
@@ -255,18 +277,23 @@ pub fn dead_letter_stream(topology: &Topology) -> stream::Config {
     }
 }
 
-/// The durable pull consumer configuration of a stage.
-pub fn stage_consumer(topology: &Topology, stage: StageName) -> consumer::pull::Config {
+/// The durable pull consumer configurations of a stage, one per priority band.
+pub fn stage_consumers(topology: &Topology, stage: StageName) -> Vec<consumer::pull::Config> {
     let s = topology.stage(stage);
-    consumer::pull::Config {
-        durable_name: Some(s.durable.to_string()),
-        description: Some(format!("face pipeline: {stage} workers")),
-        ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait: s.ack_wait,
-        max_deliver: s.max_deliver,
-        max_ack_pending: s.max_ack_pending,
-        ..Default::default()
-    }
+    topology
+        .stage_bands(stage)
+        .into_iter()
+        .map(|band| consumer::pull::Config {
+            durable_name: Some(band.durable),
+            description: Some(format!("face pipeline: {stage} workers, {} priority", band.name)),
+            filter_subject: band.subject,
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: s.ack_wait,
+            max_deliver: s.max_deliver,
+            max_ack_pending: s.max_ack_pending,
+            ..Default::default()
+        })
+        .collect()
 }
 
 fn storage(kind: StorageKind) -> stream::StorageType {
@@ -337,6 +364,8 @@ fn diff_consumer(want: &consumer::pull::Config, have: &consumer::Config) -> Acti
     compare(&mut live, "ack_wait", &have.ack_wait, &want.ack_wait);
     compare(&mut live, "max_deliver", &have.max_deliver, &want.max_deliver);
     compare(&mut live, "max_ack_pending", &have.max_ack_pending, &want.max_ack_pending);
+    // Servers from 2.10 change a filter in place; older ones refuse, and apply says so.
+    compare(&mut live, "filter_subject", &have.filter_subject, &want.filter_subject);
     compare(&mut fixed, "ack_policy", &have.ack_policy, &want.ack_policy);
     classify(live, fixed)
 }
@@ -375,19 +404,20 @@ pub async fn plan(bus: &Bus, topology: &Topology) -> Result<Vec<PlanItem>, BusEr
         items.push(PlanItem { target, action });
     }
     for stage in StageName::ALL {
-        let want = stage_consumer(topology, stage);
         let stream_name = topology.stream_name(stage);
-        let durable = want.durable_name.clone().unwrap_or_default();
-        let target = format!("consumer {stream_name}/{durable}");
-        let action = match bus.js.get_stream(&stream_name).await {
-            Ok(s) => match s.consumer_info(&durable).await {
-                Ok(info) => diff_consumer(&want, &info.config),
-                Err(e) if is_not_found(&e) => Action::Create,
-                Err(e) => return Err(setup(&target, e)),
-            },
-            Err(_) => Action::Create,
-        };
-        items.push(PlanItem { target, action });
+        for want in stage_consumers(topology, stage) {
+            let durable = want.durable_name.clone().unwrap_or_default();
+            let target = format!("consumer {stream_name}/{durable}");
+            let action = match bus.js.get_stream(&stream_name).await {
+                Ok(s) => match s.consumer_info(&durable).await {
+                    Ok(info) => diff_consumer(&want, &info.config),
+                    Err(e) if is_not_found(&e) => Action::Create,
+                    Err(e) => return Err(setup(&target, e)),
+                },
+                Err(_) => Action::Create,
+            };
+            items.push(PlanItem { target, action });
+        }
     }
     Ok(items)
 }
@@ -418,16 +448,17 @@ pub async fn apply(bus: &Bus, topology: &Topology, plan: &[PlanItem]) -> Result<
         }
     }
     for stage in StageName::ALL {
-        let want = stage_consumer(topology, stage);
         let stream_name = topology.stream_name(stage);
-        let target = format!("consumer {stream_name}/{}", topology.stage(stage).durable);
-        let action = plan.iter().find(|i| i.target == target).map(|i| &i.action);
-        if matches!(action, Some(Action::Create) | Some(Action::Update(_))) {
-            let stream = bus.js.get_stream(&stream_name).await.map_err(|e| setup(&target, e))?;
-            if matches!(action, Some(Action::Create)) {
-                stream.create_consumer(want).await.map_err(|e| setup(&target, e))?;
-            } else {
-                stream.update_consumer(want).await.map_err(|e| setup(&target, e))?;
+        for want in stage_consumers(topology, stage) {
+            let target = format!("consumer {stream_name}/{}", want.durable_name.as_deref().unwrap_or_default());
+            let action = plan.iter().find(|i| i.target == target).map(|i| &i.action);
+            if matches!(action, Some(Action::Create) | Some(Action::Update(_))) {
+                let stream = bus.js.get_stream(&stream_name).await.map_err(|e| setup(&target, e))?;
+                if matches!(action, Some(Action::Create)) {
+                    stream.create_consumer(want).await.map_err(|e| setup(&target, e))?;
+                } else {
+                    stream.update_consumer(want).await.map_err(|e| setup(&target, e))?;
+                }
             }
         }
     }

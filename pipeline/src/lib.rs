@@ -22,6 +22,7 @@
 //! - [`db`]: PostgreSQL pool, migrations and the idempotent queries.
 //! - [`deadletters`]: listing and replaying dead letters.
 //! - [`scratch`]: temporary files a restarted process can clean up after a crash.
+//! - [`bands`]: weighted pulling from a stage's priority bands.
 //! - [`runtime`]: the stage runtime (pull, ack, retry, dead letters, graceful shutdown).
 //! - [`app`]: start-up shared by every stage binary.
 //! - [`archive`]: reading a ZIP entry by entry with bounded memory.
@@ -39,6 +40,7 @@
 pub mod api;
 pub mod app;
 pub mod archive;
+pub mod bands;
 pub mod bus;
 pub mod db;
 pub mod deadletters;

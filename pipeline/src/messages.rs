@@ -104,6 +104,9 @@ pub struct ImageRef {
     pub batch_id: String,
     /// Image id, unique within the batch and stable across redeliveries.
     pub image_id: String,
+    /// The batch's priority, 1-10: picks the band subject of every stage it passes.
+    #[serde(default = "default_priority")]
+    pub priority: u8,
 }
 
 /// The ids any message may carry, read leniently (every field optional) so logs
@@ -331,7 +334,7 @@ mod tests {
     #[test]
     fn messages_round_trip_flat() {
         let job = CropJob {
-            image: ImageRef { batch_id: "b".into(), image_id: "000001".into() },
+            image: ImageRef { batch_id: "b".into(), image_id: "000001".into(), priority: 5 },
             key: "batches/b/originals/000001.jpg".into(),
             width: 10,
             height: 20,

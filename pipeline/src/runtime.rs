@@ -31,6 +31,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::bands::BandPuller;
 use crate::bus::Bus;
 use crate::error::StageError;
 use crate::keys;
@@ -56,22 +57,25 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    /// Publishes `msg` on the stage's next subject with a deterministic message id.
+    /// Publishes `msg` about `image` on the stage's next subject (the band of the
+    /// image's priority) with a deterministic message id.
     pub async fn publish_next<T: serde::Serialize>(
         &self,
         msg_id: &str,
+        image: &ImageRef,
         msg: &T,
     ) -> Result<(), StageError> {
-        let subject = self.topology.stage(self.stage).next.ok_or_else(|| {
+        let next = self.topology.stage(self.stage).next.ok_or_else(|| {
             StageError::permanent(format!("stage {} has no next subject", self.stage))
         })?;
-        Ok(self.bus.publish(subject, msg_id, messages::encode(msg)).await?)
+        let subject = self.topology.priority_subject(next, image.priority);
+        Ok(self.bus.publish(&subject, msg_id, messages::encode(msg)).await?)
     }
 
-    /// Publishes an image outcome straight to the persist stage.
+    /// Publishes an image outcome straight to the persist stage (its priority's band).
     pub async fn publish_outcome(&self, msg_id: &str, outcome: &Outcome) -> Result<(), StageError> {
-        let subject = self.topology.outcome_subject();
-        Ok(self.bus.publish(subject, msg_id, messages::encode(outcome)).await?)
+        let subject = self.topology.priority_subject(self.topology.outcome_subject(), outcome.image.priority);
+        Ok(self.bus.publish(&subject, msg_id, messages::encode(outcome)).await?)
     }
 }
 
@@ -222,7 +226,7 @@ pub async fn run<H: Handler>(
     shutdown: CancellationToken,
 ) -> Result<(), StageError> {
     let settings = ctx.topology.stage(ctx.stage);
-    let consumer = ctx.bus.stage_consumer(&ctx.topology, ctx.stage).await?;
+    let mut puller = BandPuller::new(ctx.bus.stage_consumers(&ctx.topology, ctx.stage).await?);
     let worker = Arc::new(Worker {
         ctx: ctx.clone(),
         handler,
@@ -255,9 +259,9 @@ pub async fn run<H: Handler>(
         };
         let mut permits = vec![first];
         let want = 1 + slots.available_permits();
-        let batch = consumer.batch().max_messages(want).expires(PULL_EXPIRES).messages().await;
-        let mut batch = match batch {
-            Ok(batch) => batch,
+        let pulled = puller.pull(want, PULL_EXPIRES).await;
+        let mut messages = match pulled {
+            Ok(messages) => messages,
             Err(e) => {
                 tracing::warn!(error = %e, "pull failed; retrying");
                 worker.degraded.store(true, Ordering::SeqCst);
@@ -267,14 +271,7 @@ pub async fn run<H: Handler>(
                 }
             }
         };
-        while let Some(next) = batch.next().await {
-            let msg = match next {
-                Ok(msg) => msg,
-                Err(e) => {
-                    tracing::debug!(error = %e, "pull batch ended");
-                    break;
-                }
-            };
+        while let Some(msg) = messages.next().await {
             let permit = match permits.pop() {
                 Some(p) => p,
                 None => slots.clone().acquire_owned().await.expect("semaphore is never closed"),
@@ -515,7 +512,8 @@ async fn sweep_max_deliveries<H: Handler>(worker: Arc<Worker<H>>) {
     let ctx = &*worker.ctx;
     let stream_name = ctx.topology.stream_name(ctx.stage);
     let durable = ctx.topology.stage(ctx.stage).durable;
-    let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream_name}.{durable}");
+    // Every band's consumer of the stage's stream.
+    let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream_name}.*");
     let mut advisories = match ctx.bus.client.queue_subscribe(subject, format!("{durable}-sweeper")).await {
         Ok(sub) => sub,
         Err(e) => {

@@ -9,7 +9,7 @@ use support::TestDb;
 
 fn outcome(image_id: &str, status: ImageStatus) -> Outcome {
     Outcome {
-        image: ImageRef { batch_id: "b-1".into(), image_id: image_id.into() },
+        image: ImageRef { batch_id: "b-1".into(), image_id: image_id.into(), priority: 5 },
         status,
         width: Some(640),
         height: Some(480),

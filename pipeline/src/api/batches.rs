@@ -171,11 +171,7 @@ async fn start_batch(state: &ApiState, job: &ExtractJob, source: &str) -> Result
             payload.len()
         )));
     }
-    state
-        .bus
-        .publish(&state.topology.stages.extract.subject, &keys::msg_id("submit", batch_id, "job"), payload)
-        .await
-        .map_err(|e| ApiError::unavailable("NATS", e))
+    state.bus.publish_job(&state.topology, job).await.map_err(|e| ApiError::unavailable("NATS", e))
 }
 
 /// Body of `POST /api/batch/add-images`.

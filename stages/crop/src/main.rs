@@ -44,7 +44,7 @@ impl Handler for Crop {
             image: job.image,
         };
         let msg_id = keys::msg_id("persist", &outcome.image.batch_id, &outcome.image.image_id);
-        ctx.publish_next(&msg_id, &outcome).await
+        ctx.publish_next(&msg_id, &outcome.image, &outcome).await
     }
 }
 

@@ -30,7 +30,7 @@ impl Handler for Detect {
             image: job.image,
         };
         let msg_id = keys::msg_id("crop", &crop.image.batch_id, &crop.image.image_id);
-        ctx.publish_next(&msg_id, &crop).await
+        ctx.publish_next(&msg_id, &crop.image, &crop).await
     }
 }
 

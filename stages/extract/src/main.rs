@@ -41,8 +41,8 @@ impl Handler for Extract {
         let source = job.source().map_err(StageError::permanent)?;
         self.db.insert_batch(&batch_id, &job.project_id, job.priority, &job.describe_source()).await?;
         match source {
-            ExtractSource::Zip(zip) => self.unpack(ctx, zip, &batch_id).await,
-            ExtractSource::Urls(images) => self.download(ctx, images, &batch_id).await,
+            ExtractSource::Zip(zip) => self.unpack(ctx, zip, &batch_id, job.priority).await,
+            ExtractSource::Urls(images) => self.download(ctx, images, &batch_id, job.priority).await,
         }
     }
 
@@ -67,7 +67,7 @@ fn batch_id(job: &ExtractJob, stream_sequence: u64, published: &str) -> Result<S
 }
 
 impl Extract {
-    async fn unpack(&self, ctx: &Ctx, zip: &str, batch_id: &str) -> Result<(), StageError> {
+    async fn unpack(&self, ctx: &Ctx, zip: &str, batch_id: &str, priority: u8) -> Result<(), StageError> {
         let zip = locate(ctx, zip).await?;
         let params = ctx.topology.stages.extract.params.clone();
         let parallelism = params.parallelism;
@@ -80,7 +80,7 @@ impl Extract {
         let mut chunks = entries.ready_chunks(parallelism);
         let mut published = 0usize;
         while let Some(chunk) = chunks.next().await {
-            published += self.ingest_chunk(ctx, batch_id, chunk, &[]).await?;
+            published += self.ingest_chunk(ctx, batch_id, priority, chunk, &[]).await?;
         }
         let summary = reader
             .await
@@ -99,7 +99,7 @@ impl Extract {
 
     /// Downloads each image URL (a failed download fails that image alone, with
     /// its reason) and ingests them like archive entries; image `n` is URL `n`.
-    async fn download(&self, ctx: &Ctx, images: &[RemoteImage], batch_id: &str) -> Result<(), StageError> {
+    async fn download(&self, ctx: &Ctx, images: &[RemoteImage], batch_id: &str, priority: u8) -> Result<(), StageError> {
         let parallelism = ctx.topology.stages.extract.params.parallelism;
         let mut published = 0usize;
         for (chunk_start, chunk) in (0..).step_by(parallelism).zip(images.chunks(parallelism)) {
@@ -118,7 +118,7 @@ impl Extract {
                 })
             });
             let entries = futures::future::try_join_all(fetches).await?;
-            published += self.ingest_chunk(ctx, batch_id, entries, images).await?;
+            published += self.ingest_chunk(ctx, batch_id, priority, entries, images).await?;
         }
         let completed = self.db.finish_ingest(batch_id, images.len(), &[]).await?;
         tracing::info!(batch = batch_id, images = images.len(), published, completed, "image URLs downloaded");
@@ -132,6 +132,7 @@ impl Extract {
         &self,
         ctx: &Ctx,
         batch_id: &str,
+        priority: u8,
         chunk: Vec<Entry>,
         remote: &[RemoteImage],
     ) -> Result<usize, StageError> {
@@ -170,10 +171,11 @@ impl Extract {
         }
         self.db.insert_images(batch_id, &rows).await?;
 
-        let image_ref = |image_id: &str| ImageRef { batch_id: batch_id.to_string(), image_id: image_id.to_string() };
+        let image_ref =
+            |image_id: &str| ImageRef { batch_id: batch_id.to_string(), image_id: image_id.to_string(), priority };
         let detect_jobs = images.iter().map(|(image_id, key, _)| async move {
             let job = DetectJob { image: image_ref(image_id), key: key.clone() };
-            ctx.publish_next(&keys::msg_id("detect", batch_id, image_id), &job).await
+            ctx.publish_next(&keys::msg_id("detect", batch_id, image_id), &job.image, &job).await
         });
         let failed_outcomes = failures.iter().map(|(image_id, reason)| async move {
             let outcome = Outcome::failed(image_ref(image_id), "extract", reason.clone(), 1);

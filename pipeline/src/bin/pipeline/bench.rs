@@ -12,7 +12,7 @@ use anyhow::{bail, Context as _};
 use pipeline::bus::Bus;
 use pipeline::db::Db;
 use pipeline::keys;
-use pipeline::messages::{self, ExtractJob};
+use pipeline::messages::ExtractJob;
 use pipeline::store::Store;
 use pipeline::topology::{StageName, Topology};
 use pipeline::vision::{crop, detect};
@@ -157,8 +157,7 @@ pub async fn run(topology_path: &Path, topology: &Topology, args: BenchArgs) -> 
     store.put_file(&key, &zip_path).await?;
     let started = Instant::now();
     let job = ExtractJob::for_zip(Some(batch_id.clone()), "bench".into(), 5, key);
-    bus.publish(&topology.stages.extract.subject, &keys::msg_id("submit", &batch_id, "zip"), messages::encode(&job))
-        .await?;
+    bus.publish_job(topology, &job).await?;
     let status = loop {
         if let Some(s) = db.batch_status(&batch_id).await? {
             if s.status == "completed" || s.status == "failed" {

@@ -14,7 +14,7 @@ use pipeline::bus::{self, Bus};
 use pipeline::db::{self, Db};
 use pipeline::deadletters;
 use pipeline::keys;
-use pipeline::messages::{self, ExtractJob};
+use pipeline::messages::ExtractJob;
 use pipeline::store::Store;
 use pipeline::topology::{StageName, Topology, TOPOLOGY_ENV};
 
@@ -253,12 +253,7 @@ async fn submit(
     let bytes = store.put_file(&key, zip).await.context("uploading the ZIP")?;
     let bus = Bus::connect(&topology.nats, "facepipe-cli", false).await?;
     let job = ExtractJob::for_zip(Some(batch_id.clone()), project_id, priority, key);
-    bus.publish(
-        &topology.stages.extract.subject,
-        &keys::msg_id("submit", &batch_id, "zip"),
-        messages::encode(&job),
-    )
-    .await?;
+    bus.publish_job(topology, &job).await?;
     eprintln!("submitted {} ({bytes} bytes) as batch {batch_id}", zip.display());
     println!("{batch_id}");
     if wait {
