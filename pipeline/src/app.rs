@@ -176,7 +176,7 @@ impl Stage {
         if metrics_on {
             telemetry::spawn_lag_poller(bus.clone(), topology.stream_name(stage), telemetry::LAG_INTERVAL, shutdown.clone());
         }
-        Ok(Self { ctx: Arc::new(Ctx { stage, topology, bus, store, health }), shutdown })
+        Ok(Self { ctx: Arc::new(Ctx::new(stage, topology, bus, store, health)), shutdown })
     }
 
     /// The topology's database, migrated; waits (with backoff) while PostgreSQL is

@@ -23,6 +23,7 @@
 //! - [`deadletters`]: listing and replaying dead letters.
 //! - [`scratch`]: temporary files a restarted process can clean up after a crash.
 //! - [`bands`]: weighted pulling from a stage's priority bands.
+//! - [`live`]: live reconfiguration through a key-value bucket that running stages watch.
 //! - [`runtime`]: the stage runtime (pull, ack, retry, dead letters, graceful shutdown).
 //! - [`app`]: start-up shared by every stage binary.
 //! - [`archive`]: reading a ZIP entry by entry with bounded memory.
@@ -49,6 +50,7 @@ pub mod error;
 pub mod eval;
 pub mod health;
 pub mod keys;
+pub mod live;
 pub mod messages;
 pub mod runtime;
 pub mod scratch;

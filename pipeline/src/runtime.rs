@@ -46,7 +46,8 @@ const PULL_EXPIRES: Duration = Duration::from_secs(1);
 pub struct Ctx {
     /// Which stage this process runs.
     pub stage: StageName,
-    /// The deployment.
+    /// The deployment as the process started (connections, subjects). Settings
+    /// that change live are read with [`Ctx::current`] instead.
     pub topology: Topology,
     /// NATS.
     pub bus: Bus,
@@ -54,9 +55,23 @@ pub struct Ctx {
     pub store: Store,
     /// Readiness reported on `/readyz`.
     pub health: Arc<crate::health::Health>,
+    /// The topology with the latest live changes (see [`crate::live`]).
+    live: tokio::sync::watch::Sender<Arc<Topology>>,
 }
 
 impl Ctx {
+    /// Context for a stage process started with `topology`.
+    pub fn new(stage: StageName, topology: Topology, bus: Bus, store: Store, health: Arc<crate::health::Health>) -> Self {
+        let (live, _) = tokio::sync::watch::channel(Arc::new(topology.clone()));
+        Self { stage, topology, bus, store, health, live }
+    }
+
+    /// The topology with the live changes applied so far: read it per message
+    /// for parameters, concurrency and retry policy.
+    pub fn current(&self) -> Arc<Topology> {
+        self.live.borrow().clone()
+    }
+
     /// Publishes `msg` about `image` on the stage's next subject (the band of the
     /// image's priority) with a deterministic message id.
     pub async fn publish_next<T: serde::Serialize>(
@@ -133,31 +148,68 @@ pub trait Handler: Send + Sync + 'static {
 
 type CpuJob = Box<dyn FnOnce() + Send>;
 
-/// The process's CPU threads: exactly one per worker slot, started by [`run`].
-/// A fixed set (rather than tokio's growing blocking pool) keeps one detector
-/// per thread and the memory that goes with it bounded.
-static CPU_POOL: std::sync::OnceLock<std::sync::mpsc::Sender<CpuJob>> = std::sync::OnceLock::new();
+/// The process's CPU threads: one per worker slot, started by [`run`] (and
+/// added to when the concurrency grows live). A fixed set (rather than tokio's
+/// growing blocking pool) keeps one detector per thread and the memory that
+/// goes with it bounded.
+static CPU_POOL: std::sync::OnceLock<CpuPool> = std::sync::OnceLock::new();
+
+struct CpuPool {
+    tx: std::sync::mpsc::Sender<CpuJob>,
+    rx: Arc<std::sync::Mutex<std::sync::mpsc::Receiver<CpuJob>>>,
+    threads: std::sync::Mutex<usize>,
+}
 
 fn start_cpu_pool(threads: usize) {
     CPU_POOL.get_or_init(|| {
         // Unbounded, yet never long: each worker slot has at most one job queued or running.
         let (tx, rx) = std::sync::mpsc::channel::<CpuJob>();
-        let rx = Arc::new(std::sync::Mutex::new(rx));
-        for i in 0..threads {
-            let rx = rx.clone();
-            std::thread::Builder::new()
-                .name(format!("cpu-{i}"))
-                .spawn(move || loop {
-                    let job = rx.lock().expect("cpu pool lock").recv();
-                    match job {
-                        Ok(job) => job(),
-                        Err(_) => return,
-                    }
-                })
-                .expect("spawn a CPU thread");
-        }
-        tx
+        CpuPool { tx, rx: Arc::new(std::sync::Mutex::new(rx)), threads: std::sync::Mutex::new(0) }
     });
+    start_cpu_threads(threads);
+}
+
+/// Grows the CPU pool to `wanted` threads (it never shrinks: idle threads cost little).
+fn start_cpu_threads(wanted: usize) {
+    let Some(pool) = CPU_POOL.get() else { return };
+    let mut threads = pool.threads.lock().expect("cpu pool lock");
+    while *threads < wanted {
+        let rx = pool.rx.clone();
+        std::thread::Builder::new()
+            .name(format!("cpu-{}", *threads))
+            .spawn(move || loop {
+                let job = rx.lock().expect("cpu pool lock").recv();
+                match job {
+                    Ok(job) => job(),
+                    Err(_) => return,
+                }
+            })
+            .expect("spawn a CPU thread");
+        *threads += 1;
+    }
+}
+
+/// Follows live changes of the stage's concurrency: more slots (and CPU threads)
+/// at once; fewer as soon as enough in-flight messages finish.
+async fn follow_concurrency(ctx: Arc<Ctx>, slots: Arc<Semaphore>, mut limit: usize) {
+    let mut changes = ctx.live.subscribe();
+    while changes.changed().await.is_ok() {
+        let wanted = changes.borrow_and_update().stage(ctx.stage).concurrency;
+        if wanted > limit {
+            start_cpu_threads(wanted);
+            slots.add_permits(wanted - limit);
+        } else if wanted < limit {
+            // Take the surplus slots out of circulation as they come free.
+            let surplus = (limit - wanted) as u32;
+            if let Ok(permits) = slots.clone().acquire_many_owned(surplus).await {
+                permits.forget();
+            }
+        }
+        if wanted != limit {
+            tracing::info!(stage = %ctx.stage, from = limit, to = wanted, "concurrency changed live");
+            limit = wanted;
+        }
+    }
 }
 
 /// Runs blocking CPU work (OpenCV) on the process's CPU threads, off the async
@@ -179,7 +231,7 @@ where
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
         let _ = tx.send(result);
     });
-    pool.send(job).map_err(|e| lost(&e))?;
+    pool.tx.send(job).map_err(|e| lost(&e))?;
     match rx.await.map_err(|e| lost(&e))? {
         Ok(result) => result,
         Err(_) => Err(StageError::permanent("image processing panicked")),
@@ -239,9 +291,11 @@ pub async fn run<H: Handler>(
         }),
     });
     start_cpu_pool(settings.concurrency);
+    let watcher = tokio::spawn(crate::live::watch(ctx.bus.clone(), ctx.stage, ctx.live.clone()));
     let sweeper = tokio::spawn(sweep_max_deliveries(worker.clone()));
     let prober = tokio::spawn(probe_readiness(worker.clone()));
     let slots = Arc::new(Semaphore::new(settings.concurrency));
+    let resizer = tokio::spawn(follow_concurrency(ctx.clone(), slots.clone(), settings.concurrency));
     let mut tasks = JoinSet::new();
     tracing::info!(stage = %ctx.stage, subject = settings.subject, concurrency = settings.concurrency, "stage started");
     ctx.health.set_ready(true);
@@ -288,6 +342,8 @@ pub async fn run<H: Handler>(
     tracing::info!(in_flight = tasks.len(), grace = ?settings.shutdown_grace, "stopping: finishing in-flight work");
     sweeper.abort();
     prober.abort();
+    watcher.abort();
+    resizer.abort();
     ctx.health.set_ready(false);
     let drained = tokio::time::timeout(settings.shutdown_grace, async {
         while tasks.join_next().await.is_some() {}
@@ -329,7 +385,9 @@ impl<H: Handler> Worker<H> {
     async fn process(&self, msg: Message) {
         let ctx = &*self.ctx;
         let stage = ctx.stage.as_str();
-        let settings = ctx.topology.stage(ctx.stage);
+        // Read once per message: a live change applies from the next message on.
+        let current = ctx.current();
+        let settings = current.stage(ctx.stage);
         let delivery = match msg.info() {
             Ok(info) => Delivery {
                 attempt: info.delivered.max(1) as u32,
@@ -413,7 +471,7 @@ impl<H: Handler> Worker<H> {
             },
             Err(error) if !error.is_permanent() && i64::from(attempt) < settings.max_deliver => {
                 self.degraded.store(true, Ordering::SeqCst);
-                let delay = ctx.topology.retry.delay(attempt as u64, &mut rand::rng());
+                let delay = current.retry.delay(attempt as u64, &mut rand::rng());
                 tracing::warn!(parent: &span, %error, ?delay, "transient failure; retrying later");
                 let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
                 "retried"

@@ -14,8 +14,10 @@ impl Handler for Crop {
     type Input = CropJob;
 
     async fn handle(&self, ctx: &Ctx, job: CropJob, delivery: Delivery) -> Result<(), StageError> {
-        let params = ctx.topology.stages.crop.params.clone();
-        let max_megapixels = ctx.topology.stages.detect.params.max_megapixels;
+        // Live settings: a crop size changed by `pipeline apply` applies from the next image.
+        let current = ctx.current();
+        let params = current.stages.crop.params.clone();
+        let max_megapixels = current.stages.detect.params.max_megapixels;
         let chosen = crop::chosen_faces(&job.faces, &params);
         let mut crop_keys = Vec::with_capacity(chosen.len());
         if !chosen.is_empty() {

@@ -4,20 +4,19 @@ use pipeline::app::{Stage, StartError};
 use pipeline::keys;
 use pipeline::messages::{CropJob, DetectJob};
 use pipeline::runtime::{self, Ctx, Delivery, Handler};
-use pipeline::topology::{DetectParams, StageName};
+use pipeline::topology::StageName;
 use pipeline::vision::detect;
 use pipeline::StageError;
 
-struct Detect {
-    params: DetectParams,
-}
+struct Detect;
 
 impl Handler for Detect {
     type Input = DetectJob;
 
     async fn handle(&self, ctx: &Ctx, job: DetectJob, _: Delivery) -> Result<(), StageError> {
         let bytes = ctx.store.get(&job.key).await?;
-        let params = self.params.clone();
+        // Live settings: each CPU thread reloads its detector when they change.
+        let params = ctx.current().stages.detect.params.clone();
         let found = runtime::blocking(move || Ok(detect::detect_faces(&bytes, &params)?)).await?;
         tracing::debug!(faces = found.faces.len(), "detected");
         metrics::counter!("facepipe_faces_found_total", "stage" => "detect").increment(found.faces.len() as u64);
@@ -45,7 +44,7 @@ async fn main() -> anyhow::Result<()> {
             .await
             .map_err(|e| StartError::Stage(e.to_string()))?;
         tracing::info!(detector = name, width = params.width, "detector ready");
-        Ok(Detect { params })
+        Ok(Detect)
     })
     .await?)
 }

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use futures::StreamExt;
 use pipeline::archive::{self, Entry};
-use pipeline::app::{Stage, StartError};
+use pipeline::app::Stage;
 use pipeline::db::{Db, NewImage};
 use pipeline::download::Downloader;
 use pipeline::keys;
@@ -23,7 +23,6 @@ use pipeline::StageError;
 
 struct Extract {
     db: Db,
-    downloader: Downloader,
 }
 
 impl Handler for Extract {
@@ -69,7 +68,7 @@ fn batch_id(job: &ExtractJob, stream_sequence: u64, published: &str) -> Result<S
 impl Extract {
     async fn unpack(&self, ctx: &Ctx, zip: &str, batch_id: &str, priority: u8) -> Result<(), StageError> {
         let zip = locate(ctx, zip).await?;
-        let params = ctx.topology.stages.extract.params.clone();
+        let params = ctx.current().stages.extract.params.clone();
         let parallelism = params.parallelism;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Entry>(parallelism);
         let reader = tokio::task::spawn_blocking(move || {
@@ -100,7 +99,11 @@ impl Extract {
     /// Downloads each image URL (a failed download fails that image alone, with
     /// its reason) and ingests them like archive entries; image `n` is URL `n`.
     async fn download(&self, ctx: &Ctx, images: &[RemoteImage], batch_id: &str, priority: u8) -> Result<(), StageError> {
-        let parallelism = ctx.topology.stages.extract.params.parallelism;
+        let params = ctx.current().stages.extract.params.clone();
+        let parallelism = params.parallelism;
+        // Per job, so download limits changed live apply to the next job.
+        let downloader = Downloader::new(&params).map_err(|e| StageError::transient(format!("HTTP client: {e}")))?;
+        let downloader = &downloader;
         let mut published = 0usize;
         for (chunk_start, chunk) in (0..).step_by(parallelism).zip(images.chunks(parallelism)) {
             let fetches = chunk.iter().enumerate().map(|(i, image)| async move {
@@ -112,7 +115,7 @@ impl Extract {
                     // No bytes needed: ingest_chunk writes only objects that do not exist yet.
                     return Ok(Entry::Image { index, name, bytes: Vec::new() });
                 }
-                Ok::<_, StageError>(match self.downloader.fetch(&image.url).await {
+                Ok::<_, StageError>(match downloader.fetch(&image.url).await {
                     Ok(bytes) => Entry::Image { index, name, bytes: bytes.into() },
                     Err(e) => Entry::Unreadable { index, name, reason: e.to_string() },
                 })
@@ -221,9 +224,7 @@ async fn main() -> anyhow::Result<()> {
     Ok(Stage::main(StageName::Extract, async |stage| {
         // Downloads of remote ZIPs that a crashed extract left behind.
         pipeline::scratch::sweep(&std::env::temp_dir());
-        let downloader = Downloader::new(&stage.ctx.topology.stages.extract.params)
-            .map_err(|e| StartError::Stage(format!("HTTP client: {e}")))?;
-        Ok(Extract { db: stage.database().await?, downloader })
+        Ok(Extract { db: stage.database().await? })
     })
     .await?)
 }

@@ -14,6 +14,7 @@ use pipeline::bus::{self, Bus};
 use pipeline::db::{self, Db};
 use pipeline::deadletters;
 use pipeline::keys;
+use pipeline::live;
 use pipeline::messages::ExtractJob;
 use pipeline::store::Store;
 use pipeline::topology::{StageName, Topology, TOPOLOGY_ENV};
@@ -218,6 +219,23 @@ async fn apply(topology: &Topology, dry_run: bool) -> anyhow::Result<()> {
     for item in &plan {
         println!("  {item}");
     }
+    match live::stored(&bus, topology).await? {
+        None => println!("Running stages: the topology is stored for them to watch (first apply)"),
+        Some(stored) => {
+            let changes = live::changes(&stored, topology);
+            if changes.is_empty() {
+                println!("Running stages: no setting changes");
+            } else {
+                println!("Running stages:");
+            }
+            for change in &changes.live {
+                println!("  ~ live      {change} (running stages apply it from their next message)");
+            }
+            for change in &changes.restart {
+                println!("  ! restart   {change} (restart the stages to apply it)");
+            }
+        }
+    }
     if dry_run {
         println!("dry run: nothing changed");
         return Ok(());
@@ -228,6 +246,8 @@ async fn apply(topology: &Topology, dry_run: bool) -> anyhow::Result<()> {
     }
     let applied = database(topology)?.migrate().await?;
     println!("PostgreSQL: {} migration(s) applied", applied.len());
+    let revision = live::publish(&bus, topology).await?;
+    println!("topology stored for running stages (revision {revision})");
     println!("applied");
     Ok(())
 }
