@@ -118,6 +118,7 @@ pub async fn init_endpoints(addr: &str, stage: StageName, health: Arc<Health>) -
         .install_recorder()
         .map_err(|e| err(e.to_string()))?;
     telemetry::describe();
+    telemetry::register_zeros(stage);
     // Histogram samples are buffered until drained; without a scraper they would only grow.
     let upkeep = handle.clone();
     tokio::spawn(async move {

@@ -13,6 +13,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::Bus;
+use crate::topology::StageName;
 
 /// Histogram: time of one step of handling an image, by `step` (see [`Step`]).
 pub const STEP_SECONDS: &str = "facepipe_step_seconds";
@@ -63,6 +64,16 @@ impl Step {
         }
     }
 
+    /// The steps a stage's handler goes through (extract fetches only remote archives).
+    pub fn of(stage: StageName) -> &'static [Step] {
+        match stage {
+            StageName::Extract => &[Self::Fetch, Self::Store],
+            StageName::Detect => &[Self::Fetch, Self::Decode, Self::Detect],
+            StageName::Crop => &[Self::Fetch, Self::Decode, Self::Encode, Self::Store],
+            StageName::Persist => &[],
+        }
+    }
+
     /// Starts timing this step; the time is recorded when the timer is dropped,
     /// so a step that fails (returns early with `?`) is timed too.
     pub fn start(self) -> StepTimer {
@@ -109,6 +120,32 @@ pub fn describe() {
     describe_gauge!(CONSUMER_PENDING, "Messages not yet delivered, per JetStream consumer.");
     describe_gauge!(CONSUMER_ACK_PENDING, "Messages delivered and not yet acknowledged, per JetStream consumer.");
     describe_gauge!(CONSUMER_REDELIVERED, "Unacknowledged messages delivered more than once, per JetStream consumer.");
+}
+
+/// Outcomes of `facepipe_messages_total` (recorded by [`crate::runtime`]).
+pub const OUTCOMES: &[&str] = &["ok", "retried", "dead_lettered", "ack_failed", "dead_letter_failed"];
+
+/// Creates the stage's counters and histograms at zero, so a series exists
+/// before its first event: otherwise Prometheus first sees it at its first
+/// value, and `increase()`/`rate()` miss that first step (all of a one-job
+/// extract's work). Labels are given in the same order as where the metrics
+/// are recorded, so these are the same series, not look-alikes.
+pub fn register_zeros(stage_name: StageName) {
+    // Registering a histogram handle is enough for it to render with empty buckets.
+    for step in Step::of(stage_name) {
+        let _ = metrics::histogram!(STEP_SECONDS, "step" => step.as_str());
+    }
+    let stage = stage_name.as_str();
+    let _ = metrics::histogram!("facepipe_processing_seconds", "stage" => stage);
+    for outcome in OUTCOMES {
+        metrics::counter!("facepipe_messages_total", "stage" => stage, "outcome" => *outcome).absolute(0);
+    }
+    metrics::counter!("facepipe_redeliveries_total", "stage" => stage).absolute(0);
+    if stage == "detect" {
+        metrics::counter!("facepipe_faces_found_total", "stage" => stage).absolute(0);
+    }
+    metrics::counter!(OBJECT_READ_BYTES).absolute(0);
+    metrics::counter!(OBJECT_WRITTEN_BYTES).absolute(0);
 }
 
 /// Reads the lag of every consumer of `stream` (the stage's stream: one
