@@ -431,6 +431,13 @@ impl<H: Handler> Worker<H> {
             }
             loop {
                 let result = async {
+                    if msg.payload.len() > settings.max_message_bytes {
+                        return Err(StageError::permanent(format!(
+                            "message of {} bytes exceeds max_message_bytes ({}); not read",
+                            msg.payload.len(),
+                            settings.max_message_bytes
+                        )));
+                    }
                     let input = messages::decode::<H::Input>(&msg.payload)?;
                     self.handler.handle(ctx, input, delivery.clone()).await
                 }

@@ -436,6 +436,10 @@ pub struct StageConfig<P> {
     /// Prometheus listen address (`127.0.0.1:9101`); port 0 or absent disables it.
     #[serde(default)]
     pub metrics_addr: Option<String>,
+    /// Larger messages are dead-lettered unread (the pipeline's own are a few hundred
+    /// bytes; extract jobs listing URLs are the largest).
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
     /// The stage's own parameters.
     #[serde(default)]
     pub params: P,
@@ -693,6 +697,9 @@ impl Topology {
             if s.ack_wait < Duration::from_secs(1) {
                 return invalid(&key("ack_wait"), "must be at least 1s");
             }
+            if s.max_message_bytes < 1024 {
+                return invalid(&key("max_message_bytes"), "must be at least 1024");
+            }
         }
         // The flow must be a path: each stage's `next` is the following stage's subject.
         for pair in StageName::ALL.windows(2) {
@@ -816,6 +823,7 @@ impl Topology {
                 concurrency: s.concurrency,
                 shutdown_grace: s.shutdown_grace,
                 metrics_addr: s.metrics_addr.as_deref(),
+                max_message_bytes: s.max_message_bytes,
             }
         }
         match name {
@@ -902,6 +910,8 @@ pub struct StageView<'a> {
     pub shutdown_grace: Duration,
     /// Prometheus listen address.
     pub metrics_addr: Option<&'a str>,
+    /// Largest message handled.
+    pub max_message_bytes: usize,
 }
 
 fn is_token(s: &str) -> bool {
@@ -950,6 +960,9 @@ fn default_max_ack_pending() -> i64 {
 }
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(10)
+}
+fn default_max_message_bytes() -> usize {
+    1 << 20
 }
 fn default_image_extensions() -> Vec<String> {
     ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"]

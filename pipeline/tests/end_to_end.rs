@@ -191,9 +191,11 @@ async fn job_published_by_hand_without_batch_id_makes_exactly_one_batch() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_messages_are_dead_lettered_and_workers_keep_serving() {
-    let d = Deployment::start(|_| {}).await;
+    let d = Deployment::start(|t| t.stages.persist.max_message_bytes = 4096).await;
     let client = async_nats::connect(&d.nats.url).await.unwrap();
     client.publish("faces.detect", "this is not json".into()).await.unwrap();
+    let oversized = format!(r#"{{"batch_id": "b-big", "image_id": "0000001", "pad": "{}"}}"#, "x".repeat(10_000));
+    client.publish("faces.persist", oversized.into()).await.unwrap();
     client.publish("faces.crop", r#"{"batch_id": "b-x"}"#.into()).await.unwrap();
     client.publish("faces.extract", r#"{"project_id": "p", "zip": "/nonexistent/x.zip"}"#.into()).await.unwrap();
     client.flush().await.unwrap();
@@ -203,7 +205,7 @@ async fn malformed_messages_are_dead_lettered_and_workers_keep_serving() {
     let stream = d.topology.dead_letter_stream();
     let mut letters = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while letters.len() < 3 {
+    while letters.len() < 4 {
         assert!(std::time::Instant::now() < deadline, "dead letters: {letters:?}\n{}", d.logs());
         letters.clear();
         let mut s = js.get_stream(&stream).await.unwrap();
@@ -217,13 +219,16 @@ async fn malformed_messages_are_dead_lettered_and_workers_keep_serving() {
     }
     let mut stages: Vec<&str> = letters.iter().map(|l| l.stage.as_str()).collect();
     stages.sort();
-    assert_eq!(stages, vec!["crop", "detect", "extract"]);
+    assert_eq!(stages, vec!["crop", "detect", "extract", "persist"]);
     assert!(letters.iter().all(|l| l.permanent && l.attempts == 1), "no retries for bad input: {letters:?}");
     let detect = letters.iter().find(|l| l.stage == "detect").unwrap();
     assert_eq!(detect.payload, "this is not json");
     assert!(detect.error.contains("malformed"), "{detect:?}");
     let crop = letters.iter().find(|l| l.stage == "crop").unwrap();
     assert!(crop.error.contains("key"), "names the missing field: {crop:?}");
+    let persist = letters.iter().find(|l| l.stage == "persist").unwrap();
+    assert!(persist.error.contains("exceeds max_message_bytes (4096)"), "{persist:?}");
+    assert_eq!((persist.batch_id.as_deref(), persist.image_id.as_deref()), (Some("b-big"), Some("0000001")));
     let extract = letters.iter().find(|l| l.stage == "extract").unwrap();
     assert!(extract.error.contains("not found"), "{extract:?}");
 
