@@ -65,8 +65,25 @@ pub async fn stored(bus: &Bus, topology: &Topology) -> Result<Option<Topology>, 
     Ok(value.and_then(|bytes| Topology::parse(&String::from_utf8_lossy(&bytes)).ok()))
 }
 
-/// Stores `topology` (without secrets) for the running stages; returns the revision.
+/// Stores `topology` (without secrets) for the running stages; returns the
+/// revision. Retried a few times: it is the last step of `apply`, after the
+/// streams and consumers exist, and a transient JetStream API hiccup under load
+/// should not fail the whole command.
 pub async fn publish(bus: &Bus, topology: &Topology) -> Result<u64, BusError> {
+    let mut attempt = 1;
+    loop {
+        match publish_once(bus, topology).await {
+            Err(e) if attempt < 3 => {
+                tracing::warn!(error = %e, attempt, "storing the topology failed; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(500 * attempt)).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn publish_once(bus: &Bus, topology: &Topology) -> Result<u64, BusError> {
     let name = bucket(topology);
     let kv = match bus.js.get_key_value(&name).await {
         Ok(kv) => kv,

@@ -254,7 +254,9 @@ async fn apply_is_idempotent_and_dry_run_changes_nothing() {
     let d = Deployment::start(|_| {}).await;
     let again = d.cli_ok(&["apply"]);
     assert!(!again.contains("create") && !again.contains("update"), "{again}");
-    assert_eq!(again.matches("unchanged").count(), 9, "{again}");
+    // Five streams; a consumer per stage and priority band (three bands by default).
+    assert_eq!(again.matches("unchanged").count(), 5 + 4 * 3, "{again}");
+    assert!(again.contains("Running stages: no setting changes"), "{again}");
 
     // A changed consumer setting is planned as an in-place update; --dry-run leaves it alone.
     let mut changed = d.topology.clone();
@@ -262,7 +264,10 @@ async fn apply_is_idempotent_and_dry_run_changes_nothing() {
     let path = d.dir.path().join("changed.toml");
     std::fs::write(&path, toml::to_string(&changed).unwrap()).unwrap();
     let plan = d.cli_ok_with(&path, &["apply", "--dry-run"]);
-    assert!(plan.contains("update    consumer FACES_DETECT/detect (max_deliver 3 -> 7)"), "{plan}");
+    for durable in ["detect", "detect-high", "detect-low"] {
+        assert!(plan.contains(&format!("update    consumer FACES_DETECT/{durable} (max_deliver 3 -> 7)")), "{plan}");
+    }
+    assert!(plan.contains("~ live      stages.detect.max_deliver: 3 -> 7"), "{plan}");
     let still = d.cli_ok_with(&path, &["apply", "--dry-run"]);
     assert!(still.contains("update"), "dry run applied nothing: {still}");
     d.cli_ok_with(&path, &["apply"]);

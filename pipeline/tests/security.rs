@@ -117,3 +117,75 @@ async fn database_password_never_appears_in_errors() {
         assert!(!text(&out).contains("pg-s3cret-77"), "{args:?}: {}", text(&out));
     }
 }
+
+/// A JWT signed by `signer` (an operator or account key), as `nsc` makes them.
+fn jwt(signer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use data_encoding::BASE64URL_NOPAD;
+    let header = BASE64URL_NOPAD.encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let mut claims = serde_json::json!({
+        "iat": 1_700_000_000u64,
+        "iss": signer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let digest = sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(claims.to_string()));
+    claims["jti"] = data_encoding::BASE32_NOPAD.encode(&digest).into();
+    let payload = BASE64URL_NOPAD.encode(claims.to_string().as_bytes());
+    let signature = signer.sign(format!("{header}.{payload}").as_bytes()).unwrap();
+    format!("{header}.{payload}.{}", BASE64URL_NOPAD.encode(&signature))
+}
+
+#[tokio::test]
+async fn credentials_file_with_a_user_jwt_and_nkey() {
+    // Operator mode: an operator signs an account (with JetStream), the account signs a user.
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let operator_jwt = jwt(&operator, &operator.public_key(), "op", serde_json::json!({"type": "operator", "version": 2}));
+    let unlimited = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true, "conn": -1,
+        "leaf": -1, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    });
+    let account_jwt = jwt(&operator, &account.public_key(), "facepipe", serde_json::json!({
+        "limits": unlimited, "default_permissions": {"pub": {}, "sub": {}}, "type": "account", "version": 2,
+    }));
+    // JetStream needs a system account.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = jwt(&operator, &system.public_key(), "SYS", serde_json::json!({"type": "account", "version": 2}));
+    let user_jwt = jwt(&account, &user.public_key(), "stage", serde_json::json!({
+        "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2,
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "operator: {operator_jwt}\nsystem_account: {sys}\nresolver: MEMORY\n\
+             resolver_preload: {{\n  {acc}: {account_jwt}\n  {sys}: {system_jwt}\n}}\n",
+            acc = account.public_key(),
+            sys = system.public_key(),
+        ),
+    )
+    .unwrap();
+    let creds = dir.path().join("stage.creds");
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().unwrap()
+        ),
+    )
+    .unwrap();
+    let nats = NatsServer::start_with_args(&["-c", config.to_str().unwrap()]);
+    let db = TestDb::create().await;
+
+    let refused = pipeline_cli(dir.path(), &nats.url, &db.url, &[], &["apply", "--dry-run"]);
+    assert!(!refused.status.success(), "no credentials, no entry");
+    assert!(text(&refused).contains("authorization violation"), "a clear reason: {}", text(&refused));
+    let creds_env = [("PIPELINE_NATS_CREDS", creds.to_str().unwrap())];
+    let out = pipeline_cli(dir.path(), &nats.url, &db.url, &creds_env, &["apply"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!text(&out).contains(&user.seed().unwrap()), "the seed is never printed");
+}

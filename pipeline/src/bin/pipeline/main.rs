@@ -219,7 +219,10 @@ async fn apply(topology: &Topology, dry_run: bool) -> anyhow::Result<()> {
     for item in &plan {
         println!("  {item}");
     }
-    match live::stored(&bus, topology).await? {
+    match live::stored(&bus, topology).await.unwrap_or_else(|e| {
+        println!("Running stages: the stored topology cannot be read ({e}); it will be replaced");
+        None
+    }) {
         None => println!("Running stages: the topology is stored for them to watch (first apply)"),
         Some(stored) => {
             let changes = live::changes(&stored, topology);
