@@ -84,13 +84,18 @@ pub async fn upload_zip(
     let job = ExtractJob::for_zip(Some(batch_id.clone()), project_id, priority, key);
     start_batch(&state, &job, &format!("upload:{file_name}")).await?;
     tracing::info!(batch = %batch_id, images = image_count, %client, "ZIP uploaded");
-    Ok(Json(json!({
+    Ok(batch_started(&batch_id, image_count, "ZIP received: {n} image(s) queued for face detection"))
+}
+
+/// The old design's answer to a new batch; `message` has `{n}` for the image count.
+fn batch_started(batch_id: &str, images: usize, message: &str) -> Json<Value> {
+    Json(json!({
         "success": true,
         "batchId": batch_id,
-        "imageCount": image_count,
-        "queued": image_count,
-        "message": format!("ZIP received: {image_count} image(s) queued for face detection"),
-    })))
+        "imageCount": images,
+        "queued": images,
+        "message": message.replace("{n}", &images.to_string()),
+    }))
 }
 
 /// Writes one form field to a spool file, refusing it (413) past `limit` bytes.
@@ -237,13 +242,7 @@ pub async fn add_images(
     let job = ExtractJob { batch_id: Some(batch_id.clone()), project_id, priority, zip: None, images };
     start_batch(&state, &job, &job.describe_source()).await?;
     tracing::info!(batch = %batch_id, images = count, %client, "image URLs queued");
-    Ok(Json(json!({
-        "success": true,
-        "batchId": batch_id,
-        "imageCount": count,
-        "queued": count,
-        "message": format!("{count} image(s) queued for download and face detection"),
-    })))
+    Ok(batch_started(&batch_id, count, "{n} image(s) queued for download and face detection"))
 }
 
 async fn batch_or_404(state: &ApiState, batch_id: &str) -> Result<BatchStatus, ApiError> {
