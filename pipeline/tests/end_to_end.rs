@@ -196,6 +196,11 @@ async fn malformed_messages_are_dead_lettered_and_workers_keep_serving() {
     client.publish("faces.detect", "this is not json".into()).await.unwrap();
     let oversized = format!(r#"{{"batch_id": "b-big", "image_id": "0000001", "pad": "{}"}}"#, "x".repeat(10_000));
     client.publish("faces.persist", oversized.into()).await.unwrap();
+    client.publish("faces.crop", r#"{"batch_id": 5, "image_id": [], "key": 3, "width": "wide"}"#.into()).await.unwrap();
+    let unknown = r#"{"batch_id": "no-such-batch", "image_id": "0000001", "status": "no_face", "faces": [], "crop_keys": [], "attempts": 1}"#;
+    client.publish("faces.persist", unknown.into()).await.unwrap();
+    let gone = r#"{"batch_id": "ghost", "image_id": "0000001", "key": "batches/ghost/originals/0000001.jpg"}"#;
+    client.publish("faces.detect", gone.into()).await.unwrap();
     client.publish("faces.crop", r#"{"batch_id": "b-x"}"#.into()).await.unwrap();
     client.publish("faces.extract", r#"{"project_id": "p", "zip": "/nonexistent/x.zip"}"#.into()).await.unwrap();
     client.flush().await.unwrap();
@@ -205,7 +210,7 @@ async fn malformed_messages_are_dead_lettered_and_workers_keep_serving() {
     let stream = d.topology.dead_letter_stream();
     let mut letters = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while letters.len() < 4 {
+    while letters.len() < 8 {
         assert!(std::time::Instant::now() < deadline, "dead letters: {letters:?}\n{}", d.logs());
         letters.clear();
         let mut s = js.get_stream(&stream).await.unwrap();
@@ -219,14 +224,23 @@ async fn malformed_messages_are_dead_lettered_and_workers_keep_serving() {
     }
     let mut stages: Vec<&str> = letters.iter().map(|l| l.stage.as_str()).collect();
     stages.sort();
-    assert_eq!(stages, vec!["crop", "detect", "extract", "persist"]);
+    // The missing object's failure, recorded for a batch nobody made, is refused by persist too.
+    assert_eq!(stages, vec!["crop", "crop", "detect", "detect", "extract", "persist", "persist", "persist"]);
+    let reason = |stage: &str, needle: &str| {
+        letters.iter().find(|l| l.stage == stage && l.payload.contains(needle)).unwrap().error.clone()
+    };
+    assert!(reason("crop", r#""width": "wide""#).contains("invalid type"), "wrong types are named");
+    let unknown = reason("persist", "no-such-batch");
+    assert!(unknown.contains("no-such-batch"), "an unknown batch is named: {unknown}");
+    let gone = reason("detect", "ghost");
+    assert!(gone.contains("not found"), "a missing object is named: {gone}");
     assert!(letters.iter().all(|l| l.permanent && l.attempts == 1), "no retries for bad input: {letters:?}");
-    let detect = letters.iter().find(|l| l.stage == "detect").unwrap();
+    let detect = letters.iter().find(|l| l.stage == "detect" && !l.payload.contains("ghost")).unwrap();
     assert_eq!(detect.payload, "this is not json");
     assert!(detect.error.contains("malformed"), "{detect:?}");
-    let crop = letters.iter().find(|l| l.stage == "crop").unwrap();
+    let crop = letters.iter().find(|l| l.stage == "crop" && !l.payload.contains("wide")).unwrap();
     assert!(crop.error.contains("key"), "names the missing field: {crop:?}");
-    let persist = letters.iter().find(|l| l.stage == "persist").unwrap();
+    let persist = letters.iter().find(|l| l.stage == "persist" && l.payload.contains("b-big")).unwrap();
     assert!(persist.error.contains("exceeds max_message_bytes (4096)"), "{persist:?}");
     assert_eq!((persist.batch_id.as_deref(), persist.image_id.as_deref()), (Some("b-big"), Some("0000001")));
     let extract = letters.iter().find(|l| l.stage == "extract").unwrap();
