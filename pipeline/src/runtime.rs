@@ -105,6 +105,15 @@ pub struct Delivery {
     pub published: String,
 }
 
+/// What handling a message amounted to (counted as `outcome` in `facepipe_messages_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// The work was done and its outputs are stored.
+    Done,
+    /// Nothing to do: its effect was already there (a redelivered outcome).
+    Skipped,
+}
+
 /// One stage's work on one decoded message.
 pub trait Handler: Send + Sync + 'static {
     /// The message type this stage consumes.
@@ -117,7 +126,7 @@ pub trait Handler: Send + Sync + 'static {
         ctx: &Ctx,
         input: Self::Input,
         delivery: Delivery,
-    ) -> impl Future<Output = Result<(), StageError>> + Send;
+    ) -> impl Future<Output = Result<Handled, StageError>> + Send;
 
     /// True when every service this stage needs is reachable. The default checks
     /// NATS; stages that use PostgreSQL also ping it.
@@ -469,7 +478,8 @@ impl<H: Handler> Worker<H> {
             .record(started.elapsed().as_secs_f64());
 
         let outcome = match result {
-            Ok(()) => match msg.ack().await {
+            Ok(handled) => match msg.ack().await {
+                Ok(()) if handled == Handled::Skipped => "skipped",
                 Ok(()) => "ok",
                 Err(e) => {
                     tracing::warn!(parent: &span, error = %e, "ack failed; the message will be redelivered");

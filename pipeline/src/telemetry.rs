@@ -123,7 +123,7 @@ pub fn describe() {
 }
 
 /// Outcomes of `facepipe_messages_total` (recorded by [`crate::runtime`]).
-pub const OUTCOMES: &[&str] = &["ok", "retried", "dead_lettered", "ack_failed", "dead_letter_failed"];
+pub const OUTCOMES: &[&str] = &["ok", "skipped", "retried", "dead_lettered", "ack_failed", "dead_letter_failed"];
 
 /// Creates the stage's counters and histograms at zero, so a series exists
 /// before its first event: otherwise Prometheus first sees it at its first

@@ -288,3 +288,35 @@ async fn apply_is_idempotent_and_dry_run_changes_nothing() {
     let done = d.cli_ok_with(&path, &["apply", "--dry-run"]);
     assert!(!done.contains("update"), "{done}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outcome_delivered_again_is_counted_as_skipped_and_changes_nothing() {
+    let mut d = Deployment::start(|_| {}).await;
+    let zip = d.dir.path().join("one.zip");
+    let astronaut = std::fs::read(shared_dir().join("data/faces/skimage/astronaut.png")).unwrap();
+    write_zip(&zip, &[("astronaut.png".into(), astronaut)]);
+    d.cli_ok(&["submit", zip.to_str().unwrap(), "--batch-id", "once"]);
+    let before = d.wait_for_batch("once", BATCH_TIMEOUT).await;
+
+    // A persist process with metrics takes over; the outcome arrives once more.
+    d.signal(3, libc::SIGTERM);
+    assert_eq!(support::wait_exit(&mut d.stages[3].1, Duration::from_secs(30)), Ok(Some(0)));
+    let port = d.start_stage_with_metrics(pipeline::topology::StageName::Persist);
+    support::wait_for_port(port, Duration::from_secs(30));
+    let row = d.db().await.results("once").await.unwrap().remove(0);
+    let outcome = serde_json::json!({
+        "batch_id": "once", "image_id": row.image_id, "status": row.status, "faces": row.faces,
+        "crop_keys": row.crop_keys, "attempts": 1,
+    });
+    let client = async_nats::connect(&d.nats.url).await.unwrap();
+    client.publish("faces.persist", outcome.to_string().into()).await.unwrap();
+    client.flush().await.unwrap();
+    let skipped = || support::prometheus_counter(port, "facepipe_messages_total", &[r#"stage="persist""#, r#"outcome="skipped""#]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while skipped() < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "not counted as skipped\n{}", d.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = d.db().await.batch_status("once").await.unwrap().unwrap();
+    assert_eq!((after.processed, after.failed, after.faces), (before.processed, before.failed, before.faces));
+}

@@ -3,7 +3,7 @@
 use pipeline::app::Stage;
 use pipeline::keys;
 use pipeline::messages::{CropJob, ImageStatus, Outcome};
-use pipeline::runtime::{self, Ctx, Delivery, Handler};
+use pipeline::runtime::{self, Ctx, Delivery, Handled, Handler};
 use pipeline::topology::StageName;
 use pipeline::vision::{crop, detect};
 use pipeline::StageError;
@@ -13,7 +13,7 @@ struct Crop;
 impl Handler for Crop {
     type Input = CropJob;
 
-    async fn handle(&self, ctx: &Ctx, job: CropJob, delivery: Delivery) -> Result<(), StageError> {
+    async fn handle(&self, ctx: &Ctx, job: CropJob, delivery: Delivery) -> Result<Handled, StageError> {
         // Live settings: a crop size changed by `pipeline apply` applies from the next image.
         let current = ctx.current();
         let params = current.stages.crop.params.clone();
@@ -46,7 +46,8 @@ impl Handler for Crop {
             image: job.image,
         };
         let msg_id = keys::msg_id("persist", &outcome.image.batch_id, &outcome.image.image_id);
-        ctx.publish_next(&msg_id, &outcome.image, &outcome).await
+        ctx.publish_next(&msg_id, &outcome.image, &outcome).await?;
+        Ok(Handled::Done)
     }
 }
 

@@ -3,7 +3,7 @@
 use pipeline::app::{Stage, StartError};
 use pipeline::keys;
 use pipeline::messages::{CropJob, DetectJob};
-use pipeline::runtime::{self, Ctx, Delivery, Handler};
+use pipeline::runtime::{self, Ctx, Delivery, Handled, Handler};
 use pipeline::topology::StageName;
 use pipeline::vision::detect;
 use pipeline::StageError;
@@ -13,7 +13,7 @@ struct Detect;
 impl Handler for Detect {
     type Input = DetectJob;
 
-    async fn handle(&self, ctx: &Ctx, job: DetectJob, _: Delivery) -> Result<(), StageError> {
+    async fn handle(&self, ctx: &Ctx, job: DetectJob, _: Delivery) -> Result<Handled, StageError> {
         let bytes = ctx.store.get(&job.key).await?;
         // Live settings: each CPU thread reloads its detector when they change.
         let params = ctx.current().stages.detect.params.clone();
@@ -29,7 +29,8 @@ impl Handler for Detect {
             image: job.image,
         };
         let msg_id = keys::msg_id("crop", &crop.image.batch_id, &crop.image.image_id);
-        ctx.publish_next(&msg_id, &crop.image, &crop).await
+        ctx.publish_next(&msg_id, &crop.image, &crop).await?;
+        Ok(Handled::Done)
     }
 }
 

@@ -16,7 +16,7 @@ use pipeline::db::{Db, NewImage};
 use pipeline::download::Downloader;
 use pipeline::keys;
 use pipeline::messages::{self, DetectJob, ExtractJob, ExtractSource, ImageRef, Outcome, RemoteImage};
-use pipeline::runtime::{Ctx, Delivery, Failed, Handler};
+use pipeline::runtime::{Ctx, Delivery, Failed, Handled, Handler};
 use pipeline::store::LocalCopy;
 use pipeline::topology::StageName;
 use pipeline::StageError;
@@ -32,7 +32,7 @@ impl Handler for Extract {
         ctx.bus.is_connected() && self.db.ping().await.is_ok()
     }
 
-    async fn handle(&self, ctx: &Ctx, job: ExtractJob, delivery: Delivery) -> Result<(), StageError> {
+    async fn handle(&self, ctx: &Ctx, job: ExtractJob, delivery: Delivery) -> Result<Handled, StageError> {
         let batch_id = batch_id(&job, delivery.stream_sequence, &delivery.published)?;
         if !(1..=10).contains(&job.priority) {
             return Err(StageError::permanent(format!("priority {} is outside 1-10", job.priority)));
@@ -40,9 +40,10 @@ impl Handler for Extract {
         let source = job.source().map_err(StageError::permanent)?;
         self.db.insert_batch(&batch_id, &job.project_id, job.priority, &job.describe_source()).await?;
         match source {
-            ExtractSource::Zip(zip) => self.unpack(ctx, zip, &batch_id, job.priority).await,
-            ExtractSource::Urls(images) => self.download(ctx, images, &batch_id, job.priority).await,
+            ExtractSource::Zip(zip) => self.unpack(ctx, zip, &batch_id, job.priority).await?,
+            ExtractSource::Urls(images) => self.download(ctx, images, &batch_id, job.priority).await?,
         }
+        Ok(Handled::Done)
     }
 
     /// A job that failed for good (an unreadable archive, retries exhausted, or a

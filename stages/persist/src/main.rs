@@ -3,7 +3,7 @@
 use pipeline::app::Stage;
 use pipeline::db::Db;
 use pipeline::messages::{self, Outcome};
-use pipeline::runtime::{Ctx, Delivery, Handler};
+use pipeline::runtime::{Ctx, Delivery, Handled, Handler};
 use pipeline::topology::StageName;
 use pipeline::StageError;
 
@@ -18,10 +18,11 @@ impl Handler for Persist {
         ctx.bus.is_connected() && self.db.ping().await.is_ok()
     }
 
-    async fn handle(&self, ctx: &Ctx, outcome: Outcome, _: Delivery) -> Result<(), StageError> {
+    async fn handle(&self, ctx: &Ctx, outcome: Outcome, _: Delivery) -> Result<Handled, StageError> {
         let recorded = self.db.record_outcome(&outcome).await?;
         if !recorded.first {
             tracing::debug!("outcome already recorded; redelivery ignored");
+            return Ok(Handled::Skipped);
         }
         if recorded.completed_batch {
             tracing::info!(batch = %outcome.image.batch_id, "batch completed");
@@ -33,7 +34,7 @@ impl Handler for Persist {
                 tracing::debug!(error = %e, "progress event not sent");
             }
         }
-        Ok(())
+        Ok(Handled::Done)
     }
 }
 
