@@ -65,43 +65,35 @@ pub async fn stored(bus: &Bus, topology: &Topology) -> Result<Option<Topology>, 
     Ok(value.and_then(|bytes| Topology::parse(&String::from_utf8_lossy(&bytes)).ok()))
 }
 
-/// Stores `topology` (without secrets) for the running stages; returns the
-/// revision. Retried a few times: it is the last step of `apply`, after the
-/// streams and consumers exist, and a transient JetStream API hiccup under load
-/// should not fail the whole command.
+/// Stores `topology` (without secrets) for the running stages; returns the revision.
 pub async fn publish(bus: &Bus, topology: &Topology) -> Result<u64, BusError> {
-    let mut attempt = 1;
-    loop {
-        match publish_once(bus, topology).await {
-            Err(e) if attempt < 3 => {
-                tracing::warn!(error = %e, attempt, "storing the topology failed; retrying");
-                tokio::time::sleep(std::time::Duration::from_millis(500 * attempt)).await;
-                attempt += 1;
-            }
-            other => return other,
-        }
-    }
-}
-
-async fn publish_once(bus: &Bus, topology: &Topology) -> Result<u64, BusError> {
     let name = bucket(topology);
     let kv = match bus.js.get_key_value(&name).await {
         Ok(kv) => kv,
-        Err(_) => bus
-            .js
-            .create_key_value(async_nats::jetstream::kv::Config {
-                bucket: name.clone(),
-                description: "face pipeline: the applied topology, watched by running stages".into(),
-                history: 10,
+        Err(_) => {
+            // The bucket's stream, made directly with the key-value conventions:
+            // `create_key_value` first queries the account, whose answer from
+            // nats-server 2.9 this client cannot parse.
+            use async_nats::jetstream::stream;
+            let config = stream::Config {
+                name: format!("KV_{name}"),
+                description: Some("face pipeline: the applied topology, watched by running stages".into()),
+                subjects: vec![format!("$KV.{name}.>")],
+                max_messages_per_subject: 10,
                 storage: match topology.nats.storage {
-                    crate::topology::StorageKind::File => async_nats::jetstream::stream::StorageType::File,
-                    crate::topology::StorageKind::Memory => async_nats::jetstream::stream::StorageType::Memory,
+                    crate::topology::StorageKind::File => stream::StorageType::File,
+                    crate::topology::StorageKind::Memory => stream::StorageType::Memory,
                 },
                 num_replicas: topology.nats.replicas,
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                discard: stream::DiscardPolicy::New,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| setup(&name, e))?,
+            };
+            bus.js.get_or_create_stream(config).await.map_err(|e| setup(&name, e))?;
+            bus.js.get_key_value(&name).await.map_err(|e| setup(&name, e))?
+        }
     };
     let text = toml::to_string(&shareable(topology)).map_err(|e| setup(&name, e))?;
     kv.put(KEY, text.into()).await.map_err(|e| setup(&name, e))
