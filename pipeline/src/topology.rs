@@ -436,6 +436,10 @@ pub struct StageConfig<P> {
     /// Prometheus listen address (`127.0.0.1:9101`); port 0 or absent disables it.
     #[serde(default)]
     pub metrics_addr: Option<String>,
+    /// Processes `pipeline up` starts for this stage (unless `--replicas` says otherwise);
+    /// elsewhere, as many processes as you start share the stage's consumers.
+    #[serde(default = "one_replica")]
+    pub replicas: usize,
     /// Larger messages are dead-lettered unread (the pipeline's own are a few hundred
     /// bytes; extract jobs listing URLs are the largest).
     #[serde(default = "default_max_message_bytes")]
@@ -700,6 +704,9 @@ impl Topology {
             if s.max_message_bytes < 1024 {
                 return invalid(&key("max_message_bytes"), "must be at least 1024");
             }
+            if s.replicas > 64 {
+                return invalid(&key("replicas"), "at most 64 processes per stage on one host");
+            }
         }
         // The flow must be a path: each stage's `next` is the following stage's subject.
         for pair in StageName::ALL.windows(2) {
@@ -824,6 +831,7 @@ impl Topology {
                 shutdown_grace: s.shutdown_grace,
                 metrics_addr: s.metrics_addr.as_deref(),
                 max_message_bytes: s.max_message_bytes,
+                replicas: s.replicas,
             }
         }
         match name {
@@ -912,6 +920,8 @@ pub struct StageView<'a> {
     pub metrics_addr: Option<&'a str>,
     /// Largest message handled.
     pub max_message_bytes: usize,
+    /// Processes `pipeline up` starts.
+    pub replicas: usize,
 }
 
 fn is_token(s: &str) -> bool {
@@ -960,6 +970,9 @@ fn default_max_ack_pending() -> i64 {
 }
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(10)
+}
+fn one_replica() -> usize {
+    1
 }
 fn default_max_message_bytes() -> usize {
     1 << 20

@@ -72,3 +72,39 @@ async fn three_detect_processes_share_a_batch_and_match_a_one_process_run() {
     let single = outcome(db.results("single").await.unwrap());
     assert_eq!(scaled, single);
 }
+
+/// The stage processes `pid` has started, by binary name.
+fn children_by_name(pid: u32) -> BTreeMap<String, usize> {
+    let mut names = BTreeMap::new();
+    let list = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    for child in list.split_whitespace() {
+        if let Ok(name) = std::fs::read_to_string(format!("/proc/{child}/comm")) {
+            *names.entry(name.trim().to_string()).or_insert(0) += 1;
+        }
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pipeline_up_starts_the_topology_replicas_unless_a_flag_overrides_them() {
+    let mut d = Deployment::start(|t| t.stages.detect.replicas = 2).await;
+    d.stop_stages();
+    d.stages.clear();
+    let mut up = d.command("pipeline").args(["up", "--replicas", "crop=2"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let want: BTreeMap<String, usize> =
+        [("crop", 2), ("detect", 2), ("extract", 1), ("persist", 1)].into_iter().map(|(n, c)| (n.to_string(), c)).collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while children_by_name(up.id()) != want {
+        assert!(std::time::Instant::now() < deadline, "children: {:?}", children_by_name(up.id()));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let zip = d.dir.path().join("one.zip");
+    let astronaut = std::fs::read(shared_dir().join("data/faces/skimage/astronaut.png")).unwrap();
+    write_zip(&zip, &[("astronaut.png".into(), astronaut)]);
+    d.cli_ok(&["submit", zip.to_str().unwrap(), "--batch-id", "up"]);
+    let status = d.wait_for_batch("up", std::time::Duration::from_secs(60)).await;
+    assert_eq!(status.status, "completed");
+    // SAFETY: kill(2) on a child we spawned and have not reaped.
+    unsafe { libc::kill(up.id() as i32, libc::SIGTERM) };
+    assert_eq!(support::wait_exit(&mut up, std::time::Duration::from_secs(30)), Ok(Some(0)));
+}

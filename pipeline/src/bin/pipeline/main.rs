@@ -112,7 +112,7 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Run every stage on this machine as child processes until Ctrl-C.
     Up {
-        /// Processes per stage, e.g. `--replicas detect=2` (default 1 each).
+        /// Processes per stage, e.g. `--replicas detect=2` (default: each stage's `replicas` in the topology).
         #[arg(long, value_parser = parse_replicas)]
         replicas: Vec<(StageName, usize)>,
     },
@@ -523,8 +523,11 @@ async fn dead_letters(topology: &Topology, command: DeadLetterCommand) -> anyhow
 async fn up(
     topology_path: &Path,
     topology: &Topology,
-    replicas: BTreeMap<StageName, usize>,
+    flags: BTreeMap<StageName, usize>,
 ) -> anyhow::Result<()> {
+    // The topology's `replicas` per stage, overridden by `--replicas stage=n`.
+    let replicas: BTreeMap<StageName, usize> =
+        StageName::ALL.iter().map(|s| (*s, flags.get(s).copied().unwrap_or(topology.stage(*s).replicas))).collect();
     let mut group = StageGroup::spawn(topology_path, topology, &replicas, &[])?;
     eprintln!("running {} stage processes; Ctrl-C stops them", group.len());
     let mut stop = std::pin::pin!(pipeline::runtime::shutdown_signal());
