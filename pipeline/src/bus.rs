@@ -158,10 +158,14 @@ pub struct QueueStats {
     pub idle_pullers: usize,
     /// `waiting`, per priority band.
     pub waiting_by_band: std::collections::BTreeMap<String, u64>,
+    /// Processes of the stage that answered a presence ping, wherever they run.
+    pub replicas: usize,
 }
 
-/// Queue statistics of every stage, in flow order.
+/// Queue statistics of every stage, in flow order (takes half a second: the
+/// replica count waits for the stage processes' presence answers).
 pub async fn queue_stats(bus: &Bus, topology: &Topology) -> Result<Vec<QueueStats>, BusError> {
+    let present = crate::presence::ping(bus, topology, Duration::from_millis(500)).await?;
     let mut out = Vec::new();
     for stage in StageName::ALL {
         let name = topology.stream_name(stage);
@@ -175,6 +179,7 @@ pub async fn queue_stats(bus: &Bus, topology: &Topology) -> Result<Vec<QueueStat
             completed: state.last_sequence.saturating_sub(state.messages),
             idle_pullers: 0,
             waiting_by_band: std::collections::BTreeMap::new(),
+            replicas: present.iter().filter(|p| p.stage == stage.as_str()).count(),
         };
         for band in topology.stage_bands(stage) {
             let info = stream.consumer_info(&band.durable).await.map_err(|e| setup(&band.durable, e))?;

@@ -24,6 +24,7 @@
 //! - [`scratch`]: temporary files a restarted process can clean up after a crash.
 //! - [`bands`]: weighted pulling from a stage's priority bands.
 //! - [`live`]: live reconfiguration through a key-value bucket that running stages watch.
+//! - [`presence`]: stage processes answer pings, so stats count the replicas connected.
 //! - [`runtime`]: the stage runtime (pull, ack, retry, dead letters, graceful shutdown).
 //! - [`app`]: start-up shared by every stage binary.
 //! - [`archive`]: reading a ZIP entry by entry with bounded memory.
@@ -52,6 +53,7 @@ pub mod health;
 pub mod keys;
 pub mod live;
 pub mod messages;
+pub mod presence;
 pub mod runtime;
 pub mod scratch;
 pub mod store;

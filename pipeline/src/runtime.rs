@@ -305,6 +305,7 @@ pub async fn run<H: Handler>(
     let prober = tokio::spawn(probe_readiness(worker.clone()));
     let slots = Arc::new(Semaphore::new(settings.concurrency));
     let resizer = tokio::spawn(follow_concurrency(ctx.clone(), slots.clone(), settings.concurrency));
+    let presence = tokio::spawn(crate::presence::answer(ctx.clone(), slots.clone()));
     let mut tasks = JoinSet::new();
     tracing::info!(stage = %ctx.stage, subject = settings.subject, concurrency = settings.concurrency, "stage started");
     ctx.health.set_ready(true);
@@ -353,6 +354,7 @@ pub async fn run<H: Handler>(
     prober.abort();
     watcher.abort();
     resizer.abort();
+    presence.abort();
     ctx.health.set_ready(false);
     let drained = tokio::time::timeout(settings.shutdown_grace, async {
         while tasks.join_next().await.is_some() {}

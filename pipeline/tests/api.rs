@@ -184,7 +184,7 @@ async fn upload_zip_then_status_results_crops_and_queue_stats() {
     let (code, stats) = api.json(api.get("/api/batch/queue-stats")).await;
     assert_eq!(code, 200, "{stats}");
     for name in ["batchIngestion", "faceDetection", "faceCrop", "resultPersist"] {
-        for field in ["waiting", "active", "completed", "failed", "delayed"] {
+        for field in ["waiting", "active", "completed", "failed", "delayed", "replicas"] {
             assert!(stats["queues"][name][field].is_u64(), "{name}.{field} in {stats}");
         }
     }

@@ -47,6 +47,11 @@ async fn three_detect_processes_share_a_batch_and_match_a_one_process_run() {
     assert!(shares.iter().all(|s| *s >= 5.0), "each replica took a share: {shares:?}");
     assert_eq!(shares.iter().sum::<f64>(), entries.len() as f64);
 
+    // `pipeline stats` counts the processes connected to each stage.
+    let stats: serde_json::Value = serde_json::from_str(&d.cli_ok(&["stats", "--json"])).unwrap();
+    let replicas = |stage: &str| stats.as_array().unwrap().iter().find(|s| s["stage"] == stage).unwrap()["replicas"].clone();
+    assert_eq!((replicas("detect"), replicas("crop")), (3.into(), 1.into()), "{stats}");
+
     // The same archive through a single detect process gives the same outcomes.
     while d.count_in_logs("stage started stage=detect") < 4 {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;

@@ -31,6 +31,7 @@ pub async fn queue_stats(State(state): State<Arc<ApiState>>) -> Result<Json<Valu
             "failed": failed.get(&q.stage).copied().unwrap_or(0),
             "delayed": q.retrying,
             "idlePullers": q.idle_pullers,
+            "replicas": q.replicas,
         });
         if let Some((_, old)) = OLD_NAMES.iter().find(|(stage, _)| *stage == q.stage) {
             by_old_name.insert(old.to_string(), counts.clone());

@@ -402,11 +402,14 @@ async fn stats(topology: &Topology, json: bool) -> anyhow::Result<()> {
             .collect();
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        println!("{:<8} {:>9} {:>7} {:>9} {:>10} {:>7} {:>13}", "stage", "waiting", "active", "retrying", "completed", "failed", "idle pullers");
+        println!(
+            "{:<8} {:>9} {:>7} {:>9} {:>10} {:>7} {:>9} {:>13}",
+            "stage", "waiting", "active", "retrying", "completed", "failed", "replicas", "idle pullers"
+        );
         for q in &queues {
             println!(
-                "{:<8} {:>9} {:>7} {:>9} {:>10} {:>7} {:>13}",
-                q.stage, q.waiting, q.active, q.retrying, q.completed, failed_of(&q.stage), q.idle_pullers
+                "{:<8} {:>9} {:>7} {:>9} {:>10} {:>7} {:>9} {:>13}",
+                q.stage, q.waiting, q.active, q.retrying, q.completed, failed_of(&q.stage), q.replicas, q.idle_pullers
             );
         }
     }
