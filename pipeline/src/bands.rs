@@ -21,7 +21,13 @@ use crate::topology::StageBand;
 pub struct BandPuller {
     bands: Vec<(StageBand, PullConsumer)>,
     turns: WeightedTurns,
+    /// Per band: found empty until then, so a busy worker does not spend a round
+    /// trip per pull asking bands that had nothing a moment ago.
+    empty_until: Vec<tokio::time::Instant>,
 }
+
+/// How long a band found empty is skipped (while another band has work).
+const EMPTY_BAND_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Smooth weighted round robin over bands.
 #[derive(Debug, Clone)]
@@ -67,7 +73,8 @@ impl BandPuller {
     /// A puller over `bands` (highest first).
     pub fn new(bands: Vec<(StageBand, PullConsumer)>) -> Self {
         let turns = WeightedTurns::new(bands.iter().map(|(b, _)| b.weight).collect());
-        Self { bands, turns }
+        let empty_until = vec![tokio::time::Instant::now(); bands.len()];
+        Self { bands, turns, empty_until }
     }
 
     /// Up to `want` messages from the first band, in this turn's order, that has
@@ -76,12 +83,16 @@ impl BandPuller {
     pub async fn pull(&mut self, want: usize, wait: Duration) -> Result<BoxStream<'static, Message>, PullError> {
         let order = self.turns.next_order();
         if self.bands.len() > 1 {
-            for &i in &order {
+            let now = tokio::time::Instant::now();
+            // Bands recently found empty go last: asked only when the others have nothing.
+            let (fresh, stale): (Vec<usize>, Vec<usize>) = order.iter().partition(|&&i| self.empty_until[i] <= now);
+            for i in fresh.into_iter().chain(stale) {
                 let (band, consumer) = &self.bands[i];
                 let mut batch = consumer.fetch().max_messages(want).messages().await.map_err(|e| fail(band, e))?;
                 if let Some(Ok(first)) = batch.next().await {
                     return Ok(futures::stream::once(std::future::ready(first)).chain(messages(batch)).boxed());
                 }
+                self.empty_until[i] = tokio::time::Instant::now() + EMPTY_BAND_BACKOFF;
             }
         }
         let (band, consumer) = &self.bands[order[0]];
