@@ -5,7 +5,7 @@
 //! weights 6:3:1 and every band busy, six pulls in ten go to the high band,
 //! three to normal and one to low, interleaved, so low priority never starves;
 //! a band with nothing waiting gives its turn to the next. When every band is
-//! empty the worker long-polls the band whose turn it is, briefly, so work
+//! empty the worker long-polls the band whose turn it is for 50 ms, so work
 //! arriving in any band is picked up quickly.
 
 use std::time::Duration;
@@ -25,6 +25,11 @@ pub struct BandPuller {
     /// trip per pull asking bands that had nothing a moment ago.
     empty_until: Vec<tokio::time::Instant>,
 }
+
+/// How long an idle worker long-polls one band before asking them all again: the
+/// most a message arriving in another band waits, at the price of a few idle
+/// pull requests a second.
+const IDLE_BAND_WAIT: Duration = Duration::from_millis(50);
 
 /// How long a band found empty is skipped (while another band has work).
 const EMPTY_BAND_BACKOFF: Duration = Duration::from_millis(100);
@@ -97,7 +102,7 @@ impl BandPuller {
         }
         let (band, consumer) = &self.bands[order[0]];
         // With several bands, wait briefly: work may arrive in another band meanwhile.
-        let wait = if self.bands.len() > 1 { wait.min(Duration::from_millis(250)) } else { wait };
+        let wait = if self.bands.len() > 1 { wait.min(IDLE_BAND_WAIT) } else { wait };
         let batch = consumer.batch().max_messages(want).expires(wait).messages().await.map_err(|e| fail(band, e))?;
         Ok(messages(batch).boxed())
     }
