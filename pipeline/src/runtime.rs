@@ -349,14 +349,16 @@ pub async fn run<H: Handler>(
         while tasks.try_join_next().is_some() {}
     }
 
-    tracing::info!(in_flight = tasks.len(), grace = ?settings.shutdown_grace, "stopping: finishing in-flight work");
+    // The grace period may have changed live since start-up.
+    let grace = ctx.current().stage(ctx.stage).shutdown_grace;
+    tracing::info!(in_flight = tasks.len(), ?grace, "stopping: finishing in-flight work");
     sweeper.abort();
     prober.abort();
     watcher.abort();
     resizer.abort();
     presence.abort();
     ctx.health.set_ready(false);
-    let drained = tokio::time::timeout(settings.shutdown_grace, async {
+    let drained = tokio::time::timeout(grace, async {
         while tasks.join_next().await.is_some() {}
     })
     .await;
