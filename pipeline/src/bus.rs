@@ -33,6 +33,14 @@ pub enum BusError {
         /// Server's reason.
         reason: String,
     },
+    /// A message is larger than the server accepts (its `max_payload`).
+    #[error("a message of {size} bytes is larger than the server's max_payload of {max}")]
+    TooLarge {
+        /// Encoded size.
+        size: usize,
+        /// The server's limit.
+        max: usize,
+    },
     /// A publish was not acknowledged by the server.
     #[error("publish to {subject} failed: {reason}")]
     Publish {
@@ -116,9 +124,26 @@ impl Bus {
     /// Publishes a batch's extract job on the band subject of its priority; the
     /// message id is the batch's, so a repeated submission is stored once.
     pub async fn publish_job(&self, topology: &Topology, job: &ExtractJob) -> Result<(), BusError> {
+        let payload = self.job_payload(job)?;
+        self.publish_job_payload(topology, job, payload).await
+    }
+
+    /// The encoded job, or [`BusError::TooLarge`] when the server would refuse it
+    /// (a long URL list): callers can refuse it before recording anything.
+    pub fn job_payload(&self, job: &ExtractJob) -> Result<Bytes, BusError> {
+        let payload = crate::messages::encode(job);
+        let max = self.client.server_info().max_payload;
+        if payload.len() > max {
+            return Err(BusError::TooLarge { size: payload.len(), max });
+        }
+        Ok(payload)
+    }
+
+    /// Publishes `job`, already encoded by [`Bus::job_payload`], like [`Bus::publish_job`].
+    pub async fn publish_job_payload(&self, topology: &Topology, job: &ExtractJob, payload: Bytes) -> Result<(), BusError> {
         let subject = topology.priority_subject(&topology.stages.extract.subject, job.priority);
         let batch_id = job.batch_id.as_deref().unwrap_or_default();
-        self.publish(&subject, &crate::keys::msg_id("submit", batch_id, "job"), crate::messages::encode(job)).await
+        self.publish(&subject, &crate::keys::msg_id("submit", batch_id, "job"), payload).await
     }
 
     /// The stage's durable pull consumers, one per priority band (highest

@@ -17,7 +17,8 @@ use super::{ApiError, ApiState};
 use crate::archive;
 use crate::db::{BatchStatus, ImageResult};
 use crate::keys;
-use crate::messages::{self, ExtractJob, RemoteImage};
+use crate::bus::BusError;
+use crate::messages::{ExtractJob, RemoteImage};
 use crate::store::StoreError;
 
 /// Longest text field (`projectId`, `priority`) accepted in an upload form.
@@ -163,20 +164,19 @@ fn parse_priority(value: &Value) -> Result<u8, ApiError> {
 /// Registers the batch (so its status is readable at once) and publishes its extract job.
 async fn start_batch(state: &ApiState, job: &ExtractJob, source: &str) -> Result<(), ApiError> {
     let batch_id = job.batch_id.as_deref().expect("API jobs carry their batch id");
+    // Refused before anything is recorded, so no batch is left waiting for a job that never came.
+    let payload = state.bus.job_payload(job).map_err(|e| match e {
+        BusError::TooLarge { size, max } => ApiError::too_large(format!(
+            "the job is {size} bytes, more than NATS's max_payload of {max}: send fewer images per request"
+        )),
+        other => ApiError::unavailable("NATS", other),
+    })?;
     state
         .db
         .insert_batch(batch_id, &job.project_id, job.priority, source)
         .await
         .map_err(|e| ApiError::unavailable("PostgreSQL", e))?;
-    let payload = messages::encode(job);
-    let max_payload = state.bus.client.server_info().max_payload;
-    if payload.len() > max_payload {
-        return Err(ApiError::too_large(format!(
-            "the job is {} bytes, more than NATS's max_payload of {max_payload}: send fewer images per request",
-            payload.len()
-        )));
-    }
-    state.bus.publish_job(&state.topology, job).await.map_err(|e| ApiError::unavailable("NATS", e))
+    state.bus.publish_job_payload(&state.topology, job, payload).await.map_err(|e| ApiError::unavailable("NATS", e))
 }
 
 /// Body of `POST /api/batch/add-images`.
