@@ -111,8 +111,7 @@ impl Extract {
                 let index = chunk_start + i;
                 let name = image.url.clone();
                 // A redelivered job does not download again what it already stored.
-                let key = keys::original_key(batch_id, &keys::image_id(index), url_path(&name));
-                if ctx.store.exists(&key).await? {
+                if ctx.store.exists(&original_key(batch_id, &keys::image_id(index), &name, true)).await? {
                     // No bytes needed: ingest_chunk writes only objects that do not exist yet.
                     return Ok(Entry::Image { index, name, bytes: Vec::new() });
                 }
@@ -141,6 +140,7 @@ impl Extract {
         remote: &[RemoteImage],
     ) -> Result<usize, StageError> {
         let record_id = |index: usize| remote.get(index).and_then(|r| r.record_id.clone());
+        let from_url = !remote.is_empty();
         let mut rows = Vec::new();
         let mut images = Vec::new();
         let mut failures = Vec::new();
@@ -148,7 +148,7 @@ impl Extract {
             match entry {
                 Entry::Image { index, name, bytes } => {
                     let image_id = keys::image_id(index);
-                    let key = keys::original_key(batch_id, &image_id, url_path(&name));
+                    let key = original_key(batch_id, &image_id, &name, from_url);
                     let record_id = record_id(index);
                     rows.push(NewImage { image_id: image_id.clone(), entry_name: name, original_key: key.clone(), record_id });
                     images.push((image_id, key, bytes::Bytes::from(bytes)));
@@ -195,13 +195,16 @@ impl Extract {
     }
 }
 
-/// The path part of a URL (its extension names the original's key), or `name` itself.
-fn url_path(name: &str) -> &str {
-    let without_query = name.split(['?', '#']).next().unwrap_or(name);
-    match without_query.split_once("://") {
-        Some((_, rest)) => rest.split_once('/').map(|(_, path)| path).unwrap_or(""),
-        None => without_query,
+/// An original's object key. A URL's extension is read from its path, without
+/// the query or fragment; an archive entry's name is used whole (`#` and `?` are
+/// ordinary characters in file names).
+fn original_key(batch_id: &str, image_id: &str, name: &str, from_url: bool) -> String {
+    if !from_url {
+        return keys::original_key(batch_id, image_id, name);
     }
+    let without_query = name.split(['?', '#']).next().unwrap_or(name);
+    let path = without_query.split_once("://").map_or(without_query, |(_, rest)| rest.split_once('/').map_or("", |(_, p)| p));
+    keys::original_key(batch_id, image_id, path)
 }
 
 /// Finds the ZIP: a local path (`/x.zip`, `file:///x.zip`) or an object-store key.
