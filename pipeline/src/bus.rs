@@ -326,7 +326,8 @@ pub fn stage_consumers(topology: &Topology, stage: StageName) -> Vec<consumer::p
         .collect()
 }
 
-fn storage(kind: StorageKind) -> stream::StorageType {
+/// JetStream's storage type for the topology's `nats.storage`.
+pub(crate) fn storage(kind: StorageKind) -> stream::StorageType {
     match kind {
         StorageKind::File => stream::StorageType::File,
         StorageKind::Memory => stream::StorageType::Memory,

@@ -80,10 +80,7 @@ pub async fn publish(bus: &Bus, topology: &Topology) -> Result<u64, BusError> {
                 description: Some("face pipeline: the applied topology, watched by running stages".into()),
                 subjects: vec![format!("$KV.{name}.>")],
                 max_messages_per_subject: 10,
-                storage: match topology.nats.storage {
-                    crate::topology::StorageKind::File => stream::StorageType::File,
-                    crate::topology::StorageKind::Memory => stream::StorageType::Memory,
-                },
+                storage: crate::bus::storage(topology.nats.storage),
                 num_replicas: topology.nats.replicas,
                 allow_rollup: true,
                 deny_delete: true,
