@@ -6,12 +6,13 @@
 //! image, keeping the face as central as possible; only when the image is
 //! smaller than the window is the window shrunk to fit.
 
-use opencv::core::{Mat, Rect, Size, Vector};
+use opencv::core::{Mat, Size, Vector};
 use opencv::imgcodecs;
 use opencv::imgproc;
 use opencv::prelude::*;
 
 use super::decode;
+use super::region::{self, Area, Patch};
 use super::VisionError;
 use crate::messages::FaceBox;
 use crate::telemetry::Step;
@@ -58,8 +59,12 @@ pub fn chosen_faces(faces: &[FaceBox], params: &CropParams) -> Vec<usize> {
 }
 
 /// Crops the chosen faces of an image and encodes each as a JPEG of
-/// `output_size` squared. Decodes once, at the largest DCT reduction that
-/// still leaves every window at least `output_size` pixels wide.
+/// `output_size` squared.
+///
+/// A JPEG is decoded only where the crops are (the rectangle holding every
+/// chosen window), at the smallest M/8 scale that still leaves every window at
+/// least `output_size` pixels wide. Other formats, and JPEGs libjpeg cannot
+/// give as BGR (CMYK), are decoded whole by OpenCV at a DCT reduction.
 pub fn crop_faces(
     bytes: &[u8],
     faces: &[FaceBox],
@@ -71,33 +76,29 @@ pub fn crop_faces(
         return Ok(Vec::new());
     }
     let header = decode::probe(bytes, max_megapixels)?;
-    let smallest_side = chosen
+    let orientation = if region::is_jpeg(bytes) { region::orientation(bytes) } else { 1 };
+    let (width, height) =
+        if region::swaps_axes(orientation) { (header.height, header.width) } else { (header.width, header.height) };
+    let windows: Vec<Area> = chosen
         .iter()
-        .map(|&i| faces[i].w.max(faces[i].h) as f64 * (1.0 + 2.0 * params.padding))
-        .fold(f64::MAX, f64::min);
-    let ratio = (smallest_side / params.output_size as f64).max(1.0);
-    let reduction = [8u32, 4, 2].into_iter().find(|r| (*r as f64) <= ratio).unwrap_or(1);
-    let decoded = decode::decode(bytes, header, reduction)?;
-    let (sx, sy) = decoded.scale();
-    let image = &decoded.image;
-    let (dw, dh) = (image.cols(), image.rows());
+        .map(|&i| {
+            let w = window(&faces[i], width, height, params.padding);
+            let (x, y, side) = (w.x as f64, w.y as f64, w.side as f64);
+            Area { x0: x, y0: y, x1: x + side, y1: y + side }
+        })
+        .collect();
+    let smallest_side = windows.iter().map(|a| a.x1 - a.x0).fold(f64::MAX, f64::min);
+    let patch = decode_patch(bytes, header, orientation, &windows, smallest_side, params.output_size)?;
+
     let out_size = Size::new(params.output_size as i32, params.output_size as i32);
     let encode_params = Vector::<i32>::from_slice(&[imgcodecs::IMWRITE_JPEG_QUALITY, params.jpeg_quality]);
     // Every chosen face's resize and JPEG encoding, as one step per image.
     let _timer = Step::Encode.start();
-
-    chosen
+    windows
         .iter()
-        .map(|&i| {
-            let win = window(&faces[i], decoded.full_width, decoded.full_height, params.padding);
-            // Map the window into the decoded image, clamped to its pixels.
-            let x = ((win.x as f64 / sx).round() as i32).clamp(0, dw - 1);
-            let y = ((win.y as f64 / sy).round() as i32).clamp(0, dh - 1);
-            let w = ((win.side as f64 / sx).round() as i32).clamp(1, dw - x);
-            let h = ((win.side as f64 / sy).round() as i32).clamp(1, dh - y);
-            let roi = Mat::roi(image, Rect::new(x, y, w, h))?;
-            let shrinking = w >= out_size.width;
-            let interpolation = if shrinking { imgproc::INTER_AREA } else { imgproc::INTER_CUBIC };
+        .map(|&area| {
+            let roi = Mat::roi(&patch.image, patch.pixels_of(area))?;
+            let interpolation = if roi.cols() >= out_size.width { imgproc::INTER_AREA } else { imgproc::INTER_CUBIC };
             let mut resized = Mat::default();
             imgproc::resize(&roi, &mut resized, out_size, 0.0, 0.0, interpolation)?;
             let mut jpeg = Vector::<u8>::new();
@@ -105,6 +106,32 @@ pub fn crop_faces(
             Ok(jpeg.to_vec())
         })
         .collect()
+}
+
+/// The upright pixels under `windows`, at the smallest scale that keeps
+/// `smallest_side` (full-resolution pixels) at least `output_size` wide.
+fn decode_patch(
+    bytes: &[u8],
+    header: decode::Header,
+    orientation: u8,
+    windows: &[Area],
+    smallest_side: f64,
+    output_size: u32,
+) -> Result<Patch, VisionError> {
+    if region::is_jpeg(bytes) {
+        // M/8 with M from 1 to 8: the first scale at which the smallest window still fills the output.
+        let scale_num = (1..=8u32).find(|m| smallest_side * *m as f64 / 8.0 >= output_size as f64).unwrap_or(8);
+        let area = windows.iter().copied().reduce(Area::union).expect("at least one window");
+        let _timer = Step::Decode.start();
+        if let Some(patch) = region::decode_area(bytes, header, orientation, scale_num, area)? {
+            return Ok(patch);
+        }
+    }
+    let ratio = (smallest_side / output_size as f64).max(1.0);
+    let reduction = [8u32, 4, 2].into_iter().find(|r| (*r as f64) <= ratio).unwrap_or(1);
+    let decoded = decode::decode(bytes, header, reduction)?;
+    let (sx, sy) = decoded.scale();
+    Ok(Patch { image: decoded.image, x: 0.0, y: 0.0, per_full_x: 1.0 / sx, per_full_y: 1.0 / sy })
 }
 
 #[cfg(test)]

@@ -6,10 +6,12 @@
 //! - [`decode`]: read dimensions from the header, pick a JPEG DCT reduction, decode upright.
 //! - [`detect`]: YuNet (Haar fallback) per worker thread, boxes in original pixels.
 //! - [`crop`]: crop-window geometry (pure) and crop encoding.
+//! - [`region`]: decode only a crop's rectangle of a JPEG (libjpeg-turbo through `jpeg_region.c`), upright.
 
 pub mod crop;
 pub mod decode;
 pub mod detect;
+pub mod region;
 
 /// Why an image could not be processed. Every variant is a property of the
 /// input (or of the installation), so retrying does not help.
