@@ -1,13 +1,17 @@
 # Multi-stage build of every binary of the pipeline on Debian's OpenCV 4.6.
 FROM rust:1-bookworm AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libopencv-dev clang libclang-dev \
+ && apt-get install -y --no-install-recommends libopencv-dev libjpeg-dev clang libclang-dev python3-pip \
  && rm -rf /var/lib/apt/lists/*
+# ONNX Runtime's library from PyPI's wheel (a zip): detect runs YuNet on it, 2.7x faster than OpenCV's DNN.
+RUN pip3 download -q --no-deps --only-binary=:all: --dest /tmp/ort onnxruntime \
+ && python3 -m zipfile -e /tmp/ort/onnxruntime-*.whl /tmp/ort/wheel \
+ && mkdir -p /out/lib && cp /tmp/ort/wheel/onnxruntime/capi/libonnxruntime.so.* /out/lib/libonnxruntime.so
 WORKDIR /src
 COPY . .
 RUN cargo build --release --workspace \
- && cp target/release/pipeline target/release/extract target/release/detect \
-       target/release/crop target/release/persist /usr/local/bin/
+ && mkdir -p /out/bin && cp target/release/pipeline target/release/extract target/release/detect \
+       target/release/crop target/release/persist /out/bin/
 
 FROM debian:bookworm-slim
 RUN apt-get update \
@@ -20,8 +24,10 @@ RUN mkdir -p /models \
  && (curl -fsSL --max-time 60 -o /models/face_detection_yunet_2022mar.onnx \
       https://github.com/opencv/opencv_zoo/raw/main/models/face_detection_yunet/face_detection_yunet_2022mar.onnx \
      || echo "YuNet model not fetched: detect will fall back to the Haar cascade")
-COPY --from=build /usr/local/bin/ /usr/local/bin/
+COPY --from=build /out/bin/ /usr/local/bin/
+COPY --from=build /out/lib/ /usr/local/lib/
 COPY topology.toml /etc/facepipe/topology.toml
-ENV PIPELINE_TOPOLOGY=/etc/facepipe/topology.toml
+ENV PIPELINE_TOPOLOGY=/etc/facepipe/topology.toml \
+    PIPELINE_ONNXRUNTIME=/usr/local/lib/libonnxruntime.so
 WORKDIR /var/lib/facepipe
 CMD ["pipeline", "--help"]

@@ -15,6 +15,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("PIPELINE_OBJECT_STORE_URL", "object_store.url"),
     ("PIPELINE_DATABASE_URL", "postgres.url"),
     ("PIPELINE_DETECT_MODEL", "stages.detect.params.model"),
+    ("PIPELINE_ONNXRUNTIME", "stages.detect.params.onnxruntime"),
     ("PIPELINE_NATS_USER", "nats.auth.user"),
     ("PIPELINE_NATS_PASSWORD", "nats.auth.password"),
     ("PIPELINE_NATS_TOKEN", "nats.auth.token"),
@@ -510,6 +511,18 @@ pub enum DetectorKind {
     Haar,
 }
 
+/// What runs the YuNet network.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum InferenceEngine {
+    /// ONNX Runtime, loaded from its shared library (see `onnxruntime`); several times
+    /// faster than OpenCV 4.6's DNN module. Falls back to `opencv` when the library does not load.
+    #[default]
+    Onnxruntime,
+    /// OpenCV's DNN module (`cv::FaceDetectorYN`).
+    Opencv,
+}
+
 /// Parameters of the detect stage.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -520,6 +533,14 @@ pub struct DetectParams {
     /// YuNet ONNX file (`face_detection_yunet_2022mar.onnx` for OpenCV 4.6).
     #[serde(default)]
     pub model: Option<PathBuf>,
+    /// What runs YuNet.
+    #[serde(default)]
+    pub engine: InferenceEngine,
+    /// ONNX Runtime's shared library (`libonnxruntime.so`, from PyPI's `onnxruntime` wheel;
+    /// `scripts/setup` links it at `target/tools/lib/libonnxruntime.so`). Unset: `$ORT_DYLIB_PATH`,
+    /// else the loader's search path. Loaded once per process.
+    #[serde(default)]
+    pub onnxruntime: Option<PathBuf>,
     /// Haar cascade XML used as the fallback.
     #[serde(default = "default_haar_cascade")]
     pub haar_cascade: PathBuf,
@@ -545,6 +566,8 @@ impl Default for DetectParams {
         Self {
             detector: DetectorKind::default(),
             model: None,
+            engine: InferenceEngine::default(),
+            onnxruntime: None,
             haar_cascade: default_haar_cascade(),
             width: default_detect_width(),
             upscale: true,
@@ -640,6 +663,7 @@ impl Topology {
                     "PIPELINE_OBJECT_STORE_URL" => self.object_store.url = value,
                     "PIPELINE_DATABASE_URL" => self.postgres.url = value,
                     "PIPELINE_DETECT_MODEL" => self.stages.detect.params.model = Some(value.into()),
+                    "PIPELINE_ONNXRUNTIME" => self.stages.detect.params.onnxruntime = Some(value.into()),
                     "PIPELINE_NATS_USER" => self.nats.auth.user = Some(value),
                     "PIPELINE_NATS_PASSWORD" => self.nats.auth.password = Some(value),
                     "PIPELINE_NATS_TOKEN" => self.nats.auth.token = Some(value),

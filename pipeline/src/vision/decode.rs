@@ -6,7 +6,7 @@
 //! before any pixel is decoded. OpenCV applies the EXIF orientation, so the
 //! decoded image is upright.
 
-use opencv::core::{Mat, Vector};
+use opencv::core::Mat;
 use opencv::imgcodecs;
 use opencv::prelude::*;
 
@@ -70,7 +70,8 @@ pub fn decode(bytes: &[u8], header: Header, reduction: u32) -> Result<Decoded, V
         _ => imgcodecs::IMREAD_COLOR,
     };
     let _timer = Step::Decode.start();
-    let buf = Vector::<u8>::from_slice(bytes);
+    // A Mat header over the caller's bytes: no copy of the compressed image.
+    let buf = Mat::from_slice(bytes)?;
     let image = imgcodecs::imdecode(&buf, flags)?;
     if image.empty() || image.cols() == 0 || image.rows() == 0 {
         return Err(VisionError::Decode("decoder returned no pixels (truncated or corrupt data)".into()));

@@ -17,7 +17,8 @@ use super::decode::{self, Decoded};
 use super::VisionError;
 use crate::messages::FaceBox;
 use crate::telemetry::Step;
-use crate::topology::{DetectParams, DetectorKind};
+use super::yunet::OrtYunet;
+use crate::topology::{DetectParams, DetectorKind, InferenceEngine};
 
 /// Faces found in one image.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +34,7 @@ pub struct Detection {
 }
 
 enum Model {
+    YunetOrt(Box<OrtYunet>),
     Yunet(Ptr<FaceDetectorYN>),
     Haar(CascadeClassifier),
 }
@@ -51,6 +53,15 @@ fn load(params: &DetectParams) -> Result<Model, VisionError> {
     if params.detector == DetectorKind::Yunet {
         match params.model.as_deref() {
             Some(path) if path.is_file() => {
+                if params.engine == InferenceEngine::Onnxruntime {
+                    match OrtYunet::load(path, params.onnxruntime.as_deref()) {
+                        Ok(model) => return Ok(Model::YunetOrt(Box::new(model))),
+                        Err(e) => tracing::warn!(
+                            error = %e,
+                            "YuNet on ONNX Runtime unavailable; running it on OpenCV's DNN module, several times slower (scripts/setup installs ONNX Runtime)"
+                        ),
+                    }
+                }
                 let model = FaceDetectorYN::create(
                     &path.to_string_lossy(),
                     "",
@@ -98,7 +109,7 @@ pub fn detector_name(params: &DetectParams) -> Result<&'static str, VisionError>
 
 fn model_name(model: &Model) -> &'static str {
     match model {
-        Model::Yunet(_) => "yunet",
+        Model::Yunet(_) | Model::YunetOrt(_) => "yunet",
         Model::Haar(_) => "haar",
     }
 }
@@ -154,6 +165,7 @@ pub fn detect_decoded(decoded: &Decoded, params: &DetectParams) -> Result<Detect
 
     with_model(params, |model| {
         let raw = match model {
+            Model::YunetOrt(net) => net.detect(&input, params.score_threshold, params.nms_threshold)?,
             Model::Yunet(net) => run_yunet(net, &input)?,
             Model::Haar(cascade) => run_haar(cascade, &input)?,
         };

@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include <jpeglib.h>
+#include <jerror.h>
 
 #define FP_OK 0
 #define FP_ERROR 1
@@ -50,6 +51,42 @@ static unsigned int clamp_u(unsigned int v, unsigned int lo, unsigned int hi) {
     return v < lo ? lo : (v > hi ? hi : v);
 }
 
+/* Everything after setjmp, in its own frame so that no local of the caller
+ * changes between setjmp and a longjmp out of libjpeg. */
+static void decode_rows(struct jpeg_decompress_struct *cinfo, int scale_num, unsigned int x, unsigned int y,
+                        unsigned int w, unsigned int h, fp_region *out, unsigned char *volatile *pixels) {
+    cinfo->out_color_space = JCS_EXT_BGR;
+    cinfo->scale_num = (unsigned int)(scale_num < 1 ? 1 : (scale_num > 8 ? 8 : scale_num));
+    cinfo->scale_denom = 8;
+    jpeg_start_decompress(cinfo);
+
+    unsigned int sw = cinfo->output_width, sh = cinfo->output_height;
+    x = clamp_u(x, 0, sw - 1);
+    y = clamp_u(y, 0, sh - 1);
+    w = clamp_u(w, 1, sw - x);
+    h = clamp_u(h, 1, sh - y);
+    JDIMENSION xoffset = x, width = w;
+    if (width < sw) jpeg_crop_scanline(cinfo, &xoffset, &width);
+    if (y > 0) jpeg_skip_scanlines(cinfo, y);
+
+    size_t stride = (size_t)width * 3;
+    *pixels = calloc(h, stride);
+    if (*pixels == NULL) ERREXIT(cinfo, JERR_OUT_OF_MEMORY);
+    while (cinfo->output_scanline < y + h) {
+        JSAMPROW row = *pixels + (size_t)(cinfo->output_scanline - y) * stride;
+        if (jpeg_read_scanlines(cinfo, &row, 1) != 1) break;
+    }
+    /* The rows below the window are never decoded. */
+    jpeg_abort_decompress(cinfo);
+
+    out->width = width;
+    out->height = h;
+    out->x = xoffset;
+    out->y = y;
+    out->scaled_width = sw;
+    out->scaled_height = sh;
+}
+
 /*
  * Decodes the rectangle (x, y, w, h), in pixels of the image scaled by
  * scale_num/8, clamped to that image. The columns may start left of x (to an
@@ -82,42 +119,9 @@ int fp_decode_region(const unsigned char *data, unsigned long len, int scale_num
         jpeg_destroy_decompress(&cinfo);
         return FP_UNSUPPORTED;
     }
-    cinfo.out_color_space = JCS_EXT_BGR;
-    cinfo.scale_num = (unsigned int)(scale_num < 1 ? 1 : (scale_num > 8 ? 8 : scale_num));
-    cinfo.scale_denom = 8;
-    jpeg_start_decompress(&cinfo);
-
-    unsigned int sw = cinfo.output_width, sh = cinfo.output_height;
-    x = clamp_u(x, 0, sw - 1);
-    y = clamp_u(y, 0, sh - 1);
-    w = clamp_u(w, 1, sw - x);
-    h = clamp_u(h, 1, sh - y);
-    JDIMENSION xoffset = x, width = w;
-    if (width < sw) jpeg_crop_scanline(&cinfo, &xoffset, &width);
-    if (y > 0) jpeg_skip_scanlines(&cinfo, y);
-
-    size_t stride = (size_t)width * 3;
-    pixels = calloc(h, stride);
-    if (pixels == NULL) {
-        snprintf(message, message_len, "out of memory for a %ux%u region", width, h);
-        jpeg_destroy_decompress(&cinfo);
-        return FP_ERROR;
-    }
-    while (cinfo.output_scanline < y + h) {
-        JSAMPROW row = pixels + (size_t)(cinfo.output_scanline - y) * stride;
-        if (jpeg_read_scanlines(&cinfo, &row, 1) != 1) break;
-    }
-    /* The rows below the window are never decoded. */
-    jpeg_abort_decompress(&cinfo);
+    decode_rows(&cinfo, scale_num, x, y, w, h, out, &pixels);
     jpeg_destroy_decompress(&cinfo);
-
     out->pixels = pixels;
-    out->width = width;
-    out->height = h;
-    out->x = xoffset;
-    out->y = y;
-    out->scaled_width = sw;
-    out->scaled_height = sh;
     return FP_OK;
 }
 

@@ -6,12 +6,14 @@
 //! - [`decode`]: read dimensions from the header, pick a JPEG DCT reduction, decode upright.
 //! - [`detect`]: YuNet (Haar fallback) per worker thread, boxes in original pixels.
 //! - [`crop`]: crop-window geometry (pure) and crop encoding.
+//! - [`yunet`]: YuNet on ONNX Runtime, with OpenCV 4.6's pre- and post-processing.
 //! - [`region`]: decode only a crop's rectangle of a JPEG (libjpeg-turbo through `jpeg_region.c`), upright.
 
 pub mod crop;
 pub mod decode;
 pub mod detect;
 pub mod region;
+pub mod yunet;
 
 /// Why an image could not be processed. Every variant is a property of the
 /// input (or of the installation), so retrying does not help.
@@ -36,6 +38,9 @@ pub enum VisionError {
     /// An OpenCV call failed.
     #[error("opencv: {0}")]
     OpenCv(#[from] opencv::Error),
+    /// The detector failed on an image.
+    #[error("inference: {0}")]
+    Inference(String),
     /// No usable detector (neither the model nor the Haar cascade loads).
     #[error("no face detector available: {0}")]
     NoDetector(String),

@@ -228,6 +228,13 @@ impl Drop for TestDb {
     }
 }
 
+/// ONNX Runtime's library: `$PIPELINE_ONNXRUNTIME`, else where `scripts/setup` links it.
+pub fn onnxruntime_library() -> PathBuf {
+    std::env::var_os("PIPELINE_ONNXRUNTIME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/tools/lib/libonnxruntime.so"))
+}
+
 /// The repository's topology, pointed at the given services and a private object store.
 pub fn test_topology(nats_url: &str, db_url: &str, objects: &Path) -> Topology {
     let text = std::fs::read_to_string(repo_root().join("topology.toml")).unwrap();
@@ -236,6 +243,7 @@ pub fn test_topology(nats_url: &str, db_url: &str, objects: &Path) -> Topology {
     t.postgres.url = db_url.to_string();
     t.object_store.url = format!("file://{}", objects.display());
     t.stages.detect.params.model = Some(shared_dir().join("models/face_detection_yunet_2022mar.onnx"));
+    t.stages.detect.params.onnxruntime = Some(onnxruntime_library());
     t.retry.base = Duration::from_millis(200);
     t.retry.max = Duration::from_secs(2);
     for stage in StageName::ALL {
