@@ -179,6 +179,8 @@ pub struct Report {
     pub ms_per_image: f64,
     /// Detector actually used (`yunet`, or `haar` after a fallback).
     pub detector: String,
+    /// What ran it (`onnxruntime`, or `opencv` by choice or after a fallback).
+    pub engine: String,
 }
 
 /// Runs the detect stage's code over every photo of a manifest.
@@ -191,6 +193,9 @@ pub fn evaluate(manifest: &Path, params: &DetectParams) -> Result<Report, EvalEr
         by_source: BTreeMap::new(),
         ms_per_image: 0.0,
         detector: String::new(),
+        engine: detect::engine_name(params)
+            .map_err(|source| EvalError::Detect { file: String::new(), source })?
+            .to_string(),
     };
     let mut elapsed = 0.0;
     for label in &labels {

@@ -3,7 +3,7 @@
 
 mod support;
 
-use support::{bin, repo_root, shared_dir};
+use support::{bin, onnxruntime_library, repo_root, shared_dir};
 
 /// Floors set from the measurement of the repository's settings (YuNet 2022mar,
 /// longer side 640 with upscaling, score 0.8): P 0.953, R 0.863 on these photos.
@@ -18,12 +18,14 @@ fn detection_quality_stays_above_the_floor() {
         .args(["eval", "--json", "--min-precision", MIN_PRECISION, "--min-recall", MIN_RECALL, "--manifest"])
         .arg(shared_dir().join("data/faces/manifest.json"))
         .env("PIPELINE_DETECT_MODEL", shared_dir().join("models/face_detection_yunet_2022mar.onnx"))
+        .env("PIPELINE_ONNXRUNTIME", onnxruntime_library())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report["detector"], "yunet", "the YuNet model must load, not the Haar fallback");
+    assert_eq!(report["engine"], "onnxruntime", "ONNX Runtime must load, not the OpenCV fallback");
     let total = &report["total"];
     assert_eq!(total["images"], 127, "every photo with boxes is scored");
     assert_eq!(total["faces"], 211, "countable faces per the protocol");

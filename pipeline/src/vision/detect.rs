@@ -107,6 +107,12 @@ pub fn detector_name(params: &DetectParams) -> Result<&'static str, VisionError>
     with_model(params, |model| Ok(model_name(model)))
 }
 
+/// What runs the detector `params` yields on this machine: `onnxruntime`, or `opencv`
+/// (OpenCV's DNN module for YuNet, or the Haar cascade).
+pub fn engine_name(params: &DetectParams) -> Result<&'static str, VisionError> {
+    with_model(params, |model| Ok(if matches!(model, Model::YunetOrt(_)) { "onnxruntime" } else { "opencv" }))
+}
+
 fn model_name(model: &Model) -> &'static str {
     match model {
         Model::Yunet(_) | Model::YunetOrt(_) => "yunet",
