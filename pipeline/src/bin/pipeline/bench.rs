@@ -43,6 +43,19 @@ fn cpu_seconds_of_this_process() -> f64 {
     secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
+/// Busy and total CPU seconds of the whole machine since boot, from `/proc/stat`
+/// (every process: the stages, NATS, PostgreSQL, the kernel).
+fn machine_cpu_seconds() -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<f64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal ...: idle and iowait are not busy.
+    let total: f64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3)? + ticks.get(4)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(((total - idle) / hz, total / hz))
+}
+
 fn corpus_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
@@ -150,6 +163,7 @@ pub async fn run(topology_path: &Path, topology: &Topology, args: BenchArgs) -> 
     // Let every stage bind its consumer and load its detector before the clock starts.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before: Vec<Usage> = group.processes().iter().map(StageGroup::usage).collect();
+    let machine_before = machine_cpu_seconds();
 
     let batch_id = keys::derived_batch_id(&["bench", &chrono::Utc::now().to_rfc3339()]);
     let store = Store::open(&topology.object_store.url)?;
@@ -171,6 +185,7 @@ pub async fn run(topology_path: &Path, topology: &Topology, args: BenchArgs) -> 
     };
     let wall = started.elapsed().as_secs_f64();
     let after: Vec<Usage> = group.processes().iter().map(StageGroup::usage).collect();
+    let machine_after = machine_cpu_seconds();
     let latencies = db.latencies(&batch_id).await?;
 
     println!(
@@ -183,8 +198,20 @@ pub async fn run(topology_path: &Path, topology: &Topology, args: BenchArgs) -> 
         println!("overhead    {:+.1}% wall time over the in-process floor", (wall / floor_wall - 1.0) * 100.0);
     }
     println!("{:<12} {:>14} {:>14}", "process", "CPU ms/image", "peak RSS MiB");
+    let mut stages_ms = 0.0;
     for ((p, b), a) in group.processes().iter().zip(&before).zip(&after) {
-        println!("{:<12} {:>14.1} {:>14.1}", p.name, (a.cpu_seconds - b.cpu_seconds) * 1000.0 / n as f64, a.peak_rss_mib);
+        let ms = (a.cpu_seconds - b.cpu_seconds) * 1000.0 / n as f64;
+        stages_ms += ms;
+        println!("{:<12} {:>14.1} {:>14.1}", p.name, ms, a.peak_rss_mib);
+    }
+    // Where the overhead goes: the whole machine's CPU per image, and how busy it was.
+    if let (Some((busy0, total0)), Some((busy1, total1))) = (machine_before, machine_after) {
+        let busy_ms = (busy1 - busy0) * 1000.0 / n as f64;
+        println!(
+            "machine     {busy_ms:.1} ms CPU per image in all: stages {stages_ms:.1}, the rest (NATS, PostgreSQL, kernel, this client) {:.1}; cores {:.0}% busy",
+            busy_ms - stages_ms,
+            (busy1 - busy0) / (total1 - total0) * 100.0
+        );
     }
     group.stop().await?;
     if status.status != "completed" {
