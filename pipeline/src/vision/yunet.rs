@@ -55,11 +55,25 @@ fn environment(library: Option<&Path>) -> Result<&'static Environment, VisionErr
 /// YuNet on ONNX Runtime, for one worker thread.
 pub struct OrtYunet {
     session: Session,
-    /// Priors of the last input size (they depend only on it).
+    /// Which YuNet the file holds: the two releases decode their outputs differently.
+    release: Release,
+    /// Priors of the last input size (2022mar; they depend only on it).
     priors: Priors,
     /// The NCHW float input, reused between images.
     input: Vec<f32>,
 }
+
+/// The YuNet releases, told apart by their outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// `face_detection_yunet_2022mar.onnx`: anchor priors, outputs `loc`, `conf`, `iou`.
+    Mar2022,
+    /// `face_detection_yunet_2023mar.onnx`: anchor-free, per-stride `cls`, `obj`, `bbox`, `kps`
+    /// (OpenCV needs >= 4.8 for it; ONNX Runtime runs it anywhere).
+    Mar2023,
+}
+
+const STRIDES_2023: [usize; 3] = [8, 16, 32];
 
 impl OrtYunet {
     /// Loads `model` (YuNet 2022mar) into an ONNX Runtime session running on this thread alone.
@@ -82,12 +96,20 @@ impl OrtYunet {
             .commit_from_memory(&bytes)
             .map_err(|e| failed(e.to_string()))?;
         let names: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
-        if names != ["loc", "conf", "iou"] {
-            return Err(failed(format!(
-                "outputs {names:?} are not YuNet 2022mar's (loc, conf, iou); the 2023mar file needs OpenCV >= 4.8"
-            )));
-        }
-        Ok(Self { session, priors: Priors::default(), input: Vec::new() })
+        let has = |name: &str| names.contains(&name);
+        let release = if ["loc", "conf", "iou"].iter().all(|n| has(n)) {
+            Release::Mar2022
+        } else if STRIDES_2023.iter().all(|s| ["cls", "obj", "bbox"].iter().all(|k| has(&format!("{k}_{s}")))) {
+            Release::Mar2023
+        } else {
+            return Err(failed(format!("outputs {names:?} are neither YuNet 2022mar's nor 2023mar's")));
+        };
+        Ok(Self { session, release, priors: Priors::default(), input: Vec::new() })
+    }
+
+    /// Which YuNet release the model file holds.
+    pub fn release(&self) -> Release {
+        self.release
     }
 
     /// Faces in `image` (8-bit BGR), in its pixels.
@@ -104,9 +126,23 @@ impl OrtYunet {
             .map_err(|e| VisionError::Inference(e.to_string()))?;
         let outputs = self.session.run(ort::inputs!["input" => input]).map_err(|e| VisionError::Inference(e.to_string()))?;
         let tensor = |name: &str| -> Result<&[f32], VisionError> {
-            let (_, data) = outputs[name].try_extract_tensor::<f32>().map_err(|e| VisionError::Inference(e.to_string()))?;
+            let value = outputs.get(name).ok_or_else(|| VisionError::Inference(format!("no output {name}")))?;
+            let (_, data) = value.try_extract_tensor::<f32>().map_err(|e| VisionError::Inference(e.to_string()))?;
             Ok(data)
         };
+        if self.release == Release::Mar2023 {
+            let mut candidates = Vec::new();
+            for stride in STRIDES_2023 {
+                let get = |kind: &str| tensor(&format!("{kind}_{stride}"));
+                let (cols, rows) = (pw / stride, ph / stride);
+                let (cls, obj, bbox) = (get("cls")?, get("obj")?, get("bbox")?);
+                if cls.len() != cols * rows || obj.len() != cols * rows || bbox.len() != cols * rows * 4 {
+                    return Err(VisionError::Inference(format!("YuNet gave {} cells at stride {stride} for {pw}x{ph}", cls.len())));
+                }
+                decode_2023(stride, cols, cls, obj, bbox, score_threshold, &mut candidates);
+            }
+            return Ok(non_maximum_suppression(candidates, nms_threshold));
+        }
         let (loc, conf, iou) = (tensor("loc")?, tensor("conf")?, tensor("iou")?);
         let n = self.priors.boxes.len();
         if loc.len() != n * 14 || conf.len() != n * 2 || iou.len() != n {
@@ -202,6 +238,23 @@ fn decode(priors: &Priors, loc: &[f32], conf: &[f32], iou: &[f32], threshold: f3
         faces.push(FaceBox { x: cx - bw / 2.0, y: cy - bh / 2.0, w: bw, h: bh, score });
     }
     faces
+}
+
+/// Boxes of one stride of YuNet 2023mar scoring at least `threshold`, in input pixels
+/// (OpenCV >= 4.8's `FaceDetectorYN::postProcess`).
+fn decode_2023(stride: usize, cols: usize, cls: &[f32], obj: &[f32], bbox: &[f32], threshold: f32, faces: &mut Vec<FaceBox>) {
+    let s = stride as f32;
+    for (i, (c, o)) in cls.iter().zip(obj).enumerate() {
+        let score = (c.clamp(0.0, 1.0) * o.clamp(0.0, 1.0)).sqrt();
+        if score.is_nan() || score < threshold {
+            continue;
+        }
+        let (col, row) = ((i % cols) as f32, (i / cols) as f32);
+        let b = &bbox[i * 4..i * 4 + 4];
+        let (cx, cy) = ((col + b[0]) * s, (row + b[1]) * s);
+        let (w, h) = (b[2].exp() * s, b[3].exp() * s);
+        faces.push(FaceBox { x: cx - w / 2.0, y: cy - h / 2.0, w, h, score });
+    }
 }
 
 /// Greedy NMS, highest score first, as `cv::dnn::NMSBoxes` on the boxes' integer rectangles.
