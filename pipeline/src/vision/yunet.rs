@@ -1,4 +1,5 @@
-//! YuNet 2022mar on ONNX Runtime.
+//! YuNet on ONNX Runtime: the 2022mar file OpenCV 4.6 runs, and the 2023mar
+//! file it cannot load (decoded as OpenCV >= 4.8 decodes it).
 //!
 //! The same model file `cv::FaceDetectorYN` runs, executed by ONNX Runtime,
 //! which runs it far faster than OpenCV 4.6's DNN module (on this project's
@@ -76,7 +77,7 @@ pub enum Release {
 const STRIDES_2023: [usize; 3] = [8, 16, 32];
 
 impl OrtYunet {
-    /// Loads `model` (YuNet 2022mar) into an ONNX Runtime session running on this thread alone.
+    /// Loads `model` (YuNet 2022mar or 2023mar) into an ONNX Runtime session running on this thread alone.
     pub fn load(model: &Path, library: Option<&Path>) -> Result<Self, VisionError> {
         let env = environment(library)?;
         let bytes = std::fs::read(model).map_err(|e| VisionError::NoDetector(format!("{}: {e}", model.display())))?;
