@@ -46,3 +46,22 @@ fn eval_fails_below_a_floor() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("below the floor: recall"));
 }
+
+#[test]
+fn without_onnxruntime_detect_warns_and_runs_yunet_on_opencv() {
+    let out = std::process::Command::new(bin("pipeline"))
+        .arg("--topology")
+        .arg(repo_root().join("topology.toml"))
+        .args(["eval", "--json", "--min-precision", MIN_PRECISION, "--min-recall", MIN_RECALL, "--manifest"])
+        .arg(shared_dir().join("data/faces/manifest.json"))
+        .env("PIPELINE_DETECT_MODEL", shared_dir().join("models/face_detection_yunet_2022mar.onnx"))
+        .env("PIPELINE_ONNXRUNTIME", "/nonexistent/libonnxruntime.so")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("ONNX Runtime unavailable"), "the fallback is announced: {stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["detector"], "yunet");
+    assert_eq!(report["engine"], "opencv");
+}
