@@ -3,6 +3,9 @@
 
 mod support;
 
+use std::ffi::OsStr;
+use std::process::Output;
+
 use support::{bin, onnxruntime_library, repo_root, shared_dir};
 
 /// Floors set from the measurement of the repository's settings (YuNet 2022mar,
@@ -10,17 +13,25 @@ use support::{bin, onnxruntime_library, repo_root, shared_dir};
 const MIN_PRECISION: &str = "0.93";
 const MIN_RECALL: &str = "0.84";
 
-#[test]
-fn detection_quality_stays_above_the_floor() {
-    let out = std::process::Command::new(bin("pipeline"))
+/// `pipeline eval <args> --manifest <labelled photos>` with the repository's topology,
+/// YuNet 2022mar from ../shared, and ONNX Runtime's library at `onnxruntime`.
+fn eval(args: &[&str], onnxruntime: impl AsRef<OsStr>) -> Output {
+    std::process::Command::new(bin("pipeline"))
         .arg("--topology")
         .arg(repo_root().join("topology.toml"))
-        .args(["eval", "--json", "--min-precision", MIN_PRECISION, "--min-recall", MIN_RECALL, "--manifest"])
+        .arg("eval")
+        .args(args)
+        .arg("--manifest")
         .arg(shared_dir().join("data/faces/manifest.json"))
         .env("PIPELINE_DETECT_MODEL", shared_dir().join("models/face_detection_yunet_2022mar.onnx"))
-        .env("PIPELINE_ONNXRUNTIME", onnxruntime_library())
+        .env("PIPELINE_ONNXRUNTIME", onnxruntime)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn detection_quality_stays_above_the_floor() {
+    let out = eval(&["--json", "--min-precision", MIN_PRECISION, "--min-recall", MIN_RECALL], onnxruntime_library());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
@@ -35,29 +46,14 @@ fn detection_quality_stays_above_the_floor() {
 
 #[test]
 fn eval_fails_below_a_floor() {
-    let out = std::process::Command::new(bin("pipeline"))
-        .arg("--topology")
-        .arg(repo_root().join("topology.toml"))
-        .args(["eval", "--min-recall", "0.999", "--manifest"])
-        .arg(shared_dir().join("data/faces/manifest.json"))
-        .env("PIPELINE_DETECT_MODEL", shared_dir().join("models/face_detection_yunet_2022mar.onnx"))
-        .output()
-        .unwrap();
+    let out = eval(&["--min-recall", "0.999"], onnxruntime_library());
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("below the floor: recall"));
 }
 
 #[test]
 fn without_onnxruntime_detect_warns_and_runs_yunet_on_opencv() {
-    let out = std::process::Command::new(bin("pipeline"))
-        .arg("--topology")
-        .arg(repo_root().join("topology.toml"))
-        .args(["eval", "--json", "--min-precision", MIN_PRECISION, "--min-recall", MIN_RECALL, "--manifest"])
-        .arg(shared_dir().join("data/faces/manifest.json"))
-        .env("PIPELINE_DETECT_MODEL", shared_dir().join("models/face_detection_yunet_2022mar.onnx"))
-        .env("PIPELINE_ONNXRUNTIME", "/nonexistent/libonnxruntime.so")
-        .output()
-        .unwrap();
+    let out = eval(&["--json", "--min-precision", MIN_PRECISION, "--min-recall", MIN_RECALL], "/nonexistent/libonnxruntime.so");
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stderr.contains("ONNX Runtime unavailable"), "the fallback is announced: {stderr}");

@@ -118,7 +118,7 @@ impl OrtYunet {
         let (w, h) = (image.cols() as usize, image.rows() as usize);
         let (pw, ph) = ((w.div_ceil(32) * 32).max(64), (h.div_ceil(32) * 32).max(64));
         self.fill_input(image, pw, ph)?;
-        if (self.priors.width, self.priors.height) != (pw, ph) {
+        if self.release == Release::Mar2022 && (self.priors.width, self.priors.height) != (pw, ph) {
             self.priors = Priors::new(pw, ph);
         }
         let input = TensorRef::from_array_view(([1usize, 3, ph, pw], self.input.as_slice()))
