@@ -181,6 +181,10 @@ pub struct Report {
     pub detector: String,
     /// What ran it (`onnxruntime`, or `opencv` by choice or after a fallback).
     pub engine: String,
+    /// File name of the model (or Haar cascade) that ran.
+    pub model: String,
+    /// Score threshold applied to the detector's boxes.
+    pub score_threshold: f32,
 }
 
 /// Runs the detect stage's code over every photo of a manifest.
@@ -188,14 +192,15 @@ pub fn evaluate(manifest: &Path, params: &DetectParams) -> Result<Report, EvalEr
     let read = |path: &Path| std::fs::read(path).map_err(|source| EvalError::Read { path: path.to_owned(), source });
     let labels: Vec<Labelled> = serde_json::from_slice(&read(manifest)?)?;
     let root = manifest.parent().unwrap_or(Path::new("."));
+    let running = detect::running(params).map_err(|source| EvalError::Detect { file: String::new(), source })?;
     let mut report = Report {
         total: Tally::default(),
         by_source: BTreeMap::new(),
         ms_per_image: 0.0,
-        detector: String::new(),
-        engine: detect::engine_name(params)
-            .map_err(|source| EvalError::Detect { file: String::new(), source })?
-            .to_string(),
+        detector: running.detector.to_string(),
+        engine: running.engine.to_string(),
+        model: running.model,
+        score_threshold: running.score_threshold,
     };
     let mut elapsed = 0.0;
     for label in &labels {
@@ -204,7 +209,6 @@ pub fn evaluate(manifest: &Path, params: &DetectParams) -> Result<Report, EvalEr
         let found = detect::detect_faces(&bytes, params)
             .map_err(|source| EvalError::Detect { file: label.file.clone(), source })?;
         elapsed += started.elapsed().as_secs_f64();
-        report.detector = found.detector.to_string();
         let tally = score(label, &found.faces);
         report.total.add(&tally);
         report.by_source.entry(label.source().to_string()).or_default().add(&tally);

@@ -15,6 +15,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("PIPELINE_OBJECT_STORE_URL", "object_store.url"),
     ("PIPELINE_DATABASE_URL", "postgres.url"),
     ("PIPELINE_DETECT_MODEL", "stages.detect.params.model"),
+    ("PIPELINE_DETECT_OPENCV_MODEL", "stages.detect.params.opencv_model"),
     ("PIPELINE_ONNXRUNTIME", "stages.detect.params.onnxruntime"),
     ("PIPELINE_NATS_USER", "nats.auth.user"),
     ("PIPELINE_NATS_PASSWORD", "nats.auth.password"),
@@ -530,9 +531,18 @@ pub struct DetectParams {
     /// Detector to run.
     #[serde(default)]
     pub detector: DetectorKind,
-    /// YuNet ONNX file (`face_detection_yunet_2022mar.onnx` for OpenCV 4.6).
+    /// YuNet ONNX file the `engine` runs: ONNX Runtime runs both releases
+    /// (`face_detection_yunet_2023mar.onnx` or `..._2022mar.onnx`).
     #[serde(default)]
     pub model: Option<PathBuf>,
+    /// YuNet file for OpenCV's DNN module, used when `engine = "opencv"` and when ONNX Runtime
+    /// does not load: OpenCV 4.6 loads only `face_detection_yunet_2022mar.onnx`. Unset: `model`.
+    #[serde(default)]
+    pub opencv_model: Option<PathBuf>,
+    /// Score threshold for `opencv_model` (each release's scores have their own scale). Unset:
+    /// `score_threshold`.
+    #[serde(default)]
+    pub opencv_score_threshold: Option<f32>,
     /// What runs YuNet.
     #[serde(default)]
     pub engine: InferenceEngine,
@@ -566,6 +576,8 @@ impl Default for DetectParams {
         Self {
             detector: DetectorKind::default(),
             model: None,
+            opencv_model: None,
+            opencv_score_threshold: None,
             engine: InferenceEngine::default(),
             onnxruntime: None,
             haar_cascade: default_haar_cascade(),
@@ -663,6 +675,7 @@ impl Topology {
                     "PIPELINE_OBJECT_STORE_URL" => self.object_store.url = value,
                     "PIPELINE_DATABASE_URL" => self.postgres.url = value,
                     "PIPELINE_DETECT_MODEL" => self.stages.detect.params.model = Some(value.into()),
+                    "PIPELINE_DETECT_OPENCV_MODEL" => self.stages.detect.params.opencv_model = Some(value.into()),
                     "PIPELINE_ONNXRUNTIME" => self.stages.detect.params.onnxruntime = Some(value.into()),
                     "PIPELINE_NATS_USER" => self.nats.auth.user = Some(value),
                     "PIPELINE_NATS_PASSWORD" => self.nats.auth.password = Some(value),
@@ -765,6 +778,9 @@ impl Topology {
         }
         if !(0.0..=1.0).contains(&d.score_threshold) {
             return invalid("stages.detect.params.score_threshold", "must be in [0, 1]");
+        }
+        if d.opencv_score_threshold.is_some_and(|t| !(0.0..=1.0).contains(&t)) {
+            return invalid("stages.detect.params.opencv_score_threshold", "must be in [0, 1]");
         }
         if !(0.0..=1.0).contains(&d.nms_threshold) {
             return invalid("stages.detect.params.nms_threshold", "must be in [0, 1]");

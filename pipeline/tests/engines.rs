@@ -10,7 +10,6 @@ use opencv::imgproc;
 use opencv::objdetect::FaceDetectorYN;
 use opencv::prelude::*;
 use pipeline::messages::FaceBox;
-use pipeline::topology::DetectParams;
 use pipeline::vision::yunet::{OrtYunet, Release};
 use support::{labelled_photos, onnxruntime_library, shared_dir};
 
@@ -79,23 +78,13 @@ fn onnxruntime_finds_the_faces_opencv_finds() {
     eprintln!("{photos} photos, {compared} boxes: the same faces from both engines");
 }
 
-/// YuNet 2023mar, which OpenCV 4.6 cannot load, runs on ONNX Runtime with
-/// OpenCV 4.8's decoding, and finds the labelled faces about as well as 2022mar.
+/// ONNX Runtime tells the two YuNet releases apart by their outputs (2023mar, which
+/// OpenCV 4.6 cannot load, is the repository's default; `tests/eval.rs` measures it).
 #[test]
-fn onnxruntime_runs_yunet_2023mar_with_measured_quality() {
-    let model = shared_dir().join("models/face_detection_yunet_2023mar.onnx");
+fn onnxruntime_loads_both_yunet_releases() {
     let library = onnxruntime_library();
-    let loaded = OrtYunet::load(&model, Some(&library)).unwrap();
-    assert_eq!(loaded.release(), Release::Mar2023);
-    let params = DetectParams {
-        model: Some(model),
-        onnxruntime: Some(library),
-        score_threshold: 0.7,
-        ..DetectParams::default()
-    };
-    let report = pipeline::eval::evaluate(&shared_dir().join("data/faces/manifest.json"), &params).unwrap();
-    assert_eq!(report.engine, "onnxruntime");
-    let (p, r) = (report.total.precision(), report.total.recall());
-    // Measured: P 0.953 / R 0.867 (2022mar at 0.8: 0.948 / 0.863).
-    assert!(p >= 0.93 && r >= 0.85, "YuNet 2023mar: precision {p:.3}, recall {r:.3}");
+    for (file, release) in [("2022mar", Release::Mar2022), ("2023mar", Release::Mar2023)] {
+        let model = shared_dir().join(format!("models/face_detection_yunet_{file}.onnx"));
+        assert_eq!(OrtYunet::load(&model, Some(&library)).unwrap().release(), release, "{file}");
+    }
 }

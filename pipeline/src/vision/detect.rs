@@ -51,22 +51,27 @@ thread_local! {
 
 fn load(params: &DetectParams) -> Result<Model, VisionError> {
     if params.detector == DetectorKind::Yunet {
-        match params.model.as_deref() {
+        if params.engine == InferenceEngine::Onnxruntime {
+            match params.model.as_deref() {
+                Some(path) if path.is_file() => match OrtYunet::load(path, params.onnxruntime.as_deref()) {
+                    Ok(model) => return Ok(Model::YunetOrt(Box::new(model))),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "YuNet on ONNX Runtime unavailable; running YuNet on OpenCV's DNN module, several times slower (scripts/setup installs ONNX Runtime)"
+                    ),
+                },
+                Some(path) => tracing::warn!(model = %path.display(), "YuNet model file not found"),
+                None => tracing::warn!("no YuNet model configured"),
+            }
+        }
+        let (model, score_threshold) = opencv_yunet(params);
+        match model {
             Some(path) if path.is_file() => {
-                if params.engine == InferenceEngine::Onnxruntime {
-                    match OrtYunet::load(path, params.onnxruntime.as_deref()) {
-                        Ok(model) => return Ok(Model::YunetOrt(Box::new(model))),
-                        Err(e) => tracing::warn!(
-                            error = %e,
-                            "YuNet on ONNX Runtime unavailable; running it on OpenCV's DNN module, several times slower (scripts/setup installs ONNX Runtime)"
-                        ),
-                    }
-                }
                 let model = FaceDetectorYN::create(
                     &path.to_string_lossy(),
                     "",
                     Size::new(320, 320),
-                    params.score_threshold,
+                    score_threshold,
                     params.nms_threshold,
                     5000,
                     0,
@@ -76,18 +81,26 @@ fn load(params: &DetectParams) -> Result<Model, VisionError> {
                     Ok(model) => return Ok(Model::Yunet(model)),
                     Err(e) => tracing::warn!(
                         model = %path.display(), error = %e,
-                        "YuNet model does not load (OpenCV 4.6 needs face_detection_yunet_2022mar.onnx); falling back to Haar, which finds far fewer faces"
+                        "YuNet model does not load in OpenCV (OpenCV 4.6 needs face_detection_yunet_2022mar.onnx as opencv_model); falling back to Haar, which finds far fewer faces"
                     ),
                 }
             }
             Some(path) => tracing::warn!(
                 model = %path.display(),
-                "YuNet model file not found; falling back to Haar, which finds far fewer faces"
+                "YuNet model file for OpenCV not found; falling back to Haar, which finds far fewer faces"
             ),
             None => tracing::warn!("no YuNet model configured; falling back to Haar, which finds far fewer faces"),
         }
     }
     load_haar(&params.haar_cascade).map(Model::Haar)
+}
+
+/// The YuNet file and score threshold OpenCV's DNN module runs (`opencv_model`, else `model`).
+fn opencv_yunet(params: &DetectParams) -> (Option<&Path>, f32) {
+    (
+        params.opencv_model.as_deref().or(params.model.as_deref()),
+        params.opencv_score_threshold.unwrap_or(params.score_threshold),
+    )
 }
 
 fn load_haar(path: &Path) -> Result<CascadeClassifier, VisionError> {
@@ -102,15 +115,44 @@ fn load_haar(path: &Path) -> Result<CascadeClassifier, VisionError> {
     Ok(cascade)
 }
 
-/// Which detector `params` yields on this machine (`yunet`, or `haar` after a fallback).
-pub fn detector_name(params: &DetectParams) -> Result<&'static str, VisionError> {
-    with_model(params, |model| Ok(model_name(model)))
+/// What actually runs for `params` on this machine, after any fallback.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Running {
+    /// `yunet`, or `haar` after a fallback.
+    pub detector: &'static str,
+    /// `onnxruntime`, or `opencv` (OpenCV's DNN module for YuNet, or the Haar cascade).
+    pub engine: &'static str,
+    /// File name of the model or cascade that runs.
+    pub model: String,
+    /// Score threshold applied to YuNet's boxes (Haar has none: 0).
+    pub score_threshold: f32,
 }
 
-/// What runs the detector `params` yields on this machine: `onnxruntime`, or `opencv`
-/// (OpenCV's DNN module for YuNet, or the Haar cascade).
-pub fn engine_name(params: &DetectParams) -> Result<&'static str, VisionError> {
-    with_model(params, |model| Ok(if matches!(model, Model::YunetOrt(_)) { "onnxruntime" } else { "opencv" }))
+/// Loads the detector `params` yields on this thread and says what it is.
+pub fn running(params: &DetectParams) -> Result<Running, VisionError> {
+    with_model(params, |model| {
+        let file = |path: Option<&Path>| {
+            path.and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        };
+        Ok(match model {
+            Model::YunetOrt(_) => Running {
+                detector: "yunet",
+                engine: "onnxruntime",
+                model: file(params.model.as_deref()),
+                score_threshold: params.score_threshold,
+            },
+            Model::Yunet(_) => {
+                let (path, score_threshold) = opencv_yunet(params);
+                Running { detector: "yunet", engine: "opencv", model: file(path), score_threshold }
+            }
+            Model::Haar(_) => Running {
+                detector: "haar",
+                engine: "opencv",
+                model: file(Some(&params.haar_cascade)),
+                score_threshold: 0.0,
+            },
+        })
+    })
 }
 
 fn model_name(model: &Model) -> &'static str {

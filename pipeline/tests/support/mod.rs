@@ -235,6 +235,14 @@ pub fn onnxruntime_library() -> PathBuf {
         .unwrap_or_else(|| repo_root().join("target/tools/lib/libonnxruntime.so"))
 }
 
+/// Points `params` at the YuNet files in ../shared (2023mar for ONNX Runtime, 2022mar for
+/// OpenCV) and at ONNX Runtime's library.
+pub fn use_shared_models(params: &mut pipeline::topology::DetectParams) {
+    params.model = Some(shared_dir().join("models/face_detection_yunet_2023mar.onnx"));
+    params.opencv_model = Some(shared_dir().join("models/face_detection_yunet_2022mar.onnx"));
+    params.onnxruntime = Some(onnxruntime_library());
+}
+
 /// The repository's topology, pointed at the given services and a private object store.
 pub fn test_topology(nats_url: &str, db_url: &str, objects: &Path) -> Topology {
     let text = std::fs::read_to_string(repo_root().join("topology.toml")).unwrap();
@@ -242,8 +250,7 @@ pub fn test_topology(nats_url: &str, db_url: &str, objects: &Path) -> Topology {
     t.nats.url = nats_url.to_string();
     t.postgres.url = db_url.to_string();
     t.object_store.url = format!("file://{}", objects.display());
-    t.stages.detect.params.model = Some(shared_dir().join("models/face_detection_yunet_2022mar.onnx"));
-    t.stages.detect.params.onnxruntime = Some(onnxruntime_library());
+    use_shared_models(&mut t.stages.detect.params);
     t.retry.base = Duration::from_millis(200);
     t.retry.max = Duration::from_secs(2);
     for stage in StageName::ALL {

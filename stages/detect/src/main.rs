@@ -41,10 +41,17 @@ async fn main() -> anyhow::Result<()> {
         // One image per worker thread: OpenCV's own threads would only oversubscribe the cores.
         detect::set_opencv_threads(1);
         let check = params.clone();
-        let name = runtime::blocking(move || Ok(detect::detector_name(&check)?))
+        let running = runtime::blocking(move || Ok(detect::running(&check)?))
             .await
             .map_err(|e| StartError::Stage(e.to_string()))?;
-        tracing::info!(detector = name, width = params.width, "detector ready");
+        tracing::info!(
+            detector = running.detector,
+            engine = running.engine,
+            model = %running.model,
+            score_threshold = running.score_threshold,
+            width = params.width,
+            "detector ready"
+        );
         Ok(Detect)
     })
     .await?)

@@ -448,8 +448,8 @@ async fn eval(
     } else {
         let d = &topology.stages.detect.params;
         println!(
-            "detector {} on {} at width {} (upscale {}), score >= {}, nms {}: {:.1} ms per image (decode + detect, one thread)",
-            report.detector, report.engine, d.width, d.upscale, d.score_threshold, d.nms_threshold, report.ms_per_image
+            "detector {} ({}) on {} at width {} (upscale {}), score >= {}, nms {}: {:.1} ms per image (decode + detect, one thread)",
+            report.detector, report.model, report.engine, d.width, d.upscale, report.score_threshold, d.nms_threshold, report.ms_per_image
         );
         println!("{:<18} {:>6} {:>6} {:>5} {:>5} {:>9} {:>7} {:>6} {:>10}", "source", "images", "faces", "TP", "FP", "precision", "recall", "F1", "count-acc");
         let row = |name: &str, t: &pipeline::eval::Tally| {
