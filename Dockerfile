@@ -19,15 +19,20 @@ RUN apt-get update \
       libopencv-core406 libopencv-imgproc406 libopencv-imgcodecs406 libopencv-objdetect406 \
       libopencv-dnn406 opencv-data ca-certificates curl \
  && rm -rf /var/lib/apt/lists/*
-# OpenCV 4.6 loads only the 2022mar YuNet file; without it detect falls back to Haar (and says so).
+# YuNet: ONNX Runtime runs the 2023mar file; OpenCV 4.6 (the fallback) loads only 2022mar.
+# A file that cannot be fetched leaves the next engine (or Haar) to run, and detect says so.
 RUN mkdir -p /models \
- && (curl -fsSL --max-time 60 -o /models/face_detection_yunet_2022mar.onnx \
-      https://github.com/opencv/opencv_zoo/raw/main/models/face_detection_yunet/face_detection_yunet_2022mar.onnx \
-     || echo "YuNet model not fetched: detect will fall back to the Haar cascade")
+ && for f in face_detection_yunet_2023mar.onnx face_detection_yunet_2022mar.onnx; do \
+      curl -fsSL --max-time 60 -o /models/$f \
+        https://github.com/opencv/opencv_zoo/raw/main/models/face_detection_yunet/$f \
+      || echo "YuNet $f not fetched"; \
+    done
 COPY --from=build /out/bin/ /usr/local/bin/
 COPY --from=build /out/lib/ /usr/local/lib/
 COPY topology.toml /etc/facepipe/topology.toml
 ENV PIPELINE_TOPOLOGY=/etc/facepipe/topology.toml \
-    PIPELINE_ONNXRUNTIME=/usr/local/lib/libonnxruntime.so
+    PIPELINE_ONNXRUNTIME=/usr/local/lib/libonnxruntime.so \
+    PIPELINE_DETECT_MODEL=/models/face_detection_yunet_2023mar.onnx \
+    PIPELINE_DETECT_OPENCV_MODEL=/models/face_detection_yunet_2022mar.onnx
 WORKDIR /var/lib/facepipe
 CMD ["pipeline", "--help"]

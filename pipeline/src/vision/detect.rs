@@ -291,3 +291,21 @@ pub fn set_opencv_threads(n: i32) {
         tracing::warn!(error = %e, "cannot set OpenCV thread count");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opencv_runs_its_own_model_and_threshold_else_the_main_ones() {
+        let mut params = DetectParams {
+            model: Some("a/2023mar.onnx".into()),
+            score_threshold: 0.7,
+            ..DetectParams::default()
+        };
+        assert_eq!(opencv_yunet(&params), (Some(Path::new("a/2023mar.onnx")), 0.7));
+        params.opencv_model = Some("b/2022mar.onnx".into());
+        params.opencv_score_threshold = Some(0.8);
+        assert_eq!(opencv_yunet(&params), (Some(Path::new("b/2022mar.onnx")), 0.8));
+    }
+}
