@@ -86,14 +86,15 @@ pub fn init_logging(format: LogFormat, default_filter: &str) {
     };
 }
 
-/// Tunes glibc's allocator for image work: few arenas (the CPU threads are few,
-/// and each arena keeps freed buffers resident), and image-sized buffers kept
+/// Tunes glibc's allocator for image work: one arena, so worker threads reuse each
+/// other's freed buffers instead of each keeping its own resident (measured: detect's
+/// peak RSS at 12 MP 155 -> 146 MiB with two workers, same throughput), and image-sized buffers kept
 /// on the heap for reuse instead of being mapped, page-faulted, zeroed and
 /// unmapped for every image (measured: 13% of detect's CPU time in the kernel).
 pub fn tune_allocator() {
     // SAFETY: mallopt is thread-safe and only changes allocator parameters.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
     }
