@@ -1,5 +1,6 @@
-//! Face detection: YuNet (`cv::FaceDetectorYN`), with OpenCV's Haar cascade as
-//! the fallback when no YuNet model is configured or it does not load.
+//! Face detection: YuNet on ONNX Runtime (`model`, 2023mar by default), then YuNet on
+//! OpenCV's DNN module (`opencv_model`, 2022mar for OpenCV 4.6) when ONNX Runtime does not
+//! load or `engine = "opencv"`, then OpenCV's Haar cascade when no YuNet file loads.
 //!
 //! A detector is built once per worker thread and reused (only its input size
 //! changes between images), since loading the network costs far more than
