@@ -132,27 +132,16 @@ pub struct Running {
 /// Loads the detector `params` yields on this thread and says what it is.
 pub fn running(params: &DetectParams) -> Result<Running, VisionError> {
     with_model(params, |model| {
-        let file = |path: Option<&Path>| {
-            path.and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-        };
-        Ok(match model {
-            Model::YunetOrt(_) => Running {
-                detector: "yunet",
-                engine: "onnxruntime",
-                model: file(params.model.as_deref()),
-                score_threshold: params.score_threshold,
-            },
+        let (engine, path, score_threshold) = match model {
+            Model::YunetOrt(_) => ("onnxruntime", params.model.as_deref(), params.score_threshold),
             Model::Yunet(_) => {
                 let (path, score_threshold) = opencv_yunet(params);
-                Running { detector: "yunet", engine: "opencv", model: file(path), score_threshold }
+                ("opencv", path, score_threshold)
             }
-            Model::Haar(_) => Running {
-                detector: "haar",
-                engine: "opencv",
-                model: file(Some(&params.haar_cascade)),
-                score_threshold: 0.0,
-            },
-        })
+            Model::Haar(_) => ("opencv", Some(params.haar_cascade.as_path()), 0.0),
+        };
+        let model_file = path.and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        Ok(Running { detector: model_name(model), engine, model: model_file, score_threshold })
     })
 }
 

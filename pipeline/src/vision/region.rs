@@ -280,20 +280,27 @@ mod tests {
         }
     }
 
+    /// Decodes `area` of `jpeg` at full scale, checks it comes out `area`'s size, and
+    /// returns its mean pixel difference from the same window of `upright`.
+    fn region_difference(jpeg: &[u8], header: Header, orientation: u8, area: Area, upright: &Mat) -> f64 {
+        let patch = decode_area(jpeg, header, orientation, 8, area).unwrap().unwrap();
+        let rect = patch.pixels_of(area);
+        let window = core::Rect::new(area.x0 as i32, area.y0 as i32, (area.x1 - area.x0) as i32, (area.y1 - area.y0) as i32);
+        assert_eq!((rect.width, rect.height), (window.width, window.height), "orientation {orientation}");
+        let ours = Mat::roi(&patch.image, rect).unwrap();
+        let theirs = Mat::roi(upright, window).unwrap();
+        mean_difference(&ours, &theirs)
+    }
+
     #[test]
     fn a_region_matches_the_same_window_of_a_whole_decode() {
         let (_, jpeg) = card();
         let whole = imgcodecs::imdecode(&Vector::<u8>::from_slice(&jpeg), imgcodecs::IMREAD_COLOR).unwrap();
         let header = Header { width: 64, height: 48 };
         let area = Area { x0: 16.0, y0: 16.0, x1: 48.0, y1: 32.0 };
-        let patch = decode_area(&jpeg, header, 1, 8, area).unwrap().unwrap();
-        let rect = patch.pixels_of(area);
-        assert_eq!((rect.width, rect.height), (32, 16));
-        let ours = Mat::roi(&patch.image, rect).unwrap();
-        let theirs = Mat::roi(&whole, core::Rect::new(16, 16, 32, 16)).unwrap();
         // Chroma upsampling at the cut edges has no neighbours to blend with
         // (libjpeg-turbo documents this), so single pixels may differ; on average they agree.
-        let difference = mean_difference(&ours, &theirs);
+        let difference = region_difference(&jpeg, header, 1, area, &whole);
         assert!(difference < 1.5, "region decode differs from the whole decode: {difference}");
     }
 
@@ -306,12 +313,7 @@ mod tests {
         for o in 1..=8u8 {
             let upright = orient(stored.clone(), o).unwrap();
             let area = Area { x0: 8.0, y0: 16.0, x1: 40.0, y1: 40.0 };
-            let patch = decode_area(&jpeg, header, o, 8, area).unwrap().unwrap();
-            let rect = patch.pixels_of(area);
-            assert_eq!((rect.width, rect.height), (32, 24), "orientation {o}");
-            let ours = Mat::roi(&patch.image, rect).unwrap();
-            let theirs = Mat::roi(&upright, core::Rect::new(8, 16, 32, 24)).unwrap();
-            let difference = mean_difference(&ours, &theirs);
+            let difference = region_difference(&jpeg, header, o, area, &upright);
             assert!(difference < 6.0, "orientation {o}: mean difference {difference}");
         }
     }
