@@ -483,6 +483,11 @@ pub struct ExtractParams {
     /// Attempts per image URL on transient failures (timeouts, connection errors, 5xx, 429).
     #[serde(default = "default_download_attempts")]
     pub download_attempts: u32,
+    /// Lets image URLs reach loopback, private, link-local and reserved addresses.
+    /// Off by default: URLs come from API clients, and must not reach services
+    /// inside the pipeline's own network (cloud metadata, databases, admin pages).
+    #[serde(default)]
+    pub allow_private_addresses: bool,
 }
 
 impl Default for ExtractParams {
@@ -497,6 +502,7 @@ impl Default for ExtractParams {
             download_timeout: default_download_timeout(),
             max_redirects: default_max_redirects(),
             download_attempts: default_download_attempts(),
+            allow_private_addresses: false,
         }
     }
 }

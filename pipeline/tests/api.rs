@@ -270,6 +270,8 @@ async fn image_server(photo: Vec<u8>) -> String {
 async fn add_images_downloads_each_url_and_records_each_failure_with_its_record_id() {
     let d = Deployment::start(|t| {
         let p = &mut t.stages.extract.params;
+        // The test's image server is on 127.0.0.1, which the default refuses.
+        p.allow_private_addresses = true;
         p.download_timeout = Duration::from_secs(1);
         p.max_entry_bytes = 2 << 20;
         p.max_redirects = 3;
@@ -345,6 +347,52 @@ async fn add_images_downloads_each_url_and_records_each_failure_with_its_record_
     let response = api.post("/api/batch/add-images").json(&one).send().await.unwrap();
     assert_eq!(response.status(), 429);
     assert!(response.headers().contains_key("retry-after"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn add_images_refuses_private_addresses_by_default_without_connecting() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let d = Deployment::start(|_| {}).await;
+    let api = ApiServer::start(&d);
+    // A server that would serve the photo to anyone who reached it, and counts who did.
+    let (_, photo) = photo_entries(1).remove(0);
+    let requests = Arc::new(AtomicUsize::new(0));
+    let app = axum::Router::new().fallback({
+        let requests = requests.clone();
+        move || async move {
+            requests.fetch_add(1, Ordering::SeqCst);
+            ([(axum::http::header::CONTENT_TYPE, "image/jpeg")], photo)
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let cases = [
+        ("loopback", format!("http://127.0.0.1:{port}/photo.jpg"), "127.0.0.1"),
+        // A name: the resolver finds only loopback addresses and refuses them.
+        ("name", format!("http://localhost:{port}/photo.jpg"), "localhost"),
+        ("decimal", format!("http://2130706433:{port}/photo.jpg"), "127.0.0.1"),
+        ("metadata", "http://169.254.169.254/latest/meta-data/".to_string(), "169.254.169.254"),
+    ];
+    let images: Vec<Value> = cases.iter().map(|(record, url, _)| json!({"recordId": record, "imageUrl": url})).collect();
+    let (code, started) = api.json(api.post("/api/batch/add-images").json(&json!({"projectId": "ssrf", "images": images}))).await;
+    assert_eq!(code, 200, "{started}");
+    let batch = started["batchId"].as_str().unwrap().to_string();
+    let done = api.wait_for_batch(&batch).await;
+    assert_eq!(done["batch"]["progress"]["failed"], cases.len(), "{done}");
+    let (_, body) = api.json(api.get(&format!("/api/batch/{batch}/results?pageSize=100"))).await;
+    for (record, _, host) in &cases {
+        let r = body["results"].as_array().unwrap().iter().find(|r| r["recordId"] == *record).unwrap();
+        assert_eq!(r["failedStage"], "extract", "{r}");
+        let error = r["error"].as_str().unwrap();
+        assert!(
+            error.contains(&format!("{host} is not a public address")) && error.contains("allow_private_addresses"),
+            "{record}: `{error}`"
+        );
+    }
+    assert_eq!(requests.load(Ordering::SeqCst), 0, "no download reached the server");
 }
 
 /// Writes a ZIP of about `bytes` bytes: stored (uncompressed) blobs that are not
