@@ -6,12 +6,14 @@
 //! - [`decode`]: read dimensions from the header, pick a JPEG DCT reduction, decode upright.
 //! - [`detect`]: YuNet (Haar fallback) per worker thread, boxes in original pixels.
 //! - [`crop`]: crop-window geometry (pure) and crop encoding.
+//! - [`onnx`]: ONNX Runtime, loaded once per process; sessions for one worker thread; NMS.
 //! - [`yunet`]: YuNet on ONNX Runtime, with OpenCV 4.6's pre- and post-processing.
 //! - [`region`]: decode only a crop's rectangle of a JPEG (libjpeg-turbo through `jpeg_region.c`), upright.
 
 pub mod crop;
 pub mod decode;
 pub mod detect;
+pub mod onnx;
 pub mod region;
 pub mod yunet;
 
