@@ -177,7 +177,7 @@ pub struct Report {
     pub by_source: BTreeMap<String, Tally>,
     /// Mean wall milliseconds per photo for decode + detect, one thread.
     pub ms_per_image: f64,
-    /// Detector actually used (`yunet`, or `haar` after a fallback).
+    /// First detector actually used (`yunet`, or `haar` after a fallback).
     pub detector: String,
     /// What ran it (`onnxruntime`, or `opencv` by choice or after a fallback).
     pub engine: String,
@@ -185,6 +185,12 @@ pub struct Report {
     pub model: String,
     /// Score threshold applied to the detector's boxes.
     pub score_threshold: f32,
+    /// File name of the second pass's model, when it ran (see `DetectParams::second_pass`).
+    pub second_pass: Option<String>,
+    /// Photos whose boxes the second pass decided (YuNet was unsure of them).
+    pub second_pass_images: usize,
+    /// Photos evaluated.
+    pub images: usize,
 }
 
 /// Runs the detect stage's code over every photo of a manifest.
@@ -201,6 +207,9 @@ pub fn evaluate(manifest: &Path, params: &DetectParams) -> Result<Report, EvalEr
         engine: running.engine.to_string(),
         model: running.model,
         score_threshold: running.score_threshold,
+        second_pass: running.second_pass,
+        second_pass_images: 0,
+        images: labels.len(),
     };
     let mut elapsed = 0.0;
     for label in &labels {
@@ -209,6 +218,7 @@ pub fn evaluate(manifest: &Path, params: &DetectParams) -> Result<Report, EvalEr
         let found = detect::detect_faces(&bytes, params)
             .map_err(|source| EvalError::Detect { file: label.file.clone(), source })?;
         elapsed += started.elapsed().as_secs_f64();
+        report.second_pass_images += usize::from(found.detector == "retinaface");
         let tally = score(label, &found.faces);
         report.total.add(&tally);
         report.by_source.entry(label.source().to_string()).or_default().add(&tally);

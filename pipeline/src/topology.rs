@@ -17,6 +17,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("PIPELINE_DETECT_MODEL", "stages.detect.params.model"),
     ("PIPELINE_DETECT_OPENCV_MODEL", "stages.detect.params.opencv_model"),
     ("PIPELINE_ONNXRUNTIME", "stages.detect.params.onnxruntime"),
+    ("PIPELINE_DETECT_SECOND_PASS_MODEL", "stages.detect.params.second_pass.model"),
     ("PIPELINE_NATS_USER", "nats.auth.user"),
     ("PIPELINE_NATS_PASSWORD", "nats.auth.password"),
     ("PIPELINE_NATS_TOKEN", "nats.auth.token"),
@@ -575,6 +576,57 @@ pub struct DetectParams {
     /// Images whose header claims more megapixels are rejected before decoding.
     #[serde(default = "default_max_megapixels")]
     pub max_megapixels: f64,
+    /// A stronger, slower detector for the photos YuNet (on ONNX Runtime) is unsure about.
+    #[serde(default)]
+    pub second_pass: Option<SecondPass>,
+}
+
+/// The detect stage's second pass: when one of YuNet's boxes on a photo scores in
+/// `[uncertain_from, uncertain_to)`, RetinaFace runs on the same input and its
+/// boxes replace YuNet's for that photo. Photos where YuNet is sure (every box
+/// above the band, or none in it) cost nothing more.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SecondPass {
+    /// RetinaFace ONNX file made by `tools/retinaface_onnx.py` (`scripts/setup` writes
+    /// `models/retinaface_mnv2.onnx`). When it does not load, detect warns and runs YuNet alone.
+    pub model: PathBuf,
+    /// Lowest YuNet score that makes a photo uncertain (YuNet runs down to this score).
+    #[serde(default = "default_uncertain_from")]
+    pub uncertain_from: f32,
+    /// YuNet score from which a box is certain.
+    #[serde(default = "default_uncertain_to")]
+    pub uncertain_to: f32,
+    /// RetinaFace score below which a box is dropped.
+    #[serde(default = "default_second_pass_score_threshold")]
+    pub score_threshold: f32,
+}
+
+impl SecondPass {
+    /// The second pass with `model` and the default band and threshold.
+    pub fn with_model(model: PathBuf) -> Self {
+        Self {
+            model,
+            uncertain_from: default_uncertain_from(),
+            uncertain_to: default_uncertain_to(),
+            score_threshold: default_second_pass_score_threshold(),
+        }
+    }
+
+    /// True when a YuNet box scoring `score` makes its photo uncertain.
+    pub fn is_uncertain(&self, score: f32) -> bool {
+        (self.uncertain_from..self.uncertain_to).contains(&score)
+    }
+}
+
+fn default_uncertain_from() -> f32 {
+    0.5
+}
+fn default_uncertain_to() -> f32 {
+    0.8
+}
+fn default_second_pass_score_threshold() -> f32 {
+    0.3
 }
 
 impl Default for DetectParams {
@@ -592,6 +644,7 @@ impl Default for DetectParams {
             score_threshold: default_score_threshold(),
             nms_threshold: default_nms_threshold(),
             max_megapixels: default_max_megapixels(),
+            second_pass: None,
         }
     }
 }
@@ -683,6 +736,10 @@ impl Topology {
                     "PIPELINE_DETECT_MODEL" => self.stages.detect.params.model = Some(value.into()),
                     "PIPELINE_DETECT_OPENCV_MODEL" => self.stages.detect.params.opencv_model = Some(value.into()),
                     "PIPELINE_ONNXRUNTIME" => self.stages.detect.params.onnxruntime = Some(value.into()),
+                    "PIPELINE_DETECT_SECOND_PASS_MODEL" => match &mut self.stages.detect.params.second_pass {
+                        Some(second) => second.model = value.into(),
+                        None => self.stages.detect.params.second_pass = Some(SecondPass::with_model(value.into())),
+                    },
                     "PIPELINE_NATS_USER" => self.nats.auth.user = Some(value),
                     "PIPELINE_NATS_PASSWORD" => self.nats.auth.password = Some(value),
                     "PIPELINE_NATS_TOKEN" => self.nats.auth.token = Some(value),
@@ -790,6 +847,14 @@ impl Topology {
         }
         if !(0.0..=1.0).contains(&d.nms_threshold) {
             return invalid("stages.detect.params.nms_threshold", "must be in [0, 1]");
+        }
+        if let Some(second) = &d.second_pass {
+            if !(0.0..=1.0).contains(&second.score_threshold) {
+                return invalid("stages.detect.params.second_pass.score_threshold", "must be in [0, 1]");
+            }
+            if !(0.0 <= second.uncertain_from && second.uncertain_from <= second.uncertain_to && second.uncertain_to <= 1.0) {
+                return invalid("stages.detect.params.second_pass", "needs 0 <= uncertain_from <= uncertain_to <= 1");
+            }
         }
         if !(d.max_megapixels > 0.0) {
             return invalid("stages.detect.params.max_megapixels", "must be positive");
@@ -1159,6 +1224,20 @@ mod tests {
         let mut t = Topology::parse(&repo_topology()).unwrap();
         t.stages.persist.concurrency = 0;
         assert!(t.validate().unwrap_err().to_string().contains("stages.persist.concurrency"));
+    }
+
+    #[test]
+    fn second_pass_band_is_checked_and_the_env_can_add_it() {
+        let mut t = Topology::parse(&repo_topology()).unwrap();
+        assert_eq!(t.stages.detect.params.second_pass, None, "off unless asked for");
+        let second = SecondPass::with_model("m.onnx".into());
+        assert!(second.is_uncertain(second.uncertain_from) && !second.is_uncertain(second.uncertain_to));
+        t.stages.detect.params.second_pass = Some(SecondPass { uncertain_from: 0.9, uncertain_to: 0.5, ..second });
+        assert!(t.validate().unwrap_err().to_string().contains("stages.detect.params.second_pass"));
+        t.stages.detect.params.second_pass = None;
+        t.apply_env(|k| (k == "PIPELINE_DETECT_SECOND_PASS_MODEL").then(|| "/m/rf.onnx".to_string()));
+        assert_eq!(t.stages.detect.params.second_pass, Some(SecondPass::with_model("/m/rf.onnx".into())));
+        t.validate().unwrap();
     }
 
     #[test]

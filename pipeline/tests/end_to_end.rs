@@ -320,3 +320,34 @@ async fn an_outcome_delivered_again_is_counted_as_skipped_and_changes_nothing() 
     let after = d.db().await.batch_status("once").await.unwrap().unwrap();
     assert_eq!((after.processed, after.failed, after.faces), (before.processed, before.failed, before.faces));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_second_pass_uncertain_photos_are_decided_by_retinaface_and_recorded_so() {
+    let retinaface = support::repo_root().join("models/retinaface_mnv2.onnx");
+    assert!(retinaface.is_file(), "{} is missing: scripts/setup --test makes it", retinaface.display());
+    let d = Deployment::start(|t| {
+        t.stages.detect.params.second_pass = Some(pipeline::topology::SecondPass::with_model(retinaface));
+    })
+    .await;
+    // Crowded WIDER photos (YuNet is unsure of some faces) and single portraits (it is not).
+    let faces_dir = shared_dir().join("data/faces");
+    let entries: Vec<(String, Vec<u8>)> = labelled_photos()
+        .iter()
+        .filter(|p| p.file.starts_with("wider_val_subset/") || p.file.starts_with("face_recognition/"))
+        .step_by(6)
+        .map(|p| (p.file.clone(), std::fs::read(faces_dir.join(&p.file)).unwrap()))
+        .collect();
+    let zip = d.dir.path().join("second-pass.zip");
+    write_zip(&zip, &entries);
+    let batch = d.cli_ok(&["submit", zip.to_str().unwrap(), "--project", "second-pass"]).trim().to_string();
+    let status = d.wait_for_batch(&batch, BATCH_TIMEOUT).await;
+    assert_eq!((status.status.as_str(), status.failed), ("completed", 0), "{status:?}");
+
+    let results = d.db().await.results(&batch).await.unwrap();
+    let decided_by = |name: &str| results.iter().filter(|r| r.detector.as_deref() == Some(name)).count();
+    let (second, first) = (decided_by("retinaface"), decided_by("yunet"));
+    assert_eq!(second + first, entries.len(), "every photo names the detector that decided it");
+    assert!(second > 0 && first > 0, "RetinaFace decided {second} photos, YuNet {first}");
+    assert!(results.iter().filter(|r| r.detector.as_deref() == Some("retinaface")).any(|r| !r.faces.is_empty()));
+    assert!(d.logs().contains("retinaface_mnv2.onnx"), "detect announces its second pass");
+}

@@ -2,6 +2,11 @@
 //! OpenCV's DNN module (`opencv_model`, 2022mar for OpenCV 4.6) when ONNX Runtime does not
 //! load or `engine = "opencv"`, then OpenCV's Haar cascade when no YuNet file loads.
 //!
+//! With `second_pass` set, YuNet on ONNX Runtime is the first of two passes: a photo on
+//! which YuNet finds a box it is unsure of (a score inside the configured band) is
+//! detected again by RetinaFace, a stronger network several times as costly, whose boxes
+//! then stand for that photo. Photos YuNet is sure about cost nothing more.
+//!
 //! A detector is built once per worker thread and reused (only its input size
 //! changes between images), since loading the network costs far more than
 //! running it on one image.
@@ -18,6 +23,7 @@ use super::decode::{self, Decoded};
 use super::VisionError;
 use crate::messages::FaceBox;
 use crate::telemetry::Step;
+use super::retinaface::OrtRetinaFace;
 use super::yunet::OrtYunet;
 use crate::topology::{DetectParams, DetectorKind, InferenceEngine};
 
@@ -30,12 +36,17 @@ pub struct Detection {
     pub height: u32,
     /// Faces in original pixels, highest score first.
     pub faces: Vec<FaceBox>,
-    /// `yunet` or `haar`.
+    /// What decided the boxes: `yunet`, `retinaface` (the second pass) or `haar`.
     pub detector: &'static str,
 }
 
 enum Model {
-    YunetOrt(Box<OrtYunet>),
+    YunetOrt {
+        /// The first pass.
+        yunet: Box<OrtYunet>,
+        /// The second pass, when configured and loaded.
+        second: Option<Box<OrtRetinaFace>>,
+    },
     Yunet(Ptr<FaceDetectorYN>),
     Haar(CascadeClassifier),
 }
@@ -55,7 +66,7 @@ fn load(params: &DetectParams) -> Result<Model, VisionError> {
         if params.engine == InferenceEngine::Onnxruntime {
             match params.model.as_deref() {
                 Some(path) if path.is_file() => match OrtYunet::load(path, params.onnxruntime.as_deref()) {
-                    Ok(model) => return Ok(Model::YunetOrt(Box::new(model))),
+                    Ok(yunet) => return Ok(Model::YunetOrt { yunet: Box::new(yunet), second: load_second_pass(params) }),
                     Err(e) => tracing::warn!(
                         error = %e,
                         "YuNet on ONNX Runtime unavailable; running YuNet on OpenCV's DNN module, several times slower (scripts/setup installs ONNX Runtime)"
@@ -96,6 +107,21 @@ fn load(params: &DetectParams) -> Result<Model, VisionError> {
     load_haar(&params.haar_cascade).map(Model::Haar)
 }
 
+/// RetinaFace for `second_pass`, or `None` (with a warning when it was configured).
+fn load_second_pass(params: &DetectParams) -> Option<Box<OrtRetinaFace>> {
+    let second = params.second_pass.as_ref()?;
+    match OrtRetinaFace::load(&second.model, params.onnxruntime.as_deref()) {
+        Ok(model) => Some(Box::new(model)),
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "second pass unavailable: YuNet alone decides every photo, and finds fewer faces (scripts/setup makes models/retinaface_mnv2.onnx)"
+            );
+            None
+        }
+    }
+}
+
 /// The YuNet file and score threshold OpenCV's DNN module runs (`opencv_model`, else `model`).
 fn opencv_yunet(params: &DetectParams) -> (Option<&Path>, f32) {
     (
@@ -127,27 +153,39 @@ pub struct Running {
     pub model: String,
     /// Score threshold applied to YuNet's boxes (Haar has none: 0).
     pub score_threshold: f32,
+    /// File name of the second pass's model when it runs (RetinaFace on ONNX Runtime).
+    pub second_pass: Option<String>,
 }
 
 /// Loads the detector `params` yields on this thread and says what it is.
 pub fn running(params: &DetectParams) -> Result<Running, VisionError> {
     with_model(params, |model| {
         let (engine, path, score_threshold) = match model {
-            Model::YunetOrt(_) => ("onnxruntime", params.model.as_deref(), params.score_threshold),
+            Model::YunetOrt { .. } => ("onnxruntime", params.model.as_deref(), params.score_threshold),
             Model::Yunet(_) => {
                 let (path, score_threshold) = opencv_yunet(params);
                 ("opencv", path, score_threshold)
             }
             Model::Haar(_) => ("opencv", Some(params.haar_cascade.as_path()), 0.0),
         };
-        let model_file = path.and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        Ok(Running { detector: model_name(model), engine, model: model_file, score_threshold })
+        let file_name = |path: Option<&Path>| path.and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned());
+        let second_pass = match model {
+            Model::YunetOrt { second: Some(_), .. } => file_name(params.second_pass.as_ref().map(|s| s.model.as_path())),
+            _ => None,
+        };
+        Ok(Running {
+            detector: model_name(model),
+            engine,
+            model: file_name(path).unwrap_or_default(),
+            score_threshold,
+            second_pass,
+        })
     })
 }
 
 fn model_name(model: &Model) -> &'static str {
     match model {
-        Model::Yunet(_) | Model::YunetOrt(_) => "yunet",
+        Model::Yunet(_) | Model::YunetOrt { .. } => "yunet",
         Model::Haar(_) => "haar",
     }
 }
@@ -202,8 +240,20 @@ pub fn detect_decoded(decoded: &Decoded, params: &DetectParams) -> Result<Detect
     let (w, h) = (decoded.full_width as f32, decoded.full_height as f32);
 
     with_model(params, |model| {
+        let mut detector = model_name(model);
         let raw = match model {
-            Model::YunetOrt(net) => net.detect(&input, params.score_threshold, params.nms_threshold)?,
+            Model::YunetOrt { yunet, second } => match (second, &params.second_pass) {
+                (Some(retinaface), Some(pass)) => {
+                    let boxes = yunet.detect(&input, params.score_threshold.min(pass.uncertain_from), params.nms_threshold)?;
+                    if boxes.iter().any(|b| pass.is_uncertain(b.score)) {
+                        detector = "retinaface";
+                        retinaface.detect(&input, pass.score_threshold)?
+                    } else {
+                        boxes.into_iter().filter(|b| b.score >= params.score_threshold).collect()
+                    }
+                }
+                _ => yunet.detect(&input, params.score_threshold, params.nms_threshold)?,
+            },
             Model::Yunet(net) => run_yunet(net, &input)?,
             Model::Haar(cascade) => run_haar(cascade, &input)?,
         };
@@ -219,7 +269,7 @@ pub fn detect_decoded(decoded: &Decoded, params: &DetectParams) -> Result<Detect
             })
             .collect();
         faces.sort_by(|a, b| b.score.total_cmp(&a.score));
-        Ok(Detection { width: decoded.full_width, height: decoded.full_height, faces, detector: model_name(model) })
+        Ok(Detection { width: decoded.full_width, height: decoded.full_height, faces, detector })
     })
 }
 

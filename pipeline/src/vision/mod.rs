@@ -4,10 +4,11 @@
 //!
 //! Layout:
 //! - [`decode`]: read dimensions from the header, pick a JPEG DCT reduction, decode upright.
-//! - [`detect`]: YuNet (Haar fallback) per worker thread, boxes in original pixels.
+//! - [`detect`]: YuNet (Haar fallback; optionally RetinaFace after it) per worker thread, boxes in original pixels.
 //! - [`crop`]: crop-window geometry (pure) and crop encoding.
 //! - [`onnx`]: ONNX Runtime, loaded once per process; sessions for one worker thread; NMS.
 //! - [`yunet`]: YuNet on ONNX Runtime, with OpenCV 4.6's pre- and post-processing.
+//! - [`retinaface`]: RetinaFace on ONNX Runtime, the optional second pass of [`detect`].
 //! - [`region`]: decode only a crop's rectangle of a JPEG (libjpeg-turbo through `jpeg_region.c`), upright.
 
 pub mod crop;
@@ -15,6 +16,7 @@ pub mod decode;
 pub mod detect;
 pub mod onnx;
 pub mod region;
+pub mod retinaface;
 pub mod yunet;
 
 /// Why an image could not be processed. Every variant is a property of the

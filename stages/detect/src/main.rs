@@ -49,6 +49,7 @@ async fn main() -> anyhow::Result<()> {
             engine = running.engine,
             model = %running.model,
             score_threshold = running.score_threshold,
+            second_pass = running.second_pass.as_deref().unwrap_or("off"),
             width = params.width,
             "detector ready"
         );

@@ -451,6 +451,12 @@ async fn eval(
             "detector {} ({}) on {} at width {} (upscale {}), score >= {}, nms {}: {:.1} ms per image (decode + detect, one thread)",
             report.detector, report.model, report.engine, d.width, d.upscale, report.score_threshold, d.nms_threshold, report.ms_per_image
         );
+        if let (Some(model), Some(pass)) = (&report.second_pass, &d.second_pass) {
+            println!(
+                "second pass {model} (score >= {}) on the {} of {} photos where YuNet was unsure (a box scoring {} to {})",
+                pass.score_threshold, report.second_pass_images, report.images, pass.uncertain_from, pass.uncertain_to
+            );
+        }
         println!("{:<18} {:>6} {:>6} {:>5} {:>5} {:>9} {:>7} {:>6} {:>10}", "source", "images", "faces", "TP", "FP", "precision", "recall", "F1", "count-acc");
         let row = |name: &str, t: &pipeline::eval::Tally| {
             let count = t.count_accuracy().map(|c| format!("{c:.3} ({})", t.count_images)).unwrap_or_else(|| "-".into());
