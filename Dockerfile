@@ -4,7 +4,8 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends libopencv-dev libjpeg-dev clang libclang-dev python3-pip \
  && rm -rf /var/lib/apt/lists/*
 # ONNX Runtime's library from PyPI's wheel (a zip): detect runs YuNet on it, 2.7x faster than OpenCV's DNN.
-RUN pip3 download -q --no-deps --only-binary=:all: --dest /tmp/ort onnxruntime \
+# Pinned as in scripts/setup (a later release took more memory).
+RUN pip3 download -q --no-deps --only-binary=:all: --dest /tmp/ort onnxruntime==1.22.1 \
  && python3 -m zipfile -e /tmp/ort/onnxruntime-*.whl /tmp/ort/wheel \
  && mkdir -p /out/lib && cp /tmp/ort/wheel/onnxruntime/capi/libonnxruntime.so.* /out/lib/libonnxruntime.so
 WORKDIR /src

@@ -179,7 +179,7 @@ pub struct CropJob {
     pub height: u32,
     /// Faces found, in original pixels.
     pub faces: Vec<FaceBox>,
-    /// Which detector found them (`yunet` or `haar`).
+    /// Which detector decided them: `yunet`, `retinaface` (detect's second pass) or `haar`.
     #[serde(default)]
     pub detector: Option<String>,
 }
