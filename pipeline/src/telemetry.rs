@@ -21,6 +21,8 @@ pub const STEP_SECONDS: &str = "facepipe_step_seconds";
 pub const OBJECT_READ_BYTES: &str = "facepipe_object_read_bytes_total";
 /// Counter: bytes written to the object store.
 pub const OBJECT_WRITTEN_BYTES: &str = "facepipe_object_written_bytes_total";
+/// Counter: photos detect's second pass decided (YuNet was unsure of them).
+pub const SECOND_PASS_IMAGES: &str = "facepipe_second_pass_images_total";
 /// Gauge: messages of the stage's stream not yet delivered, per consumer.
 pub const CONSUMER_PENDING: &str = "facepipe_consumer_pending_messages";
 /// Gauge: messages delivered and not yet acknowledged, per consumer.
@@ -114,6 +116,7 @@ pub fn describe() {
     describe_histogram!("facepipe_processing_seconds", Unit::Seconds, "Time from delivery to ack, Nak or Term.");
     describe_gauge!("facepipe_in_flight_messages", "Messages being handled now.");
     describe_counter!("facepipe_faces_found_total", "Faces detected.");
+    describe_counter!(SECOND_PASS_IMAGES, "Photos decided by detect's second pass (RetinaFace), YuNet being unsure of them.");
     describe_histogram!(STEP_SECONDS, Unit::Seconds, "Time of one step (fetch, decode, detect, encode, store).");
     describe_counter!(OBJECT_READ_BYTES, Unit::Bytes, "Bytes read from the object store.");
     describe_counter!(OBJECT_WRITTEN_BYTES, Unit::Bytes, "Bytes written to the object store.");
@@ -143,6 +146,7 @@ pub fn register_zeros(stage_name: StageName) {
     metrics::counter!("facepipe_redeliveries_total", "stage" => stage).absolute(0);
     if stage == "detect" {
         metrics::counter!("facepipe_faces_found_total", "stage" => stage).absolute(0);
+        metrics::counter!(SECOND_PASS_IMAGES, "stage" => stage).absolute(0);
     }
     metrics::counter!(OBJECT_READ_BYTES).absolute(0);
     metrics::counter!(OBJECT_WRITTEN_BYTES).absolute(0);

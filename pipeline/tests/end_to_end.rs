@@ -325,10 +325,18 @@ async fn an_outcome_delivered_again_is_counted_as_skipped_and_changes_nothing() 
 async fn with_the_second_pass_uncertain_photos_are_decided_by_retinaface_and_recorded_so() {
     let retinaface = support::repo_root().join("models/retinaface_mnv2.onnx");
     assert!(retinaface.is_file(), "{} is missing: scripts/setup --test makes it", retinaface.display());
-    let d = Deployment::start(|t| {
+    let mut d = Deployment::start(|t| {
         t.stages.detect.params.second_pass = Some(pipeline::topology::SecondPass::with_model(retinaface));
     })
     .await;
+    // A detect process that serves metrics, in place of the harness's.
+    while d.count_in_logs("stage started stage=detect") == 0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let detect = d.stages.iter().position(|(s, _)| *s == pipeline::topology::StageName::Detect).unwrap();
+    d.signal(detect, libc::SIGTERM);
+    assert_eq!(d.stages.remove(detect).1.wait().unwrap().code(), Some(0));
+    let metrics = d.start_stage_with_metrics(pipeline::topology::StageName::Detect);
     // Crowded WIDER photos (YuNet is unsure of some faces) and single portraits (it is not).
     let faces_dir = shared_dir().join("data/faces");
     let entries: Vec<(String, Vec<u8>)> = labelled_photos()
@@ -350,4 +358,6 @@ async fn with_the_second_pass_uncertain_photos_are_decided_by_retinaface_and_rec
     assert!(second > 0 && first > 0, "RetinaFace decided {second} photos, YuNet {first}");
     assert!(results.iter().filter(|r| r.detector.as_deref() == Some("retinaface")).any(|r| !r.faces.is_empty()));
     assert!(d.logs().contains("retinaface_mnv2.onnx"), "detect announces its second pass");
+    let counted = support::prometheus_counter(metrics, "facepipe_second_pass_images_total", &[r#"stage="detect""#]);
+    assert_eq!(counted, second as f64, "the metric counts the photos RetinaFace decided");
 }

@@ -4,6 +4,7 @@ use pipeline::app::{Stage, StartError};
 use pipeline::keys;
 use pipeline::messages::{CropJob, DetectJob};
 use pipeline::runtime::{self, Ctx, Delivery, Handled, Handler};
+use pipeline::telemetry;
 use pipeline::topology::StageName;
 use pipeline::vision::detect;
 use pipeline::StageError;
@@ -20,6 +21,9 @@ impl Handler for Detect {
         let found = runtime::blocking(move || Ok(detect::detect_faces(&bytes, &params)?)).await?;
         tracing::debug!(faces = found.faces.len(), "detected");
         metrics::counter!("facepipe_faces_found_total", "stage" => "detect").increment(found.faces.len() as u64);
+        if found.detector == "retinaface" {
+            metrics::counter!(telemetry::SECOND_PASS_IMAGES, "stage" => "detect").increment(1);
+        }
         let crop = CropJob {
             key: job.key,
             width: found.width,
