@@ -588,7 +588,7 @@ pub struct DetectParams {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SecondPass {
-    /// RetinaFace ONNX file made by `tools/retinaface_onnx.py` (`scripts/setup` writes
+    /// RetinaFace ONNX file made by `tools/retinaface_onnx.py` (`scripts/setup --second-pass` writes
     /// `models/retinaface_mnv2.onnx`). When it does not load, detect warns and runs YuNet alone.
     pub model: PathBuf,
     /// Lowest YuNet score that makes a photo uncertain (YuNet runs down to this score).
