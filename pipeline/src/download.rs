@@ -94,7 +94,7 @@ pub fn is_public(ip: IpAddr) -> bool {
 }
 
 fn is_public_v4(ip: Ipv4Addr) -> bool {
-    let [a, b, ..] = ip.octets();
+    let [a, b, c, _] = ip.octets();
     !(ip.is_unspecified()
         || ip.is_loopback()
         || ip.is_private()
@@ -104,7 +104,7 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
         || a == 0
         || a >= 240
         || (a == 100 && (64..128).contains(&b))
-        || (a == 192 && b == 0 && ip.octets()[2] == 0))
+        || (a == 192 && b == 0 && c == 0))
 }
 
 fn is_public_v6(ip: Ipv6Addr) -> bool {

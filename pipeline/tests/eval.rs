@@ -52,6 +52,14 @@ fn retinaface() -> std::path::PathBuf {
     path
 }
 
+/// The JSON report of a successful `eval --json` whose log announces `fallback`.
+fn report_announcing(out: &Output, fallback: &str) -> serde_json::Value {
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains(fallback), "the fallback is announced ({fallback}): {stderr}");
+    serde_json::from_str(&stdout).unwrap()
+}
+
 #[test]
 fn detection_quality_stays_above_the_floor() {
     let out = eval(&["--json", "--min-precision", MIN_PRECISION, "--min-recall", MIN_RECALL], onnxruntime_library());
@@ -80,10 +88,7 @@ fn eval_fails_below_a_floor() {
 #[test]
 fn without_onnxruntime_detect_warns_and_runs_yunet_on_opencv() {
     let out = eval(&["--json", "--min-precision", MIN_PRECISION, "--min-recall", MIN_RECALL], "/nonexistent/libonnxruntime.so");
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(stderr.contains("ONNX Runtime unavailable"), "the fallback is announced: {stderr}");
-    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let report = report_announcing(&out, "ONNX Runtime unavailable");
     assert_eq!(report["detector"], "yunet");
     assert_eq!(report["engine"], "opencv");
     assert_eq!(report["model"], "face_detection_yunet_2022mar.onnx", "OpenCV 4.6 runs the 2022mar file");
@@ -113,10 +118,7 @@ fn the_second_pass_finds_more_faces_on_the_photos_yunet_is_unsure_of() {
 #[test]
 fn a_second_pass_model_that_does_not_load_leaves_yunet_alone_and_says_so() {
     let out = eval_with_second_pass(&["--json", "--min-precision", MIN_PRECISION, "--min-recall", MIN_RECALL], "/nonexistent/retinaface.onnx");
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(stderr.contains("second pass unavailable"), "the missing file is announced: {stderr}");
-    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let report = report_announcing(&out, "second pass unavailable");
     assert!(report["second_pass"].is_null());
     assert_eq!(report["second_pass_images"], 0);
 }

@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use opencv::core::Mat;
+use opencv::prelude::*;
 use ort::environment::Environment;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
@@ -58,6 +60,16 @@ pub fn session(model: &Path, library: Option<&Path>) -> Result<Session, VisionEr
     let mut builder = builder.with_inter_threads(1).map_err(|e| failed(e.to_string()))?;
     let session = builder.commit_from_memory(&bytes).map_err(|e| failed(e.to_string()))?;
     Ok(session)
+}
+
+/// Calls `f` with the 8-bit BGR bytes of `image`, row after row without gaps (copying the
+/// image only when its rows have gaps, as a region of a larger one does).
+pub fn with_bgr_bytes<T>(image: &Mat, f: impl FnOnce(&[u8]) -> T) -> Result<T, VisionError> {
+    if image.is_continuous() {
+        return Ok(f(image.data_bytes()?));
+    }
+    let copy = image.try_clone()?;
+    Ok(f(copy.data_bytes()?))
 }
 
 /// Greedy NMS, highest score first, as `cv::dnn::NMSBoxes` on the boxes' integer rectangles.

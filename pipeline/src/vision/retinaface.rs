@@ -79,20 +79,14 @@ impl OrtRetinaFace {
         let w = image.cols() as usize;
         self.input.clear();
         self.input.resize(pw * ph * 3, 0.0);
-        let continuous;
-        let image = if image.is_continuous() {
-            image
-        } else {
-            continuous = image.try_clone()?;
-            &continuous
-        };
-        let pixels = image.data_bytes()?;
-        for (y, row) in pixels.chunks_exact(w * 3).enumerate() {
-            let out = &mut self.input[y * pw * 3..(y * pw + w) * 3];
-            for (rgb, bgr) in out.chunks_exact_mut(3).zip(row.chunks_exact(3)) {
-                rgb.copy_from_slice(&[bgr[2] as f32, bgr[1] as f32, bgr[0] as f32]);
+        let input = &mut self.input;
+        onnx::with_bgr_bytes(image, |pixels| {
+            for (y, row) in pixels.chunks_exact(w * 3).enumerate() {
+                let out = &mut input[y * pw * 3..(y * pw + w) * 3];
+                for (rgb, bgr) in out.chunks_exact_mut(3).zip(row.chunks_exact(3)) {
+                    rgb.copy_from_slice(&[bgr[2] as f32, bgr[1] as f32, bgr[0] as f32]);
+                }
             }
-        }
-        Ok(())
+        })
     }
 }

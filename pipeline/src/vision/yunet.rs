@@ -118,26 +118,19 @@ impl OrtYunet {
         let plane = pw * ph;
         self.input.clear();
         self.input.resize(plane * 3, 0.0);
-        let continuous;
-        let image = if image.is_continuous() {
-            image
-        } else {
-            continuous = image.try_clone()?;
-            &continuous
-        };
-        let pixels = image.data_bytes()?;
         let (blue, rest) = self.input.split_at_mut(plane);
         let (green, red) = rest.split_at_mut(plane);
-        for y in 0..h {
-            let row = &pixels[y * w * 3..(y + 1) * w * 3];
-            let at = y * pw;
-            for (x, bgr) in row.chunks_exact(3).enumerate() {
-                blue[at + x] = bgr[0] as f32;
-                green[at + x] = bgr[1] as f32;
-                red[at + x] = bgr[2] as f32;
+        onnx::with_bgr_bytes(image, |pixels| {
+            for y in 0..h {
+                let row = &pixels[y * w * 3..(y + 1) * w * 3];
+                let at = y * pw;
+                for (x, bgr) in row.chunks_exact(3).enumerate() {
+                    blue[at + x] = bgr[0] as f32;
+                    green[at + x] = bgr[1] as f32;
+                    red[at + x] = bgr[2] as f32;
+                }
             }
-        }
-        Ok(())
+        })
     }
 }
 
