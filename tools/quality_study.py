@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Detection-quality study behind README's "Detection quality" table.
+"""Detection-quality study behind the tables of docs/quality.md.
 
 Runs YuNet (both releases) on ONNX Runtime with the decoding `pipeline/src/vision/yunet.rs`
 uses, over the labelled photos, and scores each method with the protocol of

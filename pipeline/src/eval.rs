@@ -19,9 +19,9 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::messages::FaceBox;
-use crate::topology::DetectParams;
-use crate::vision::detect;
+use facepipe_core::messages::FaceBox;
+use facepipe_core::topology::DetectParams;
+use facepipe_vision::detect;
 
 /// Labelled faces smaller than this (smaller side, px) are "ignore".
 pub const MIN_COUNTABLE_FACE: f32 = 20.0;
@@ -48,7 +48,7 @@ pub enum EvalError {
         /// Photo.
         file: String,
         /// Why.
-        source: crate::vision::VisionError,
+        source: facepipe_vision::VisionError,
     },
 }
 
@@ -218,7 +218,7 @@ pub fn evaluate(manifest: &Path, params: &DetectParams) -> Result<Report, EvalEr
         let found = detect::detect_faces(&bytes, params)
             .map_err(|source| EvalError::Detect { file: label.file.clone(), source })?;
         elapsed += started.elapsed().as_secs_f64();
-        report.second_pass_images += usize::from(found.detector == "retinaface");
+        report.second_pass_images += usize::from(found.detector == facepipe_core::domain::Detector::Retinaface);
         let tally = score(label, &found.faces);
         report.total.add(&tally);
         report.by_source.entry(label.source().to_string()).or_default().add(&tally);

@@ -1,64 +1,19 @@
-//! # pipeline: the shared library of the face-crop pipeline
+//! # pipeline: the operator CLI of facepipe
 //!
-//! A batch of photos (a ZIP) flows through four stage binaries connected by
-//! NATS JetStream subjects:
-//!
-//! ```text
-//! faces.extract -> [extract] -> faces.detect -> [detect] -> faces.crop -> [crop] -> faces.persist -> [persist]
-//!   ZIP job          originals     image refs     face boxes   boxes         crops     outcomes        PostgreSQL
-//! ```
-//!
-//! Messages carry object-store keys, never image bytes. Each stage consumes
-//! through one durable pull consumer shared by all its replicas; delivery is
-//! at-least-once and every effect is idempotent, so the end state after any
-//! number of redeliveries equals that of one clean run.
+//! The `pipeline` binary (`src/main.rs`) is what an operator runs: `apply`,
+//! `validate`, `submit`, `status`, `results`, `stats`, `dead-letters`,
+//! `serve`, `up`, `eval` and `bench`. This library holds the parts of it that
+//! tests call directly.
 //!
 //! ## Layout
-//! - [`topology`]: `topology.toml`, the typed description of a deployment.
-//! - [`messages`]: the JSON message of each subject.
-//! - [`keys`]: deterministic object keys, ids and `Nats-Msg-Id`s.
-//! - [`bus`]: NATS connection, stream/consumer plan and apply, acknowledged publishing.
-//! - [`store`]: the object store (`file://`, `s3://`).
-//! - [`db`]: PostgreSQL pool, migrations and the idempotent queries.
-//! - [`deadletters`]: listing and replaying dead letters.
-//! - [`scratch`]: temporary files a restarted process can clean up after a crash.
-//! - [`bands`]: weighted pulling from a stage's priority bands.
-//! - [`live`]: live reconfiguration through a key-value bucket that running stages watch.
-//! - [`presence`]: stage processes answer pings, so stats count the replicas connected.
-//! - [`runtime`]: the stage runtime (pull, ack, retry, dead letters, graceful shutdown).
-//! - [`app`]: start-up shared by every stage binary.
-//! - [`archive`]: reading a ZIP entry by entry with bounded memory.
-//! - [`download`]: fetching images given by URL, with time, size and redirect limits.
-//! - [`api`]: the HTTP API (`pipeline serve`), the old design's endpoints.
-//! - [`vision`]: OpenCV decoding, detection and cropping.
-//! - [`error`]: the transient/permanent classification of stage errors.
+//! - `src/main.rs`: the commands and their arguments.
+//! - `src/bench.rs`: `pipeline bench`, the in-process floor and the end-to-end run.
+//! - `src/processes.rs`: starting and measuring stage processes (`up`, bench).
 //! - [`eval`]: detection quality on labelled photos (`pipeline eval`).
-//! - [`health`]: the `/metrics`, `/healthz` and `/readyz` endpoints of a stage process.
-//! - [`telemetry`]: metric names and buckets, per-step timing, object bytes, consumer lag.
+//! - `tests/`: the integration tests, against a real nats-server and PostgreSQL.
 //!
-//! The operator CLI (`pipeline apply | submit | status | results | up`) is
-//! `src/bin/pipeline.rs`; the stage binaries live in `stages/`.
+//! The other crates of the workspace, one way down:
+//! `facepipe-api` -> `facepipe-control` -> `facepipe-runtime` -> `facepipe-core`;
+//! `facepipe-vision` (with `jpeg-region`) beside them, linked only by detect, crop and this CLI.
 
-pub mod api;
-pub mod app;
-pub mod archive;
-pub mod bands;
-pub mod bus;
-pub mod db;
-pub mod deadletters;
-pub mod download;
-pub mod error;
 pub mod eval;
-pub mod health;
-pub mod keys;
-pub mod live;
-pub mod messages;
-pub mod presence;
-pub mod runtime;
-pub mod scratch;
-pub mod store;
-pub mod telemetry;
-pub mod topology;
-pub mod vision;
-
-pub use error::{ErrorKind, StageError};

@@ -143,10 +143,15 @@ async fn upload_zip_then_status_results_crops_and_queue_stats() {
     let done = api.wait_for_batch(&batch).await;
     let b = &done["batch"];
     assert_eq!(b["status"], "completed", "{done}");
-    assert_eq!(b["progress"], json!({"processed": 7, "total": 7, "failed": 1}));
+    assert_eq!((&b["progress"]["processed"], &b["progress"]["total"], &b["progress"]["failed"]), (&json!(7), &json!(7), &json!(1)));
     assert_eq!(b["progressPercent"], 100.0);
     assert_eq!(b["projectId"], "api");
     assert_eq!(b["priority"], 7);
+    // The old design's field names, which its clients read, beside the new ones.
+    for (field, want) in [("batchId", json!(batch)), ("imageCount", json!(7)), ("queued", json!(0))] {
+        assert_eq!(b[field], want, "batch.{field} of the old shape in {done}");
+    }
+    assert!(b["progress"]["updatedAt"].is_string(), "batch.progress.updatedAt of the old shape in {done}");
 
     // Paged results cover every image once, in order.
     let mut seen = Vec::new();
@@ -189,6 +194,14 @@ async fn upload_zip_then_status_results_crops_and_queue_stats() {
         }
     }
     assert_eq!(stats["queues"]["faceDetection"], stats["stages"]["detect"]);
+    // The old design's shape, as its monitoring recipes read it (`jq .stats.faceDetection.failed`).
+    for name in ["batchIngestion", "faceDetection"] {
+        for field in ["waiting", "active", "completed", "failed", "delayed"] {
+            assert!(stats["stats"][name][field].is_u64(), "stats.{name}.{field} of the old shape in {stats}");
+        }
+    }
+    assert!(stats["stats"]["faceDetection"]["failed"].as_u64().unwrap() >= 1);
+    assert!(stats["stats"]["timestamp"].as_u64().is_some_and(|ms| ms > 1_600_000_000_000), "stats.timestamp in ms: {stats}");
     assert!(stats["stages"]["detect"]["completed"].as_u64().unwrap() >= 7);
     assert!(stats["stages"]["detect"]["failed"].as_u64().unwrap() >= 1);
 
@@ -221,7 +234,7 @@ async fn upload_zip_then_status_results_crops_and_queue_stats() {
 
     // The OpenAPI document served is the one in the repository, and lists every route.
     let served: Value = api.client.get(format!("{}/openapi.json", api.base)).send().await.unwrap().json().await.unwrap();
-    let kept: Value = serde_json::from_str(pipeline::api::OPENAPI).unwrap();
+    let kept: Value = serde_json::from_str(facepipe_api::OPENAPI).unwrap();
     assert_eq!(served, kept);
     for path in ["/api/batch/upload-zip", "/api/batch/add-images", "/api/batch/status/{batchId}", "/api/batch/queue-stats", "/api/batch/{batchId}/results", "/api/batch/{batchId}/crops/{name}"] {
         assert!(served["paths"][path].is_object(), "{path} is documented");

@@ -8,9 +8,9 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use pipeline::deadletters;
-use pipeline::store::Store;
-use pipeline::topology::StageName;
+use facepipe_control::deadletters;
+use facepipe_runtime::store::Store;
+use facepipe_core::topology::StageName;
 use rand::Rng;
 use support::{labelled_photos, shared_dir, write_zip, Deployment, PgProxy};
 
@@ -64,7 +64,7 @@ async fn batch_survives_kills_restarts_and_outages() {
     client.flush().await.unwrap();
 
     let db = d.db.pool().await;
-    let done = |s: &Option<pipeline::db::BatchStatus>| s.as_ref().is_some_and(|s| s.status == "completed" || s.status == "failed");
+    let done = |s: &Option<facepipe_runtime::db::BatchSummary>| s.as_ref().is_some_and(|s| s.status == "completed" || s.status == "failed");
     let mut rng = rand::rng();
     let (mut kills, mut nats_restarts, mut db_outages, mut sigterms) = (0, 0, 0, 0);
     let mut next_kill = Instant::now() + Duration::from_millis(rng.random_range(1000..2000));
@@ -155,7 +155,7 @@ async fn batch_survives_kills_restarts_and_outages() {
     }
 
     // The only dead letters are the planted ones.
-    let bus = pipeline::bus::Bus::connect(&d.topology.nats, "chaos-test", false).await.unwrap();
+    let bus = facepipe_runtime::bus::Bus::connect(&d.topology.nats, "chaos-test", false).await.unwrap();
     let letters = deadletters::list(&bus, &d.topology, None).await.unwrap();
     let mut planted_images: Vec<String> = results
         .iter()

@@ -3,13 +3,14 @@
 
 mod support;
 
-use pipeline::db::{NewImage, Recorded};
-use pipeline::messages::{FaceBox, ImageRef, ImageStatus, Outcome};
+use facepipe_core::domain::{Detector, Priority, StageName};
+use facepipe_runtime::db::{NewImage, Recorded};
+use facepipe_core::messages::{FaceBox, ImageRef, ImageStatus, Outcome};
 use support::TestDb;
 
 fn outcome(image_id: &str, status: ImageStatus) -> Outcome {
     Outcome {
-        image: ImageRef { batch_id: "b-1".into(), image_id: image_id.into(), priority: 5 },
+        image: ImageRef { batch_id: "b-1".into(), image_id: image_id.into(), priority: Priority::DEFAULT },
         status,
         width: Some(640),
         height: Some(480),
@@ -18,7 +19,7 @@ fn outcome(image_id: &str, status: ImageStatus) -> Outcome {
         error: None,
         failed_stage: None,
         attempts: 1,
-        detector: Some("yunet".into()),
+        detector: Some(Detector::Yunet),
     }
 }
 
@@ -37,8 +38,8 @@ async fn same_outcome_twice_leaves_one_row_and_unchanged_counters() {
     let db = test_db.pool().await;
     assert!(db.migrate().await.unwrap().is_empty(), "migrations run once");
 
-    db.insert_batch("b-1", "proj", 5, "uploads/b-1.zip").await.unwrap();
-    db.insert_batch("b-1", "proj", 5, "uploads/b-1.zip").await.unwrap();
+    db.insert_batch("b-1", "proj", Priority::DEFAULT, "uploads/b-1.zip").await.unwrap();
+    db.insert_batch("b-1", "proj", Priority::DEFAULT, "uploads/b-1.zip").await.unwrap();
     db.insert_images("b-1", &[image("0000000"), image("0000001")]).await.unwrap();
     db.insert_images("b-1", &[image("0000000"), image("0000001")]).await.unwrap();
     assert!(!db.finish_ingest("b-1", 2, &["notes.txt".into()]).await.unwrap());
@@ -50,7 +51,7 @@ async fn same_outcome_twice_leaves_one_row_and_unchanged_counters() {
     let again = db.record_outcome(&outcome("0000000", ImageStatus::Cropped)).await.unwrap();
     assert_eq!(again, Recorded { first: false, completed_batch: false, progress: None });
     // A later, different outcome for the same image does not overwrite the first either.
-    let failed = Outcome::failed(outcome("0000000", ImageStatus::Failed).image, "crop", "boom".into(), 3);
+    let failed = Outcome::failed(outcome("0000000", ImageStatus::Failed).image, StageName::Crop, "boom".into(), 3);
     assert!(!db.record_outcome(&failed).await.unwrap().first);
 
     let s = db.batch_status("b-1").await.unwrap().unwrap();
@@ -81,7 +82,7 @@ async fn unknown_images_are_permanent_errors_and_empty_batches_complete() {
     let err = db.record_outcome(&outcome("0000009", ImageStatus::Cropped)).await.unwrap_err();
     assert!(err.is_permanent(), "{err}");
 
-    db.insert_batch("b-1", "proj", 5, "empty.zip").await.unwrap();
+    db.insert_batch("b-1", "proj", Priority::DEFAULT, "empty.zip").await.unwrap();
     assert!(db.finish_ingest("b-1", 0, &[]).await.unwrap(), "an empty archive completes at once");
     assert!(!db.finish_ingest("b-1", 0, &[]).await.unwrap(), "and only once");
     assert_eq!(db.batch_status("b-1").await.unwrap().unwrap().status, "completed");
@@ -91,7 +92,7 @@ async fn unknown_images_are_permanent_errors_and_empty_batches_complete() {
 async fn batch_completes_when_ingest_finishes_after_the_last_outcome() {
     let test_db = TestDb::create().await;
     let db = test_db.pool().await;
-    db.insert_batch("b-1", "proj", 5, "x.zip").await.unwrap();
+    db.insert_batch("b-1", "proj", Priority::DEFAULT, "x.zip").await.unwrap();
     db.insert_images("b-1", &[image("0000000")]).await.unwrap();
     // persist can record an image before extract has finished reading the archive.
     assert!(!db.record_outcome(&outcome("0000000", ImageStatus::Cropped)).await.unwrap().completed_batch);

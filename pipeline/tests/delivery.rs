@@ -6,8 +6,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use pipeline::runtime::{FAULT_CRASH_ON_ENV, FAULT_SLOW_ON_ENV};
-use pipeline::topology::StageName;
+use facepipe_runtime::faults::{FAULT_CRASH_ON_ENV, FAULT_SLOW_ON_ENV};
+use facepipe_core::topology::StageName;
 use support::{shared_dir, write_zip, Deployment};
 
 #[tokio::test(flavor = "multi_thread")]

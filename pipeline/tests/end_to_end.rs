@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use futures::StreamExt;
 use std::time::Duration;
 
-use pipeline::messages::{DeadLetter, ExtractJob};
-use pipeline::store::Store;
+use facepipe_core::messages::{DeadLetter, ExtractJob};
+use facepipe_runtime::store::Store;
 use support::{iou, labelled_photos, shared_dir, write_zip, Deployment};
 
 const BATCH_TIMEOUT: Duration = Duration::from_secs(300);
@@ -45,14 +45,14 @@ async fn zip_batch_flows_through_all_four_stages() {
     // Every entry has exactly one terminal outcome.
     let results = d.db().await.results(&batch).await.unwrap();
     assert_eq!(results.len(), image_count);
-    let by_entry: BTreeMap<&str, &pipeline::db::ImageResult> =
+    let by_entry: BTreeMap<&str, &facepipe_runtime::db::ImageResult> =
         results.iter().map(|r| (r.entry.as_str(), r)).collect();
     assert_eq!(by_entry.len(), image_count, "entry names are unique");
     assert!(results.iter().all(|r| ["cropped", "no_face", "failed"].contains(&r.status.as_str())));
 
     let broken = by_entry["broken/truncated.jpg"];
     assert_eq!(broken.status, "failed");
-    assert_eq!(broken.failed_stage.as_deref(), Some("detect"));
+    assert_eq!(broken.failed_stage.map(|s| s.as_str()), Some("detect"));
     assert!(broken.error.as_deref().unwrap().contains("image"), "{broken:?}");
 
     // Crops exist, one per cropped image (policy `largest`), and are 300x300 JPEGs.
@@ -174,7 +174,7 @@ async fn job_published_by_hand_without_batch_id_makes_exactly_one_batch() {
     while events.len() < 2 {
         let msg = tokio::time::timeout(Duration::from_secs(10), progress.next()).await.unwrap().unwrap();
         assert_eq!(msg.subject.as_str(), format!("faces.progress.{batch}"));
-        events.push(serde_json::from_slice::<pipeline::db::Progress>(&msg.payload).unwrap());
+        events.push(serde_json::from_slice::<facepipe_runtime::db::Progress>(&msg.payload).unwrap());
     }
     // Persist records outcomes concurrently, so events may arrive in either order.
     events.sort_by_key(|e| e.processed);
@@ -257,7 +257,7 @@ async fn malformed_messages_are_dead_lettered_and_workers_keep_serving() {
     let zip = d.dir.path().join("one.zip");
     let astronaut = std::fs::read(shared_dir().join("data/faces/skimage/astronaut.png")).unwrap();
     write_zip(&zip, &[("astronaut.png".into(), astronaut)]);
-    let job = ExtractJob::for_zip(Some("after-bad".into()), "p".into(), 5, zip.display().to_string());
+    let job = ExtractJob::for_zip(Some("after-bad".into()), "p".into(), facepipe_core::domain::Priority::DEFAULT, zip.display().to_string());
     client.publish("faces.extract", serde_json::to_vec(&job).unwrap().into()).await.unwrap();
     let status = d.wait_for_batch("after-bad", BATCH_TIMEOUT).await;
     assert_eq!((status.status.as_str(), status.processed, status.failed), ("completed", 1, 0));
@@ -301,7 +301,7 @@ async fn an_outcome_delivered_again_is_counted_as_skipped_and_changes_nothing() 
     // A persist process with metrics takes over; the outcome arrives once more.
     d.signal(3, libc::SIGTERM);
     assert_eq!(support::wait_exit(&mut d.stages[3].1, Duration::from_secs(30)), Ok(Some(0)));
-    let port = d.start_stage_with_metrics(pipeline::topology::StageName::Persist);
+    let port = d.start_stage_with_metrics(facepipe_core::topology::StageName::Persist);
     support::wait_for_port(port, Duration::from_secs(30));
     let row = d.db().await.results("once").await.unwrap().remove(0);
     let outcome = serde_json::json!({
@@ -323,20 +323,20 @@ async fn an_outcome_delivered_again_is_counted_as_skipped_and_changes_nothing() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn with_the_second_pass_uncertain_photos_are_decided_by_retinaface_and_recorded_so() {
-    let retinaface = support::repo_root().join("models/retinaface_mnv2.onnx");
+    let retinaface = support::shared_dir().join("models/retinaface_mnv2.onnx");
     assert!(retinaface.is_file(), "{} is missing: scripts/setup --test makes it", retinaface.display());
     let mut d = Deployment::start(|t| {
-        t.stages.detect.params.second_pass = Some(pipeline::topology::SecondPass::with_model(retinaface));
+        t.stages.detect.params.second_pass = Some(facepipe_core::topology::SecondPass::with_model(retinaface));
     })
     .await;
     // A detect process that serves metrics, in place of the harness's.
     while d.count_in_logs("stage started stage=detect") == 0 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let detect = d.stages.iter().position(|(s, _)| *s == pipeline::topology::StageName::Detect).unwrap();
+    let detect = d.stages.iter().position(|(s, _)| *s == facepipe_core::topology::StageName::Detect).unwrap();
     d.signal(detect, libc::SIGTERM);
     assert_eq!(d.stages.remove(detect).1.wait().unwrap().code(), Some(0));
-    let metrics = d.start_stage_with_metrics(pipeline::topology::StageName::Detect);
+    let metrics = d.start_stage_with_metrics(facepipe_core::topology::StageName::Detect);
     // Crowded WIDER photos (YuNet is unsure of some faces) and single portraits (it is not).
     let faces_dir = shared_dir().join("data/faces");
     let entries: Vec<(String, Vec<u8>)> = labelled_photos()
@@ -352,11 +352,11 @@ async fn with_the_second_pass_uncertain_photos_are_decided_by_retinaface_and_rec
     assert_eq!((status.status.as_str(), status.failed), ("completed", 0), "{status:?}");
 
     let results = d.db().await.results(&batch).await.unwrap();
-    let decided_by = |name: &str| results.iter().filter(|r| r.detector.as_deref() == Some(name)).count();
+    let decided_by = |name: &str| results.iter().filter(|r| r.detector.map(|d| d.as_str()) == Some(name)).count();
     let (second, first) = (decided_by("retinaface"), decided_by("yunet"));
     assert_eq!(second + first, entries.len(), "every photo names the detector that decided it");
     assert!(second > 0 && first > 0, "RetinaFace decided {second} photos, YuNet {first}");
-    assert!(results.iter().filter(|r| r.detector.as_deref() == Some("retinaface")).any(|r| !r.faces.is_empty()));
+    assert!(results.iter().filter(|r| r.detector.map(|d| d.as_str()) == Some("retinaface")).any(|r| !r.faces.is_empty()));
     assert!(d.logs().contains("retinaface_mnv2.onnx"), "detect announces its second pass");
     let counted = support::prometheus_counter(metrics, "facepipe_second_pass_images_total", &[r#"stage="detect""#]);
     assert_eq!(counted, second as f64, "the metric counts the photos RetinaFace decided");

@@ -9,8 +9,8 @@ use opencv::imgcodecs;
 use opencv::imgproc;
 use opencv::objdetect::FaceDetectorYN;
 use opencv::prelude::*;
-use pipeline::messages::FaceBox;
-use pipeline::vision::yunet::{OrtYunet, Release};
+use facepipe_core::messages::FaceBox;
+use facepipe_vision::yunet::{OrtYunet, Release};
 use support::{labelled_photos, onnxruntime_library, shared_dir};
 
 const THRESHOLD: f32 = 0.5;

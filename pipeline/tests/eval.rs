@@ -47,7 +47,7 @@ fn eval_with_second_pass(args: &[&str], model: impl AsRef<OsStr>) -> Output {
 
 /// RetinaFace as `scripts/setup --test` makes it.
 fn retinaface() -> std::path::PathBuf {
-    let path = repo_root().join("models/retinaface_mnv2.onnx");
+    let path = shared_dir().join("models/retinaface_mnv2.onnx");
     assert!(path.is_file(), "{} is missing: scripts/setup --test makes it", path.display());
     path
 }

@@ -7,8 +7,8 @@ mod support;
 use opencv::core::{self, Mat, Vector};
 use opencv::imgcodecs;
 use opencv::prelude::*;
-use pipeline::topology::{CropParams, DetectParams};
-use pipeline::vision::{crop, detect};
+use facepipe_core::topology::{CropParams, DetectParams};
+use facepipe_vision::{crop, detect};
 use support::{iou, labelled_photos, shared_dir};
 
 /// Stored pixels for orientation `tag`, given the upright image: the inverse of
@@ -80,7 +80,7 @@ fn every_exif_orientation_is_detected_and_cropped_upright() {
     let small = imgcodecs::imread(&shared_dir().join("data/faces").join(&photo.file), imgcodecs::IMREAD_COLOR).unwrap();
     let mut upright = Mat::default();
     opencv::imgproc::resize(&small, &mut upright, core::Size::new(0, 0), 4.0, 4.0, opencv::imgproc::INTER_CUBIC).unwrap();
-    assert_eq!(pipeline::vision::decode::reduction_for(pipeline::vision::decode::Header { width: 2000, height: 1500 }, 640), 2);
+    assert_eq!(facepipe_vision::decode::reduction_for(facepipe_vision::decode::Header { width: 2000, height: 1500 }, 640), 2);
     let reference_bytes = jpeg_with_orientation(&upright, 1);
     let reference = detect::detect_faces(&reference_bytes, &params()).unwrap();
     let matched = labels.iter().filter(|l| reference.faces.iter().any(|f| iou([f.x, f.y, f.w, f.h], **l) >= 0.5)).count();

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pipeline::topology::{StageName, Topology};
+use facepipe_core::topology::{StageName, Topology};
 use support::{free_port, labelled_photos, repo_root, shared_dir, write_zip, Deployment};
 
 /// Photos in the test batch: enough for every stage to work for a few scrapes.

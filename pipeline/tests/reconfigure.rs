@@ -5,7 +5,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use pipeline::store::Store;
+use facepipe_runtime::store::Store;
 use support::{labelled_photos, shared_dir, write_zip, Deployment};
 
 #[tokio::test(flavor = "multi_thread")]

@@ -6,7 +6,7 @@ mod support;
 
 use std::collections::BTreeMap;
 
-use pipeline::topology::StageName;
+use facepipe_core::topology::StageName;
 use support::{labelled_photos, prometheus_counter, shared_dir, write_zip, Deployment};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -65,11 +65,11 @@ async fn three_detect_processes_share_a_batch_and_match_a_one_process_run() {
     d.cli_ok(&["submit", zip.to_str().unwrap(), "--batch-id", "single"]);
     d.wait_for_batch("single", std::time::Duration::from_secs(300)).await;
     let db = d.db().await;
-    let outcome = |rows: Vec<pipeline::db::ImageResult>| -> BTreeMap<String, (String, usize, Vec<String>)> {
+    let outcome = |rows: Vec<facepipe_runtime::db::ImageResult>| -> BTreeMap<String, (String, usize, Vec<String>)> {
         rows.into_iter()
             .map(|r| {
                 let boxes = r.faces.iter().map(|f| format!("{:.1},{:.1},{:.1},{:.1}", f.x, f.y, f.w, f.h)).collect();
-                (r.entry, (r.status, r.crop_keys.len(), boxes))
+                (r.entry, (r.status.to_string(), r.crop_keys.len(), boxes))
             })
             .collect()
     };

@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use pipeline::db::{BatchStatus, Db};
+use facepipe_runtime::db::{BatchSummary, Db};
 #[allow(unused_imports)] // each test binary uses a different part of the harness
 pub use pipeline::eval::{iou, Labelled};
-use pipeline::topology::{StageName, Topology};
+use facepipe_core::topology::{StageName, Topology};
 
 /// Repository root.
 pub fn repo_root() -> PathBuf {
@@ -237,12 +237,12 @@ pub fn onnxruntime_library() -> PathBuf {
 
 /// Points `params` at the YuNet files in ../shared (2023mar for ONNX Runtime, 2022mar for
 /// OpenCV), at RetinaFace as scripts/setup makes it, and at ONNX Runtime's library.
-pub fn use_shared_models(params: &mut pipeline::topology::DetectParams) {
+pub fn use_shared_models(params: &mut facepipe_core::topology::DetectParams) {
     params.model = Some(shared_dir().join("models/face_detection_yunet_2023mar.onnx"));
     params.opencv_model = Some(shared_dir().join("models/face_detection_yunet_2022mar.onnx"));
     params.onnxruntime = Some(onnxruntime_library());
     if let Some(second) = &mut params.second_pass {
-        second.model = repo_root().join("models/retinaface_mnv2.onnx");
+        second.model = shared_dir().join("models/retinaface_mnv2.onnx");
     }
 }
 
@@ -409,7 +409,7 @@ impl Deployment {
     }
 
     /// Waits until a batch is completed or failed; panics with the stage logs after `timeout`.
-    pub async fn wait_for_batch(&self, batch_id: &str, timeout: Duration) -> BatchStatus {
+    pub async fn wait_for_batch(&self, batch_id: &str, timeout: Duration) -> BatchSummary {
         let db = self.db().await;
         let start = Instant::now();
         loop {

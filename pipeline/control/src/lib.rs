@@ -1,0 +1,13 @@
+//! # facepipe-control: the control plane
+//!
+//! What an operator does to a deployment, written once and called by the
+//! `pipeline` CLI, the HTTP API (`facepipe-api`) and bench alike.
+//!
+//! ## Layout
+//! - [`batches`]: starting a batch (ZIP or URL list) and waiting for it.
+//! - [`stats`]: each stage's queue and replicas.
+//! - [`deadletters`]: listing and replaying dead letters.
+
+pub mod batches;
+pub mod deadletters;
+pub mod stats;

@@ -1,0 +1,61 @@
+//! Queue statistics: each stage's backlog as JetStream sees it, and the
+//! replicas that answer a presence ping (`pipeline stats`, the API's queue-stats).
+
+use std::time::Duration;
+
+use facepipe_core::topology::{StageName, Topology};
+use facepipe_runtime::bus::{self, Bus, BusError};
+
+/// A stage's queue as JetStream sees it (`pipeline stats`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueueStats {
+    /// Stage name.
+    pub stage: String,
+    /// Messages not yet delivered (the old design's "waiting").
+    pub waiting: u64,
+    /// Delivered and not yet acknowledged: being worked on, or Nak'd and waiting for their retry delay.
+    pub active: usize,
+    /// Of the unacknowledged, those delivered more than once (retrying).
+    pub retrying: usize,
+    /// Messages taken off the queue since the stream was created: done, or dead-lettered.
+    pub completed: u64,
+    /// Pull requests waiting at the server: replicas idle and asking for work.
+    pub idle_pullers: usize,
+    /// `waiting`, per priority band.
+    pub waiting_by_band: std::collections::BTreeMap<String, u64>,
+    /// Processes of the stage that answered a presence ping, wherever they run.
+    pub replicas: usize,
+}
+
+/// Queue statistics of every stage, in flow order (takes half a second: the
+/// replica count waits for the stage processes' presence answers).
+pub async fn queue_stats(bus: &Bus, topology: &Topology) -> Result<Vec<QueueStats>, BusError> {
+    let present = facepipe_runtime::presence::ping(bus, topology, Duration::from_millis(500)).await?;
+    let mut out = Vec::new();
+    for stage in StageName::ALL {
+        let name = topology.stream_name(stage);
+        let mut stream = bus.js.get_stream(&name).await.map_err(|e| bus::setup(&name, e))?;
+        let state = stream.info().await.map_err(|e| bus::setup(&name, e))?.state.clone();
+        let mut stats = QueueStats {
+            stage: stage.to_string(),
+            waiting: 0,
+            active: 0,
+            retrying: 0,
+            completed: state.last_sequence.saturating_sub(state.messages),
+            idle_pullers: 0,
+            waiting_by_band: std::collections::BTreeMap::new(),
+            replicas: present.iter().filter(|p| p.stage == stage.as_str()).count(),
+        };
+        for band in topology.stage_bands(stage) {
+            let info = stream.consumer_info(&band.durable).await.map_err(|e| bus::setup(&band.durable, e))?;
+            stats.waiting += info.num_pending;
+            stats.active += info.num_ack_pending;
+            stats.retrying += info.num_redelivered;
+            stats.idle_pullers += info.num_waiting;
+            stats.waiting_by_band.insert(band.name, info.num_pending);
+        }
+        out.push(stats);
+    }
+    Ok(out)
+}
+

@@ -1,0 +1,123 @@
+//! Deterministic names: object keys, image ids, batch ids and `Nats-Msg-Id`s.
+//!
+//! Redelivery reruns a stage on the same input; because every name below is a
+//! pure function of that input, a rerun overwrites the same objects and
+//! publishes the same message ids (which JetStream then drops as duplicates).
+//!
+//! Object layout:
+//! ```text
+//! uploads/<batch>.zip                         ZIPs put there by `pipeline submit` and the API
+//! batches/<batch>/originals/<image>.<ext>     one original per ZIP image entry
+//! batches/<batch>/crops/<image>-<n>.jpg       crop of the n-th face (in detection order)
+//! ```
+
+use sha2::{Digest, Sha256};
+
+/// Image id of the `index`-th entry of a ZIP (0-based, in central-directory order).
+pub fn image_id(index: usize) -> String {
+    format!("{index:07}")
+}
+
+/// Key of an original; the extension is the entry's, lower-cased, when it is a plain token.
+pub fn original_key(batch_id: &str, image_id: &str, entry_name: &str) -> String {
+    let ext = extension(entry_name).unwrap_or_else(|| "bin".into());
+    format!("batches/{batch_id}/originals/{image_id}.{ext}")
+}
+
+/// Key of the crop of the `face`-th face of an image.
+pub fn crop_key(batch_id: &str, image_id: &str, face: usize) -> String {
+    format!("batches/{batch_id}/crops/{image_id}-{face}.jpg")
+}
+
+/// Where an uploaded ZIP waits for extract: `uploads/<batch>.zip`.
+pub fn upload_key(batch_id: &str) -> String {
+    format!("uploads/{batch_id}.zip")
+}
+
+/// A crop's object key from its file name (`<image>-<face>.jpg`), as the API serves it.
+pub fn crop_key_of(batch_id: &str, file_name: &str) -> String {
+    format!("{}crops/{file_name}", batch_prefix(batch_id))
+}
+
+/// Prefix under which all objects of a batch live.
+pub fn batch_prefix(batch_id: &str) -> String {
+    format!("batches/{batch_id}/")
+}
+
+/// Lower-cased extension of a file name, when it is short and alphanumeric.
+pub fn extension(name: &str) -> Option<String> {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or(name);
+    let (stem, ext) = base.rsplit_once('.')?;
+    (!stem.is_empty() && (1..=5).contains(&ext.len()) && ext.chars().all(|c| c.is_ascii_alphanumeric()))
+        .then(|| ext.to_ascii_lowercase())
+}
+
+/// `Nats-Msg-Id` of the message a stage publishes for one image (or one batch).
+pub fn msg_id(stage: &str, batch_id: &str, image_id: &str) -> String {
+    format!("{stage}:{batch_id}:{image_id}")
+}
+
+/// Batch id derived from the fields that identify one job message, so every
+/// redelivery of that message names the same batch.
+pub fn derived_batch_id(parts: &[&str]) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part.as_bytes());
+        hasher.update([0u8]);
+    }
+    let digest = hasher.finalize();
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("b-{hex}")
+}
+
+/// A new batch id for a submission (CLI or API): derived from its project, its
+/// source and the current time, so two submissions of one file are two batches.
+pub fn new_batch_id(project_id: &str, source: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let salt: u64 = rand::random();
+    derived_batch_id(&[project_id, source, &now.to_string(), &salt.to_string()])
+}
+
+/// True when `id` is safe inside an object key and a subject token: letters, digits, `-`, `_`.
+pub fn is_valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout() {
+        assert_eq!(image_id(42), "0000042");
+        assert_eq!(original_key("b-1", "0000042", "dir/Photo.JPG"), "batches/b-1/originals/0000042.jpg");
+        assert_eq!(original_key("b-1", "7", "noext"), "batches/b-1/originals/7.bin");
+        assert_eq!(original_key("b-1", "7", "../../etc/passwd"), "batches/b-1/originals/7.bin");
+        assert_eq!(crop_key("b-1", "0000042", 0), "batches/b-1/crops/0000042-0.jpg");
+        assert!(crop_key("b", "i", 0).starts_with(&batch_prefix("b")));
+        assert_eq!(msg_id("detect", "b-1", "0000042"), "detect:b-1:0000042");
+    }
+
+    #[test]
+    fn extensions() {
+        assert_eq!(extension("a/b/c.JPeG").as_deref(), Some("jpeg"));
+        assert_eq!(extension(".hidden"), None);
+        assert_eq!(extension("x.tar.gz").as_deref(), Some("gz"));
+        assert_eq!(extension("x.j p g"), None);
+    }
+
+    #[test]
+    fn derived_ids_are_stable_and_distinct() {
+        let a = derived_batch_id(&["proj", "uploads/a.zip", "17"]);
+        assert_eq!(a, derived_batch_id(&["proj", "uploads/a.zip", "17"]));
+        assert_ne!(a, derived_batch_id(&["proj", "uploads/a.zip", "18"]));
+        // Separators keep ("ab","c") and ("a","bc") apart.
+        assert_ne!(derived_batch_id(&["ab", "c"]), derived_batch_id(&["a", "bc"]));
+        assert!(is_valid_id(&a));
+        assert!(!is_valid_id("../x"));
+        assert!(!is_valid_id(""));
+    }
+}

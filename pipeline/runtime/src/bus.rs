@@ -1,0 +1,493 @@
+//! NATS JetStream: the connection, the streams and consumers a topology
+//! describes, and acknowledged, de-duplicated publishing.
+//!
+//! One WorkQueue stream per stage (`<prefix>_<STAGE>`) rather than one stream
+//! with a subject per stage: each stage's backlog, limits and purge are then
+//! independent, `nats stream info FACES_DETECT` reads as the stage's queue, and
+//! a WorkQueue stream allows exactly one consumer per subject anyway.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+
+use facepipe_core::messages::ExtractJob;
+use facepipe_core::redact::redact_url;
+use facepipe_core::topology::{NatsAuth, NatsConfig, StageBand, StageName, StorageKind, Topology};
+
+
+/// Why a NATS operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// Could not connect to the server.
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Connect {
+        /// Server URL (without credentials).
+        url: String,
+        /// Client's reason.
+        reason: String,
+    },
+    /// A stream or consumer could not be read, created or updated.
+    #[error("JetStream {what}: {reason}")]
+    Setup {
+        /// Which stream or consumer.
+        what: String,
+        /// Server's reason.
+        reason: String,
+    },
+    /// A message is larger than the server accepts (its `max_payload`).
+    #[error("a message of {size} bytes is larger than the server's max_payload of {max}")]
+    TooLarge {
+        /// Encoded size.
+        size: usize,
+        /// The server's limit.
+        max: usize,
+    },
+    /// A publish was not acknowledged by the server.
+    #[error("publish to {subject} failed: {reason}")]
+    Publish {
+        /// Target subject.
+        subject: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl facepipe_core::retry::Classify for BusError {
+    /// Every NATS failure is worth a retry: the server or the network will come back.
+    fn kind(&self) -> facepipe_core::retry::ErrorKind {
+        facepipe_core::retry::ErrorKind::Transient
+    }
+}
+
+/// A connected client with its JetStream context.
+#[derive(Clone, Debug)]
+pub struct Bus {
+    /// Core NATS client.
+    pub client: async_nats::Client,
+    /// JetStream context on it.
+    pub js: jetstream::Context,
+}
+
+impl Bus {
+    /// Connects with the topology's URL, authentication and TLS settings; see [`Bus::connect_with`].
+    pub async fn connect(nats: &NatsConfig, name: &str, wait: bool) -> Result<Self, BusError> {
+        Self::connect_with(&nats.url, &nats.auth, name, wait).await
+    }
+
+    /// Connects. With `wait` (stages, which may start before NATS), an
+    /// unreachable server is retried with capped backoff; refused credentials or
+    /// a failed TLS handshake are errors at once, since retrying cannot fix them.
+    /// Once connected, the client reconnects on its own.
+    pub async fn connect_with(url: &str, auth: &NatsAuth, name: &str, wait: bool) -> Result<Self, BusError> {
+        use async_nats::ConnectErrorKind as Kind;
+        let connect_error = |reason: String| BusError::Connect { url: redact_url(url), reason };
+        // async-nats ignores credentials in the URL; take them from there ourselves.
+        let (url, auth) = &credentials_from_url(url, auth);
+        let mut delay = Duration::from_millis(250);
+        loop {
+            match connect_options(auth, name).await.map_err(connect_error)?.connect(url.as_str()).await {
+                Ok(client) => {
+                    let js = jetstream::new(client.clone());
+                    return Ok(Self { client, js });
+                }
+                Err(e) if wait && matches!(e.kind(), Kind::Io | Kind::TimedOut | Kind::Dns) => {
+                    tracing::warn!(url = %redact_url(url), error = %e, retry_in = ?delay, "NATS not reachable yet");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(connect_error(e.to_string())),
+            }
+        }
+    }
+
+    /// True while the client is connected to a server.
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Publishes with a `Nats-Msg-Id` and waits for the server's acknowledgement,
+    /// so the message is stored (or recognized as a duplicate) when this returns.
+    pub async fn publish(&self, subject: &str, msg_id: &str, payload: Bytes) -> Result<(), BusError> {
+        let err = |reason: String| BusError::Publish { subject: subject.to_string(), reason };
+        let ack = self
+            .js
+            .send_publish(
+                subject.to_string(),
+                jetstream::message::PublishMessage::build().payload(payload).message_id(msg_id),
+            )
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        ack.await.map_err(|e| err(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Publishes a batch's extract job on the band subject of its priority; the
+    /// message id is the batch's, so a repeated submission is stored once.
+    pub async fn publish_job(&self, topology: &Topology, job: &ExtractJob) -> Result<(), BusError> {
+        let payload = self.job_payload(job)?;
+        self.publish_job_payload(topology, job, payload).await
+    }
+
+    /// The encoded job, or [`BusError::TooLarge`] when the server would refuse it
+    /// (a long URL list): callers can refuse it before recording anything.
+    pub fn job_payload(&self, job: &ExtractJob) -> Result<Bytes, BusError> {
+        let payload = facepipe_core::messages::encode(job);
+        let max = self.client.server_info().max_payload;
+        if payload.len() > max {
+            return Err(BusError::TooLarge { size: payload.len(), max });
+        }
+        Ok(payload)
+    }
+
+    /// Publishes `job`, already encoded by [`Bus::job_payload`], like [`Bus::publish_job`].
+    pub async fn publish_job_payload(&self, topology: &Topology, job: &ExtractJob, payload: Bytes) -> Result<(), BusError> {
+        let subject = topology.priority_subject(&topology.stages.extract.subject, job.priority);
+        let batch_id = job.batch_id.as_deref().unwrap_or_default();
+        self.publish(&subject, &facepipe_core::keys::msg_id("submit", batch_id, "job"), payload).await
+    }
+
+    /// The stage's durable pull consumers, one per priority band (highest
+    /// first), which every replica shares.
+    pub async fn stage_consumers(
+        &self,
+        topology: &Topology,
+        stage: StageName,
+    ) -> Result<Vec<(StageBand, consumer::PullConsumer)>, BusError> {
+        let stream = topology.stream_name(stage);
+        let mut out = Vec::new();
+        for band in topology.stage_bands(stage) {
+            let consumer = self.js.get_consumer_from_stream(&band.durable, &stream).await.map_err(|e| BusError::Setup {
+                what: format!("consumer {stream}/{}", band.durable),
+                reason: format!("{e} (run `pipeline apply` first)"),
+            })?;
+            out.push((band, consumer));
+        }
+        Ok(out)
+    }
+}
+
+/// Moves `user:password@` (or a lone `token@`) from the URL into the auth
+/// settings, unless those already name credentials.
+fn credentials_from_url(url: &str, auth: &NatsAuth) -> (String, NatsAuth) {
+    let mut auth = auth.clone();
+    let Ok(mut parsed) = url::Url::parse(url) else { return (url.to_string(), auth) };
+    // URL userinfo is percent-encoded, not form-encoded: `+` is a plus and `&` an ordinary character.
+    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8().ok().map(|v| v.into_owned());
+    let (user, password) = (decode(parsed.username()).unwrap_or_default(), parsed.password().and_then(decode));
+    if user.is_empty() {
+        return (url.to_string(), auth);
+    }
+    if auth.user.is_none() && auth.token.is_none() {
+        match password {
+            Some(password) => {
+                auth.user = Some(user);
+                auth.password = Some(password);
+            }
+            None => auth.token = Some(user),
+        }
+    }
+    let _ = parsed.set_username("");
+    let _ = parsed.set_password(None);
+    (parsed.to_string(), auth)
+}
+
+/// Client options from the topology's authentication and TLS settings.
+async fn connect_options(auth: &NatsAuth, name: &str) -> Result<async_nats::ConnectOptions, String> {
+    let mut options = match &auth.creds_file {
+        Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(|e| format!("credentials file {}: {e}", path.display()))?,
+        None => async_nats::ConnectOptions::new(),
+    };
+    if let (Some(user), Some(password)) = (&auth.user, &auth.password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &auth.token {
+        options = options.token(token.clone());
+    }
+    if let Some(ca) = &auth.tls_ca {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&auth.tls_cert, &auth.tls_key) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    Ok(options
+        .require_tls(auth.tls_required)
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                async_nats::Event::ServerError(e) => tracing::error!(error = %e, "NATS server error"),
+                other => tracing::debug!(event = %other, "NATS event"),
+            }
+        }))
+}
+
+/// The stream configuration a topology asks for, per stage.
+pub fn stage_stream(topology: &Topology, stage: StageName) -> stream::Config {
+    stream::Config {
+        name: topology.stream_name(stage),
+        description: Some(format!("face pipeline: input of the {stage} stage")),
+        // One subject per priority band; the consumers' filters split them.
+        subjects: topology.stage_bands(stage).into_iter().map(|b| b.subject).collect(),
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: storage(topology.nats.storage),
+        num_replicas: topology.nats.replicas,
+        duplicate_window: topology.nats.duplicate_window,
+        ..Default::default()
+    }
+}
+
+/// The dead-letter stream: kept by limits (30 days), not consumed away.
+pub fn dead_letter_stream(topology: &Topology) -> stream::Config {
+    stream::Config {
+        name: topology.dead_letter_stream(),
+        description: Some("face pipeline: messages that failed for good".into()),
+        subjects: vec![format!("{}.>", topology.nats.dead_letter_subject)],
+        retention: stream::RetentionPolicy::Limits,
+        storage: storage(topology.nats.storage),
+        num_replicas: topology.nats.replicas,
+        duplicate_window: topology.nats.duplicate_window,
+        max_age: Duration::from_secs(30 * 24 * 3600),
+        ..Default::default()
+    }
+}
+
+/// The durable pull consumer configurations of a stage, one per priority band.
+pub fn stage_consumers(topology: &Topology, stage: StageName) -> Vec<consumer::pull::Config> {
+    let s = topology.stage(stage);
+    topology
+        .stage_bands(stage)
+        .into_iter()
+        .map(|band| consumer::pull::Config {
+            durable_name: Some(band.durable),
+            description: Some(format!("face pipeline: {stage} workers, {} priority", band.name)),
+            filter_subject: band.subject,
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: s.ack_wait,
+            max_deliver: s.max_deliver,
+            max_ack_pending: s.max_ack_pending,
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// JetStream's storage type for the topology's `nats.storage`.
+pub(crate) fn storage(kind: StorageKind) -> stream::StorageType {
+    match kind {
+        StorageKind::File => stream::StorageType::File,
+        StorageKind::Memory => stream::StorageType::Memory,
+    }
+}
+
+/// What `apply` does to one stream or consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// It does not exist yet.
+    Create,
+    /// It exists and differs in settings the server can change in place.
+    Update(Vec<String>),
+    /// It exists and matches.
+    Unchanged,
+    /// It differs in settings the server cannot change in place (e.g. retention, storage).
+    Recreate(Vec<String>),
+}
+
+/// One line of the plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanItem {
+    /// `stream FACES_DETECT` or `consumer FACES_DETECT/detect`.
+    pub target: String,
+    /// What happens to it.
+    pub action: Action,
+}
+
+impl std::fmt::Display for PlanItem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.action {
+            Action::Create => write!(f, "+ create    {}", self.target),
+            Action::Unchanged => write!(f, "= unchanged {}", self.target),
+            Action::Update(d) => write!(f, "~ update    {} ({})", self.target, d.join(", ")),
+            Action::Recreate(d) => write!(
+                f,
+                "! recreate  {} ({}): the server cannot change this in place; drain it, delete it, and apply again",
+                self.target,
+                d.join(", ")
+            ),
+        }
+    }
+}
+
+/// Records `name old -> new` in `changes` when the two differ.
+fn compare<T: PartialEq + std::fmt::Debug>(changes: &mut Vec<String>, name: &str, have: &T, want: &T) {
+    if have != want {
+        changes.push(format!("{name} {have:?} -> {want:?}"));
+    }
+}
+
+fn diff_stream(want: &stream::Config, have: &stream::Config) -> Action {
+    let (mut live, mut fixed) = (Vec::new(), Vec::new());
+    compare(&mut live, "subjects", &have.subjects, &want.subjects);
+    compare(&mut live, "duplicate_window", &have.duplicate_window, &want.duplicate_window);
+    compare(&mut live, "max_age", &have.max_age, &want.max_age);
+    compare(&mut live, "replicas", &have.num_replicas, &want.num_replicas);
+    compare(&mut fixed, "retention", &have.retention, &want.retention);
+    compare(&mut fixed, "storage", &have.storage, &want.storage);
+    classify(live, fixed)
+}
+
+fn diff_consumer(want: &consumer::pull::Config, have: &consumer::Config) -> Action {
+    let (mut live, mut fixed) = (Vec::new(), Vec::new());
+    compare(&mut live, "ack_wait", &have.ack_wait, &want.ack_wait);
+    compare(&mut live, "max_deliver", &have.max_deliver, &want.max_deliver);
+    compare(&mut live, "max_ack_pending", &have.max_ack_pending, &want.max_ack_pending);
+    // Servers from 2.10 change a filter in place; older ones refuse, and apply says so.
+    compare(&mut live, "filter_subject", &have.filter_subject, &want.filter_subject);
+    compare(&mut fixed, "ack_policy", &have.ack_policy, &want.ack_policy);
+    classify(live, fixed)
+}
+
+fn classify(live: Vec<String>, fixed: Vec<String>) -> Action {
+    if !fixed.is_empty() {
+        Action::Recreate(fixed.into_iter().chain(live).collect())
+    } else if !live.is_empty() {
+        Action::Update(live)
+    } else {
+        Action::Unchanged
+    }
+}
+
+fn is_not_found(e: &impl std::fmt::Display) -> bool {
+    // Both the stream (10059) and consumer (10014) lookups report "not found".
+    e.to_string().to_lowercase().contains("not found")
+}
+
+/// Compares the streams and consumers a topology describes with the server's.
+pub async fn plan(bus: &Bus, topology: &Topology) -> Result<Vec<PlanItem>, BusError> {
+    let mut items = Vec::new();
+    let mut streams: Vec<stream::Config> =
+        StageName::ALL.iter().map(|s| stage_stream(topology, *s)).collect();
+    streams.push(dead_letter_stream(topology));
+    for want in &streams {
+        let target = format!("stream {}", want.name);
+        let action = match bus.js.get_stream(&want.name).await {
+            Ok(mut s) => {
+                let info = s.info().await.map_err(|e| setup(&target, e))?;
+                diff_stream(want, &info.config)
+            }
+            Err(e) if is_not_found(&e) => Action::Create,
+            Err(e) => return Err(setup(&target, e)),
+        };
+        items.push(PlanItem { target, action });
+    }
+    for stage in StageName::ALL {
+        let stream_name = topology.stream_name(stage);
+        for want in stage_consumers(topology, stage) {
+            let durable = want.durable_name.clone().unwrap_or_default();
+            let target = format!("consumer {stream_name}/{durable}");
+            let action = match bus.js.get_stream(&stream_name).await {
+                Ok(s) => match s.consumer_info(&durable).await {
+                    Ok(info) => diff_consumer(&want, &info.config),
+                    Err(e) if is_not_found(&e) => Action::Create,
+                    Err(e) => return Err(setup(&target, e)),
+                },
+                Err(_) => Action::Create,
+            };
+            items.push(PlanItem { target, action });
+        }
+    }
+    Ok(items)
+}
+
+/// A [`BusError::Setup`] for `what`.
+pub fn setup(what: &str, e: impl std::fmt::Display) -> BusError {
+    BusError::Setup { what: what.to_string(), reason: e.to_string() }
+}
+
+/// Carries out a plan: creates and updates streams and consumers. Refuses the
+/// whole plan, before changing anything, when an item needs a recreate.
+pub async fn apply(bus: &Bus, topology: &Topology, plan: &[PlanItem]) -> Result<(), BusError> {
+    if let Some(item) = plan.iter().find(|i| matches!(i.action, Action::Recreate(_))) {
+        return Err(setup(&item.target, "needs a drained recreate; nothing was applied"));
+    }
+    let mut streams: Vec<stream::Config> =
+        StageName::ALL.iter().map(|s| stage_stream(topology, *s)).collect();
+    streams.push(dead_letter_stream(topology));
+    for want in streams {
+        let target = format!("stream {}", want.name);
+        match plan.iter().find(|i| i.target == target).map(|i| &i.action) {
+            Some(Action::Create) => {
+                bus.js.create_stream(want).await.map_err(|e| setup(&target, e))?;
+            }
+            Some(Action::Update(_)) => {
+                bus.js.update_stream(want).await.map_err(|e| setup(&target, e))?;
+            }
+            _ => {}
+        }
+    }
+    for stage in StageName::ALL {
+        let stream_name = topology.stream_name(stage);
+        for want in stage_consumers(topology, stage) {
+            let target = format!("consumer {stream_name}/{}", want.durable_name.as_deref().unwrap_or_default());
+            let action = plan.iter().find(|i| i.target == target).map(|i| &i.action);
+            if matches!(action, Some(Action::Create) | Some(Action::Update(_))) {
+                let stream = bus.js.get_stream(&stream_name).await.map_err(|e| setup(&target, e))?;
+                if matches!(action, Some(Action::Create)) {
+                    stream.create_consumer(want).await.map_err(|e| setup(&target, e))?;
+                } else {
+                    stream.update_consumer(want).await.map_err(|e| setup(&target, e))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_credentials_are_percent_decoded_not_form_decoded() {
+        // The password `p+&@%/x`, percent-encoded where a URL needs it.
+        let url = "nats://alice:p+&%40%25%2Fx@127.0.0.1:4222";
+        let (clean, auth) = credentials_from_url(url, &NatsAuth::default());
+        assert_eq!(auth.user.as_deref(), Some("alice"));
+        assert_eq!(auth.password.as_deref(), Some("p+&@%/x"));
+        assert_eq!(clean, "nats://127.0.0.1:4222");
+        let (_, token) = credentials_from_url("nats://s3cr%2Bt@127.0.0.1:4222", &NatsAuth::default());
+        assert_eq!(token.token.as_deref(), Some("s3cr+t"));
+    }
+
+    #[test]
+    fn url_credentials_move_into_auth() {
+        let (url, auth) = credentials_from_url("nats://u:p%40ss@host:4222", &NatsAuth::default());
+        assert_eq!(url, "nats://host:4222");
+        assert_eq!((auth.user.as_deref(), auth.password.as_deref()), (Some("u"), Some("p@ss")));
+        let (_, auth) = credentials_from_url("nats://s3cr3t@host:4222", &NatsAuth::default());
+        assert_eq!(auth.token.as_deref(), Some("s3cr3t"));
+        let (url, auth) = credentials_from_url("nats://host:4222", &NatsAuth::default());
+        assert_eq!((url.as_str(), auth), ("nats://host:4222", NatsAuth::default()));
+    }
+
+    #[test]
+    fn redacts_credentials() {
+        assert_eq!(redact_url("nats://u:p@host:4222"), "nats://***@host:4222");
+        assert_eq!(redact_url("nats://host:4222"), "nats://host:4222");
+    }
+
+    #[test]
+    fn retention_change_needs_recreate() {
+        let a = stream::Config { name: "S".into(), subjects: vec!["a".into()], ..Default::default() };
+        let mut b = a.clone();
+        assert_eq!(diff_stream(&a, &b), Action::Unchanged);
+        b.retention = stream::RetentionPolicy::WorkQueue;
+        assert!(matches!(diff_stream(&a, &b), Action::Recreate(_)));
+        let mut c = a.clone();
+        c.duplicate_window = Duration::from_secs(1);
+        assert!(matches!(diff_stream(&a, &c), Action::Update(_)));
+    }
+}

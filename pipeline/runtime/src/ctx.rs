@@ -1,0 +1,80 @@
+//! [`Ctx`]: what every handler call is given.
+
+use std::sync::Arc;
+
+use facepipe_core::messages::{self, ImageRef, Outcome};
+use facepipe_core::topology::{StageName, Topology};
+
+use crate::bus::Bus;
+use crate::cpu::CpuPool;
+use crate::error::StageError;
+use crate::store::Store;
+
+/// Shared infrastructure handed to every handler call.
+pub struct Ctx {
+    /// Which stage this process runs.
+    pub stage: StageName,
+    /// The deployment as the process started (connections, subjects). Settings
+    /// that change live are read with [`Ctx::current`] instead.
+    pub topology: Topology,
+    /// NATS.
+    pub bus: Bus,
+    /// Object store.
+    pub store: Store,
+    /// Readiness reported on `/readyz`.
+    pub health: Arc<crate::health::Health>,
+    /// The topology with the latest live changes (see [`crate::live`]).
+    pub(crate) live: tokio::sync::watch::Sender<Arc<Topology>>,
+    /// The CPU threads for [`Ctx::blocking`], one per worker slot.
+    cpu: CpuPool,
+}
+
+impl Ctx {
+    /// Context for a stage process started with `topology`.
+    pub fn new(stage: StageName, topology: Topology, bus: Bus, store: Store, health: Arc<crate::health::Health>) -> Self {
+        let (live, _) = tokio::sync::watch::channel(Arc::new(topology.clone()));
+        let cpu = CpuPool::new(topology.stage(stage).concurrency);
+        Self { stage, topology, bus, store, health, live, cpu }
+    }
+
+    /// Runs blocking CPU work (OpenCV, ONNX Runtime) on the stage's CPU threads, off the async reactor.
+    pub async fn blocking<T, F>(&self, work: F) -> Result<T, StageError>
+    where
+        F: FnOnce() -> Result<T, StageError> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.cpu.run(work).await
+    }
+
+    /// The CPU threads, grown when the concurrency grows live.
+    pub(crate) fn cpu(&self) -> &CpuPool {
+        &self.cpu
+    }
+
+    /// The topology with the live changes applied so far: read it per message
+    /// for parameters, concurrency and retry policy.
+    pub fn current(&self) -> Arc<Topology> {
+        self.live.borrow().clone()
+    }
+
+    /// Publishes `msg` about `image` on the stage's next subject (the band of the
+    /// image's priority) with a deterministic message id.
+    pub async fn publish_next<T: serde::Serialize>(
+        &self,
+        msg_id: &str,
+        image: &ImageRef,
+        msg: &T,
+    ) -> Result<(), StageError> {
+        let next = self.topology.stage(self.stage).next.ok_or_else(|| {
+            StageError::permanent(format!("stage {} has no next subject", self.stage))
+        })?;
+        let subject = self.topology.priority_subject(next, image.priority);
+        Ok(self.bus.publish(&subject, msg_id, messages::encode(msg)).await?)
+    }
+
+    /// Publishes an image outcome straight to the persist stage (its priority's band).
+    pub async fn publish_outcome(&self, msg_id: &str, outcome: &Outcome) -> Result<(), StageError> {
+        let subject = self.topology.priority_subject(self.topology.outcome_subject(), outcome.image.priority);
+        Ok(self.bus.publish(&subject, msg_id, messages::encode(outcome)).await?)
+    }
+}

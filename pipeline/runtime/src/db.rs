@@ -1,0 +1,557 @@
+//! PostgreSQL: connection pool, schema migrations, and every query the pipeline runs.
+//!
+//! Idempotency lives here. Images are inserted as `pending` by extract and
+//! leave `pending` exactly once (the first outcome wins); the batch counters
+//! move in the same transaction, so redelivered outcomes change nothing, and a
+//! batch flips to `completed` by a conditional update that succeeds only once.
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use serde::Serialize;
+use tokio_postgres::NoTls;
+
+use facepipe_core::domain::{BatchStatus, Detector, ImageStatus, Priority, StageName};
+use facepipe_core::messages::{FaceBox, Outcome};
+
+/// Schema migrations in order; each runs once, recorded in `schema_migrations`.
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../migrations/0001_batches_and_images.sql")),
+    (2, include_str!("../migrations/0002_record_ids.sql")),
+];
+
+/// Longest wait for a connection before an operation fails as unavailable.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Arbitrary constant for the advisory lock that serializes concurrent migrators.
+const MIGRATION_LOCK: i64 = 0x6661_6365_7069_7065; // "facepipe"
+
+/// Why a database operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The URL could not be parsed.
+    #[error("invalid database url: {0}")]
+    Config(String),
+    /// No connection could be had from the pool.
+    #[error("database unavailable: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// A statement failed.
+    #[error("database query failed: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    /// A stored value is not one the pipeline writes (the schema and the code disagree).
+    #[error("unexpected value in the database: {0}")]
+    Value(#[from] facepipe_core::domain::UnknownValue),
+    /// A stored priority is outside 1-10.
+    #[error("unexpected value in the database: {0}")]
+    Priority(#[from] facepipe_core::domain::PriorityError),
+    /// An outcome names an image extract never registered.
+    #[error("unknown image {image_id} in batch {batch_id}")]
+    UnknownImage {
+        /// Batch named by the outcome.
+        batch_id: String,
+        /// Image named by the outcome.
+        image_id: String,
+    },
+}
+
+impl DbError {
+    /// True when retrying cannot help.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Config(_) | Self::UnknownImage { .. })
+    }
+}
+
+impl facepipe_core::retry::Classify for DbError {
+    /// Outages and conflicts deserve a retry; an unknown image never will.
+    fn kind(&self) -> facepipe_core::retry::ErrorKind {
+        if self.is_permanent() {
+            facepipe_core::retry::ErrorKind::Permanent
+        } else {
+            facepipe_core::retry::ErrorKind::Transient
+        }
+    }
+}
+
+/// A pooled connection to the pipeline's database.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+}
+
+/// Parses a URL into a tokio-postgres config, without echoing it (it may hold a password).
+fn parse_config(url: &str) -> Result<tokio_postgres::Config, DbError> {
+    url.parse::<tokio_postgres::Config>()
+        .map_err(|e| DbError::Config(e.to_string()))
+}
+
+/// Creates the database named in `url` when it does not exist, via the `postgres` database.
+pub async fn ensure_database(url: &str) -> Result<bool, DbError> {
+    let config = parse_config(url)?;
+    let name = config.get_dbname().unwrap_or("postgres").to_string();
+    let mut admin = config.clone();
+    admin.dbname("postgres");
+    let (client, conn) = admin.connect(NoTls).await?;
+    let conn = tokio::spawn(conn);
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await?
+        .is_some();
+    if !exists {
+        let quoted = name.replace('"', "\"\"");
+        client.batch_execute(&format!("CREATE DATABASE \"{quoted}\"")).await?;
+    }
+    drop(client);
+    let _ = conn.await;
+    Ok(!exists)
+}
+
+/// Progress of one batch, as `pipeline status` shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BatchSummary {
+    /// Batch id.
+    pub batch_id: String,
+    /// Owner.
+    pub project_id: String,
+    /// 1-10.
+    pub priority: Priority,
+    /// Where the batch is.
+    pub status: BatchStatus,
+    /// Images in the archive, once known.
+    pub image_count: Option<i32>,
+    /// Images with a terminal outcome.
+    pub processed: i32,
+    /// Of those, failed ones.
+    pub failed: i32,
+    /// Faces found so far.
+    pub faces: i32,
+    /// Archive entries that were not images.
+    pub skipped: i32,
+    /// Share of images processed, 0-100 (0 while the count is unknown).
+    pub progress_percent: f64,
+    /// Why the batch failed, when it did.
+    pub error: Option<String>,
+    /// When the batch was created.
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// When its last image was recorded.
+    pub completed_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// When its row last changed (an outcome recorded, a state change).
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// One image's recorded outcome, as `pipeline results` prints it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ImageResult {
+    /// Image id.
+    pub image_id: String,
+    /// Name of the ZIP entry, or the image's URL.
+    pub entry: String,
+    /// The caller's id for an image given by URL.
+    pub record_id: Option<String>,
+    /// `pending` until its outcome is recorded.
+    pub status: ImageStatus,
+    /// Upright original width.
+    pub width: Option<i32>,
+    /// Upright original height.
+    pub height: Option<i32>,
+    /// Face boxes in original pixels.
+    pub faces: Vec<FaceBox>,
+    /// Crop object keys.
+    pub crop_keys: Vec<String>,
+    /// Original object key.
+    pub original_key: Option<String>,
+    /// Detector used.
+    pub detector: Option<Detector>,
+    /// Failure reason.
+    pub error: Option<String>,
+    /// Stage that failed.
+    pub failed_stage: Option<StageName>,
+    /// Delivery attempts.
+    pub attempts: i32,
+}
+
+/// A newly registered image.
+#[derive(Debug, Clone)]
+pub struct NewImage {
+    /// Image id.
+    pub image_id: String,
+    /// ZIP entry name, or the image's URL.
+    pub entry_name: String,
+    /// Original object key; empty for an entry that could not be read.
+    pub original_key: String,
+    /// The caller's id for an image given by URL.
+    pub record_id: Option<String>,
+}
+
+/// What recording an outcome changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    /// False when the image already had an outcome (a redelivery): nothing changed.
+    pub first: bool,
+    /// True when this outcome completed its batch.
+    pub completed_batch: bool,
+    /// The batch's counters right after this outcome (absent when nothing changed).
+    pub progress: Option<Progress>,
+}
+
+/// A batch's progress event, published on `<progress_subject>.<batch>` by persist.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Progress {
+    /// Batch id.
+    pub batch_id: String,
+    /// Images with an outcome.
+    pub processed: i32,
+    /// Of those, failed.
+    pub failed: i32,
+    /// Images in the archive, once extract has read it all.
+    pub image_count: Option<i32>,
+    /// True on the event that completed the batch.
+    pub completed: bool,
+}
+
+impl Db {
+    /// Builds a pool for `url` (connections are opened lazily).
+    pub fn connect(url: &str, pool_size: usize) -> Result<Self, DbError> {
+        let mut config = parse_config(url)?;
+        // Fail fast while the server is down, so callers can back off instead of hanging.
+        config.connect_timeout(CONNECT_TIMEOUT);
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| DbError::Config(e.to_string()))?;
+        Ok(Self { pool })
+    }
+
+    /// Applies the migrations not yet applied. Safe to run from many processes at once.
+    pub async fn migrate(&self) -> Result<Vec<i32>, DbError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version integer PRIMARY KEY,
+                applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+        let mut applied = Vec::new();
+        for (version, sql) in MIGRATIONS {
+            let done = tx
+                .query_opt("SELECT 1 FROM schema_migrations WHERE version = $1", &[version])
+                .await?
+                .is_some();
+            if !done {
+                tx.batch_execute(sql).await?;
+                tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[version]).await?;
+                applied.push(*version);
+            }
+        }
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    /// Cheap connectivity check.
+    pub async fn ping(&self) -> Result<(), DbError> {
+        self.pool.get().await?.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
+    /// Registers a batch (no-op when it exists).
+    pub async fn insert_batch(
+        &self,
+        batch_id: &str,
+        project_id: &str,
+        priority: Priority,
+        source: &str,
+    ) -> Result<(), DbError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "INSERT INTO batches (batch_id, project_id, priority, source)
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (batch_id) DO NOTHING",
+                &[&batch_id, &project_id, &i16::from(priority.get()), &source],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Registers images as `pending` (existing rows are left alone).
+    pub async fn insert_images(&self, batch_id: &str, images: &[NewImage]) -> Result<(), DbError> {
+        if images.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = images.iter().map(|i| i.image_id.as_str()).collect();
+        let names: Vec<&str> = images.iter().map(|i| i.entry_name.as_str()).collect();
+        let keys: Vec<&str> = images.iter().map(|i| i.original_key.as_str()).collect();
+        let records: Vec<Option<&str>> = images.iter().map(|i| i.record_id.as_deref()).collect();
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "INSERT INTO images (batch_id, image_id, entry_name, original_key, record_id)
+                 SELECT $1, id, name, NULLIF(key, ''), record
+                 FROM unnest($2::text[], $3::text[], $4::text[], $5::text[]) AS t(id, name, key, record)
+                 ON CONFLICT (batch_id, image_id) DO NOTHING",
+                &[&batch_id, &ids, &names, &keys, &records],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Marks the archive fully read: the image count is now known. Returns true when
+    /// this also completed the batch (every image already had an outcome, or none exist).
+    pub async fn finish_ingest(
+        &self,
+        batch_id: &str,
+        image_count: usize,
+        skipped: &[String],
+    ) -> Result<bool, DbError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "UPDATE batches SET image_count = $2, skipped_count = $3, skipped_entries = $4,
+                    status = 'processing', updated_at = now()
+             WHERE batch_id = $1 AND status = 'ingesting'",
+            &[&batch_id, &(image_count as i32), &(skipped.len() as i32), &serde_json::json!(skipped)],
+        )
+        .await?;
+        let completed = try_complete(&tx, batch_id).await?;
+        tx.commit().await?;
+        Ok(completed)
+    }
+
+    /// Marks a batch failed as a whole (its archive could not be read).
+    pub async fn fail_batch(&self, batch_id: &str, error: &str) -> Result<(), DbError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "UPDATE batches SET status = 'failed', error = $2, updated_at = now(), completed_at = now()
+                 WHERE batch_id = $1 AND status IN ('ingesting', 'processing')",
+                &[&batch_id, &error],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Records an image's outcome. Only the first outcome for an image counts.
+    pub async fn record_outcome(&self, outcome: &Outcome) -> Result<Recorded, DbError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let image = &outcome.image;
+        let faces = serde_json::to_value(&outcome.faces).expect("faces serialize");
+        let updated = tx
+            .execute(
+                "UPDATE images SET status = $3, width = $4, height = $5, faces = $6, crop_keys = $7,
+                        detector = $8, error = $9, failed_stage = $10, attempts = $11, updated_at = now()
+                 WHERE batch_id = $1 AND image_id = $2 AND status = 'pending'",
+                &[
+                    &image.batch_id,
+                    &image.image_id,
+                    &outcome.status.as_str(),
+                    &outcome.width.map(|v| v as i32),
+                    &outcome.height.map(|v| v as i32),
+                    &faces,
+                    &outcome.crop_keys,
+                    &outcome.detector.map(Detector::as_str),
+                    &outcome.error,
+                    &outcome.failed_stage.map(StageName::as_str),
+                    &(outcome.attempts as i32),
+                ],
+            )
+            .await?;
+        if updated == 0 {
+            let exists = tx
+                .query_opt(
+                    "SELECT 1 FROM images WHERE batch_id = $1 AND image_id = $2",
+                    &[&image.batch_id, &image.image_id],
+                )
+                .await?
+                .is_some();
+            tx.commit().await?;
+            return if exists {
+                Ok(Recorded { first: false, completed_batch: false, progress: None })
+            } else {
+                Err(DbError::UnknownImage {
+                    batch_id: image.batch_id.clone(),
+                    image_id: image.image_id.clone(),
+                })
+            };
+        }
+        let failed = i32::from(outcome.status == ImageStatus::Failed);
+        let row = tx
+            .query_one(
+                "UPDATE batches SET processed = processed + 1, failed = failed + $2,
+                        faces = faces + $3, updated_at = now()
+                 WHERE batch_id = $1
+                 RETURNING processed, failed, image_count",
+                &[&image.batch_id, &failed, &(outcome.faces.len() as i32)],
+            )
+            .await?;
+        let completed_batch = try_complete(&tx, &image.batch_id).await?;
+        tx.commit().await?;
+        let progress = Progress {
+            batch_id: image.batch_id.clone(),
+            processed: row.get(0),
+            failed: row.get(1),
+            image_count: row.get(2),
+            completed: completed_batch,
+        };
+        Ok(Recorded { first: true, completed_batch, progress: Some(progress) })
+    }
+
+    /// Returns a failed image to `pending` (and its batch to `processing`) so a
+    /// replayed message can record a new outcome. True when the image was failed.
+    pub async fn reopen_image(&self, batch_id: &str, image_id: &str) -> Result<bool, DbError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let reopened = tx
+            .execute(
+                "UPDATE images SET status = 'pending', error = NULL, failed_stage = NULL, updated_at = now()
+                 WHERE batch_id = $1 AND image_id = $2 AND status = 'failed'",
+                &[&batch_id, &image_id],
+            )
+            .await?;
+        if reopened == 1 {
+            tx.execute(
+                "UPDATE batches SET processed = processed - 1, failed = failed - 1, updated_at = now(),
+                        completed_at = NULL,
+                        status = CASE WHEN status = 'completed' THEN 'processing' ELSE status END
+                 WHERE batch_id = $1",
+                &[&batch_id],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(reopened == 1)
+    }
+
+    /// Returns a failed batch to `ingesting` so a replayed extract job can read it again.
+    pub async fn reopen_batch(&self, batch_id: &str) -> Result<bool, DbError> {
+        let client = self.pool.get().await?;
+        let n = client
+            .execute(
+                "UPDATE batches SET status = 'ingesting', error = NULL, completed_at = NULL, updated_at = now()
+                 WHERE batch_id = $1 AND status = 'failed'",
+                &[&batch_id],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// A batch's progress, or `None` when it does not exist.
+    pub async fn batch_status(&self, batch_id: &str) -> Result<Option<BatchSummary>, DbError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT batch_id, project_id, priority, status, image_count, processed, failed,
+                        faces, skipped_count, error, created_at, completed_at, updated_at
+                 FROM batches WHERE batch_id = $1",
+                &[&batch_id],
+            )
+            .await?;
+        row.map(|r| {
+            let image_count: Option<i32> = r.get(4);
+            let processed: i32 = r.get(5);
+            let progress_percent = match image_count {
+                Some(0) => 100.0,
+                Some(n) => (processed as f64 * 100.0 / n as f64).min(100.0),
+                None => 0.0,
+            };
+            Ok(BatchSummary {
+                batch_id: r.get(0),
+                project_id: r.get(1),
+                priority: Priority::new(r.get::<_, i16>(2).into())?,
+                status: r.get::<_, &str>(3).parse()?,
+                image_count,
+                processed,
+                failed: r.get(6),
+                faces: r.get(7),
+                skipped: r.get(8),
+                progress_percent,
+                error: r.get(9),
+                created_at: r.get(10),
+                completed_at: r.get(11),
+                updated_at: r.get(12),
+            })
+        })
+        .transpose()
+    }
+
+    /// Images that failed, per stage that gave up on them, over all batches.
+    pub async fn failed_by_stage(&self) -> Result<std::collections::BTreeMap<String, i64>, DbError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT coalesce(failed_stage, '?'), count(*) FROM images WHERE status = 'failed' GROUP BY 1",
+                &[],
+            )
+            .await?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Seconds from each image's registration by extract to its recorded outcome, sorted.
+    pub async fn latencies(&self, batch_id: &str) -> Result<Vec<f64>, DbError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT extract(epoch FROM updated_at - created_at)::float8 FROM images
+                 WHERE batch_id = $1 AND status <> 'pending' ORDER BY 1",
+                &[&batch_id],
+            )
+            .await?;
+        Ok(rows.into_iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Every image of a batch with its outcome, in image-id order.
+    pub async fn results(&self, batch_id: &str) -> Result<Vec<ImageResult>, DbError> {
+        self.results_page(batch_id, 0, i64::MAX).await
+    }
+
+    /// At most `limit` images of a batch from the `offset`-th on, in image-id order.
+    pub async fn results_page(&self, batch_id: &str, offset: i64, limit: i64) -> Result<Vec<ImageResult>, DbError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT image_id, entry_name, status, width, height, faces, crop_keys, original_key,
+                        detector, error, failed_stage, attempts, record_id
+                 FROM images WHERE batch_id = $1 ORDER BY image_id OFFSET $2 LIMIT $3",
+                &[&batch_id, &offset, &limit],
+            )
+            .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(ImageResult {
+                image_id: r.get(0),
+                entry: r.get(1),
+                status: r.get::<_, &str>(2).parse()?,
+                width: r.get(3),
+                height: r.get(4),
+                faces: serde_json::from_value(r.get(5)).unwrap_or_default(),
+                crop_keys: r.get(6),
+                original_key: r.get(7),
+                detector: r.get::<_, Option<&str>>(8).map(str::parse).transpose()?,
+                error: r.get(9),
+                failed_stage: r.get::<_, Option<&str>>(10).map(str::parse).transpose()?,
+                attempts: r.get(11),
+                record_id: r.get(12),
+                })
+            })
+            .collect()
+    }
+}
+
+/// Flips a batch to `completed` when every image has an outcome; true only for the call that flipped it.
+async fn try_complete(tx: &deadpool_postgres::Transaction<'_>, batch_id: &str) -> Result<bool, DbError> {
+    let flipped = tx
+        .execute(
+            "UPDATE batches SET status = 'completed', completed_at = now(), updated_at = now()
+             WHERE batch_id = $1 AND status = 'processing' AND processed >= image_count",
+            &[&batch_id],
+        )
+        .await?;
+    Ok(flipped == 1)
+}

@@ -1,0 +1,73 @@
+//! The HTTP side of a stage process: Prometheus metrics, liveness and readiness.
+//!
+//! - `GET /metrics`: Prometheus text format.
+//! - `GET /healthz`: 200 while the process runs (liveness).
+//! - `GET /readyz`: 200 while the stage is connected and pulling work; 503 while
+//!   it waits for a service (NATS, PostgreSQL), starts or shuts down (readiness).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+/// Whether the stage is ready to take work; set by the runtime.
+#[derive(Debug, Default)]
+pub struct Health {
+    ready: AtomicBool,
+    /// Set when the stage refuses to serve at all (its configuration cannot work).
+    refused: std::sync::Mutex<Option<String>>,
+}
+
+impl Health {
+    /// Marks the stage ready (pulling work) or not.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// True while the stage pulls work.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Marks the stage as refusing to serve, for `reason`: `/readyz` answers 503 with it.
+    pub fn refuse(&self, reason: String) {
+        self.set_ready(false);
+        *self.refused.lock().expect("health lock") = Some(reason);
+    }
+
+    /// What `/readyz` answers: its status and a one-line body.
+    pub fn readiness(&self) -> (StatusCode, String) {
+        if let Some(reason) = self.refused.lock().expect("health lock").as_ref() {
+            return (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n"));
+        }
+        if self.is_ready() {
+            (StatusCode::OK, "ready\n".to_string())
+        } else {
+            (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string())
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Endpoints {
+    metrics: PrometheusHandle,
+    health: Arc<Health>,
+}
+
+/// Serves the endpoints on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: PrometheusHandle, health: Arc<Health>) {
+    let app = axum::Router::new()
+        .route("/metrics", get(|State(e): State<Endpoints>| async move { e.metrics.render() }))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(|State(e): State<Endpoints>| async move { e.health.readiness() }),
+        )
+        .with_state(Endpoints { metrics, health });
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "metrics and health endpoints stopped");
+    }
+}

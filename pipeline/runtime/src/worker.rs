@@ -1,0 +1,440 @@
+//! The stage runtime: pull, handle, ack/retry/dead-letter, shut down gracefully.
+//!
+//! Every stage binary is a [`Handler`] run by [`run`] with a [`Ctx`]. The runtime owns the
+//! delivery semantics so no stage re-implements them:
+//! - it pulls only as many messages as it has free worker slots;
+//! - a message is acked only after its handler returned `Ok`, which handlers
+//!   return only once their outputs are stored and their publishes acknowledged;
+//! - a transient error is Nak'd with an exponential delay computed from the
+//!   delivery count; a permanent error, or the last allowed attempt, becomes a
+//!   dead letter, the image's failure is recorded, and only then is it Term'd;
+//! - long work sends in-progress acks so it is not redelivered meanwhile;
+//! - while a service it needs is down (NATS, PostgreSQL) it stops pulling and
+//!   waits with backoff, and a message on its last attempt waits for the
+//!   service instead of becoming a dead letter for an outage;
+//! - a message that exhausts `max_deliver` by ack timeouts (its worker crashed
+//!   every time) is caught from JetStream's MAX_DELIVERIES advisory and
+//!   dead-lettered like any other, so it cannot vanish;
+//! - on shutdown it stops pulling, lets in-flight work finish within the grace
+//!   period, Naks what is left, and drains the connection.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{AckKind, Message};
+use facepipe_core::messages::{self, DeadLetter, MessageIds};
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::bands::BandPuller;
+use crate::ctx::Ctx;
+use crate::error::StageError;
+use crate::handler::{Delivery, Failed, Handled, Handler};
+
+/// How long one pull request waits for messages; bounds how long shutdown waits for the pull loop.
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
+
+/// Follows live changes of the stage's concurrency: more slots (and CPU threads)
+/// at once; fewer as soon as enough in-flight messages finish.
+async fn follow_concurrency(ctx: Arc<Ctx>, slots: Arc<Semaphore>, mut limit: usize) {
+    let mut changes = ctx.live.subscribe();
+    while changes.changed().await.is_ok() {
+        let wanted = changes.borrow_and_update().stage(ctx.stage).concurrency;
+        if wanted > limit {
+            ctx.cpu().grow_to(wanted);
+            slots.add_permits(wanted - limit);
+        } else if wanted < limit {
+            // Take the surplus slots out of circulation as they come free.
+            let surplus = (limit - wanted) as u32;
+            if let Ok(permits) = slots.clone().acquire_many_owned(surplus).await {
+                permits.forget();
+            }
+        }
+        if wanted != limit {
+            tracing::info!(stage = %ctx.stage, from = limit, to = wanted, "concurrency changed live");
+            limit = wanted;
+        }
+    }
+}
+
+/// A future that resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// State shared by the pull loop and the message tasks of one process.
+struct Worker<H> {
+    ctx: Arc<Ctx>,
+    handler: Arc<H>,
+    /// Set by a transient failure; the pull loop then waits for readiness before pulling more.
+    degraded: AtomicBool,
+    /// Cancelled when the shutdown grace period is over: unfinished messages are Nak'd.
+    abandon: CancellationToken,
+    /// Test hooks, read once at start (feature `fault-injection` only).
+    #[cfg(feature = "fault-injection")]
+    faults: crate::faults::Faults,
+}
+
+/// Runs `handler` on the stage's consumer until `shutdown` is cancelled.
+pub async fn run<H: Handler>(
+    ctx: Arc<Ctx>,
+    handler: Arc<H>,
+    shutdown: CancellationToken,
+) -> Result<(), StageError> {
+    let settings = ctx.topology.stage(ctx.stage);
+    let mut puller = BandPuller::new(ctx.bus.stage_consumers(&ctx.topology, ctx.stage).await?);
+    let worker = Arc::new(Worker {
+        ctx: ctx.clone(),
+        handler,
+        degraded: AtomicBool::new(false),
+        abandon: CancellationToken::new(),
+        #[cfg(feature = "fault-injection")]
+        faults: crate::faults::Faults::from_env(),
+    });
+    let watcher = tokio::spawn(crate::live::watch(ctx.bus.clone(), ctx.stage, ctx.live.clone()));
+    let sweeper = tokio::spawn(sweep_max_deliveries(worker.clone()));
+    let prober = tokio::spawn(probe_readiness(worker.clone()));
+    let slots = Arc::new(Semaphore::new(settings.concurrency));
+    let resizer = tokio::spawn(follow_concurrency(ctx.clone(), slots.clone(), settings.concurrency));
+    let presence = tokio::spawn(crate::presence::answer(ctx.clone(), slots.clone()));
+    let mut tasks = JoinSet::new();
+    tracing::info!(stage = %ctx.stage, subject = settings.subject, concurrency = settings.concurrency, "stage started");
+    ctx.health.set_ready(true);
+
+    'pull: loop {
+        if worker.degraded.swap(false, Ordering::SeqCst) {
+            tokio::select! {
+                _ = worker.wait_ready() => {}
+                _ = shutdown.cancelled() => break 'pull,
+            }
+        }
+        let first = tokio::select! {
+            permit = slots.clone().acquire_owned() => permit.expect("semaphore is never closed"),
+            _ = shutdown.cancelled() => break 'pull,
+        };
+        let mut permits = vec![first];
+        let want = 1 + slots.available_permits();
+        let pulled = puller.pull(want, PULL_EXPIRES).await;
+        let mut messages = match pulled {
+            Ok(messages) => messages,
+            Err(e) => {
+                tracing::warn!(error = %e, "pull failed; retrying");
+                worker.degraded.store(true, Ordering::SeqCst);
+                tokio::select! {
+                    _ = tokio::time::sleep(PULL_EXPIRES) => continue 'pull,
+                    _ = shutdown.cancelled() => break 'pull,
+                }
+            }
+        };
+        while let Some(msg) = messages.next().await {
+            let permit = match permits.pop() {
+                Some(p) => p,
+                None => slots.clone().acquire_owned().await.expect("semaphore is never closed"),
+            };
+            let worker = worker.clone();
+            tasks.spawn(async move {
+                worker.process(msg).await;
+                drop(permit);
+            });
+        }
+        while tasks.try_join_next().is_some() {}
+    }
+
+    // The grace period may have changed live since start-up.
+    let grace = ctx.current().stage(ctx.stage).shutdown_grace;
+    tracing::info!(in_flight = tasks.len(), ?grace, "stopping: finishing in-flight work");
+    sweeper.abort();
+    prober.abort();
+    watcher.abort();
+    resizer.abort();
+    presence.abort();
+    ctx.health.set_ready(false);
+    let drained = tokio::time::timeout(grace, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(left = tasks.len(), "grace period over: returning unfinished messages");
+        worker.abandon.cancel();
+        while tasks.join_next().await.is_some() {}
+    }
+    if let Err(e) = ctx.bus.client.drain().await {
+        tracing::warn!(error = %e, "draining the NATS connection failed");
+    }
+    tracing::info!(stage = %ctx.stage, "stage stopped");
+    Ok(())
+}
+
+impl<H: Handler> Worker<H> {
+    /// Waits, with capped exponential backoff, until the handler reports its services reachable.
+    async fn wait_ready(&self) {
+        let mut delay = Duration::from_millis(100);
+        let mut warned = false;
+        while !self.handler.ready(&self.ctx).await {
+            self.ctx.health.set_ready(false);
+            if !warned {
+                tracing::warn!(stage = %self.ctx.stage, "a service is unavailable; pausing until it is back");
+                warned = true;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        if warned {
+            tracing::info!(stage = %self.ctx.stage, "services available again; resuming");
+        }
+        self.ctx.health.set_ready(true);
+    }
+
+    /// Handles one message from delivery to its final ack, Nak or Term.
+    async fn process(&self, msg: Message) {
+        let ctx = &*self.ctx;
+        let stage = ctx.stage.as_str();
+        // Read once per message: a live change applies from the next message on.
+        let current = ctx.current();
+        let settings = current.stage(ctx.stage);
+        let delivery = match msg.info() {
+            Ok(info) => Delivery {
+                attempt: info.delivered.max(1) as u32,
+                stream_sequence: info.stream_sequence,
+                published: info.published.to_string(),
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "message without JetStream metadata; dropping");
+                return;
+            }
+        };
+        let attempt = delivery.attempt;
+        // Every line about this message, the handler's too, carries its batch and image.
+        let ids = MessageIds::read(&msg.payload);
+        let span = tracing::info_span!(
+            "message",
+            stage,
+            batch = ids.batch_id.as_deref().unwrap_or(""),
+            image = ids.image_id.as_deref().unwrap_or(""),
+            attempt,
+        );
+        if attempt > 1 {
+            metrics::counter!("facepipe_redeliveries_total", "stage" => stage).increment(1);
+            tracing::info!(parent: &span, "redelivered message");
+        }
+        #[cfg(feature = "fault-injection")]
+        self.faults.crash_if_marked(&msg.payload, &span);
+        let _in_flight = InFlight::new(stage);
+        let started = Instant::now();
+
+        let work = async {
+            #[cfg(feature = "fault-injection")]
+            self.faults.stall_if_marked(&msg.payload, &span).await;
+            loop {
+                let result = async {
+                    if msg.payload.len() > settings.max_message_bytes {
+                        return Err(StageError::permanent(format!(
+                            "message of {} bytes exceeds max_message_bytes ({}); not read",
+                            msg.payload.len(),
+                            settings.max_message_bytes
+                        )));
+                    }
+                    let input = messages::decode::<H::Input>(&msg.payload)?;
+                    self.handler.handle(ctx, input, delivery.clone()).await
+                }
+                .await;
+                match result {
+                    // On the last attempt, an outage must not turn a good message into a
+                    // dead letter: wait for the services and try again in place.
+                    Err(e) if !e.is_permanent()
+                        && i64::from(attempt) >= settings.max_deliver
+                        && !self.handler.ready(ctx).await =>
+                    {
+                        tracing::warn!(parent: &span, error = %e, "last attempt failed during an outage; waiting for the service");
+                        self.wait_ready().await;
+                    }
+                    other => return other,
+                }
+            }
+        };
+        let result = tokio::select! {
+            result = work.instrument(span.clone()) => result,
+            _ = keep_alive(&msg, settings.ack_wait) => unreachable!("keep_alive never returns"),
+            _ = self.abandon.cancelled() => {
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
+                tracing::info!(parent: &span, "returned to the queue at shutdown");
+                return;
+            }
+        };
+        metrics::histogram!("facepipe_processing_seconds", "stage" => stage)
+            .record(started.elapsed().as_secs_f64());
+
+        let outcome = match result {
+            Ok(handled) => match msg.ack().await {
+                Ok(()) if handled == Handled::Skipped => "skipped",
+                Ok(()) => "ok",
+                Err(e) => {
+                    tracing::warn!(parent: &span, error = %e, "ack failed; the message will be redelivered");
+                    "ack_failed"
+                }
+            },
+            Err(error) if !error.is_permanent() && i64::from(attempt) < settings.max_deliver => {
+                self.degraded.store(true, Ordering::SeqCst);
+                let delay = current.retry.delay(attempt as u64, &mut rand::rng());
+                tracing::warn!(parent: &span, %error, ?delay, "transient failure; retrying later");
+                let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+                "retried"
+            }
+            Err(error) => {
+                tracing::error!(parent: &span, %error, permanent = error.is_permanent(), "failed for good; dead-lettering");
+                let failed = Failed {
+                    subject: &msg.subject,
+                    payload: &msg.payload,
+                    stream_sequence: delivery.stream_sequence,
+                    published: delivery.published.clone(),
+                    error: &error,
+                    attempts: attempt,
+                };
+                match self.give_up(failed).await {
+                    Ok(()) => {
+                        let _ = msg.ack_with(AckKind::Term).await;
+                        "dead_lettered"
+                    }
+                    Err(e) => {
+                        // Leave it un-acked: it comes back after ack_wait, or is swept as a
+                        // max-deliveries dead letter, rather than vanishing unrecorded.
+                        tracing::error!(parent: &span, error = %e, "could not dead-letter; leaving the message un-acked");
+                        "dead_letter_failed"
+                    }
+                }
+            }
+        };
+        metrics::counter!("facepipe_messages_total", "stage" => stage, "outcome" => outcome).increment(1);
+    }
+
+    /// Publishes the dead letter, then lets the handler record the failure.
+    async fn give_up(&self, failed: Failed<'_>) -> Result<(), StageError> {
+        let ctx = &*self.ctx;
+        let ids = MessageIds::read(failed.payload);
+        let letter = DeadLetter {
+            stage: ctx.stage.to_string(),
+            subject: failed.subject.to_string(),
+            payload: String::from_utf8_lossy(failed.payload).into_owned(),
+            error: failed.error.message(),
+            permanent: failed.error.is_permanent(),
+            attempts: failed.attempts,
+            batch_id: ids.batch_id,
+            image_id: ids.image_id,
+            time: chrono::Utc::now(),
+        };
+        let msg_id = format!("dead:{}:{}", ctx.topology.stream_name(ctx.stage), failed.stream_sequence);
+        ctx.bus
+            .publish(&ctx.topology.dead_letter_subject(ctx.stage), &msg_id, messages::encode(&letter))
+            .await?;
+        self.handler.on_dead_letter(ctx, &failed).await
+    }
+}
+
+/// How often `/readyz` re-checks the stage's services while nothing else does.
+const READINESS_PROBE: Duration = Duration::from_secs(2);
+
+/// Keeps `/readyz` true to the services' state even while no message flows.
+async fn probe_readiness<H: Handler>(worker: Arc<Worker<H>>) {
+    loop {
+        tokio::time::sleep(READINESS_PROBE).await;
+        let ready = worker.handler.ready(&worker.ctx).await;
+        worker.ctx.health.set_ready(ready);
+    }
+}
+
+/// The body of JetStream's `CONSUMER.MAX_DELIVERIES` advisory (the fields we use).
+#[derive(serde::Deserialize)]
+struct MaxDeliveriesAdvisory {
+    stream_seq: u64,
+    deliveries: u32,
+}
+
+/// Dead-letters messages whose every delivery timed out without an ack (the
+/// worker crashed or hung each time). JetStream keeps such a message in the
+/// WorkQueue stream but never delivers it again; its advisory names it. The
+/// replicas of a stage share the subscription through a queue group, so each
+/// advisory is handled once.
+async fn sweep_max_deliveries<H: Handler>(worker: Arc<Worker<H>>) {
+    let ctx = &*worker.ctx;
+    let stream_name = ctx.topology.stream_name(ctx.stage);
+    let durable = ctx.topology.stage(ctx.stage).durable;
+    // Every band's consumer of the stage's stream.
+    let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream_name}.*");
+    let mut advisories = match ctx.bus.client.queue_subscribe(subject, format!("{durable}-sweeper")).await {
+        Ok(sub) => sub,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch max-deliveries advisories");
+            return;
+        }
+    };
+    while let Some(advisory) = advisories.next().await {
+        let Ok(advisory) = serde_json::from_slice::<MaxDeliveriesAdvisory>(&advisory.payload) else {
+            continue;
+        };
+        let seq = advisory.stream_seq;
+        let result = async {
+            let stream = ctx.bus.js.get_stream(&stream_name).await.map_err(StageError::transient)?;
+            let original = match stream.get_raw_message(seq).await {
+                Ok(m) => m,
+                Err(_) => return Ok(()), // already gone: acked late, or swept by another replica
+            };
+            let error = StageError::transient(format!(
+                "gave up after {} deliveries without an ack: the worker crashed or hung each time",
+                advisory.deliveries
+            ));
+            worker
+                .give_up(Failed {
+                    subject: &original.subject,
+                    payload: &original.payload,
+                    stream_sequence: seq,
+                    published: original.time.to_string(),
+                    error: &error,
+                    attempts: advisory.deliveries,
+                })
+                .await?;
+            stream.delete_message(seq).await.map_err(StageError::transient)?;
+            metrics::counter!("facepipe_messages_total", "stage" => ctx.stage.as_str(), "outcome" => "dead_lettered").increment(1);
+            tracing::error!(stage = %ctx.stage, seq, deliveries = advisory.deliveries, "message exhausted its deliveries by ack timeout; dead-lettered");
+            Ok::<(), StageError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, seq, "cannot dead-letter a message that exhausted its deliveries");
+        }
+    }
+}
+
+/// Sends in-progress acks at a third of `ack_wait` so long work keeps its message.
+async fn keep_alive(msg: &Message, ack_wait: Duration) {
+    let period = (ack_wait / 3).max(Duration::from_millis(500));
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    loop {
+        ticker.tick().await;
+        let _ = msg.ack_with(AckKind::Progress).await;
+    }
+}
+
+/// Tracks the in-flight gauge for the lifetime of one message.
+struct InFlight(&'static str);
+
+impl InFlight {
+    fn new(stage: &'static str) -> Self {
+        metrics::gauge!("facepipe_in_flight_messages", "stage" => stage).increment(1.0);
+        Self(stage)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!("facepipe_in_flight_messages", "stage" => self.0).decrement(1.0);
+    }
+}

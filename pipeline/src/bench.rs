@@ -1,0 +1,209 @@
+//! `pipeline bench`: throughput of the real deployment on a corpus of photos,
+//! compared in the same run with the in-process floor (the same decode,
+//! detect, crop and encode work in one process, with no queue, database or
+//! object store), so the pipeline's overhead is a measured ratio.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use facepipe_runtime::bus::Bus;
+use facepipe_runtime::db::Db;
+use facepipe_core::keys;
+use facepipe_control::batches::{Batches, ZipUpload};
+use facepipe_core::domain::Priority;
+use facepipe_runtime::store::Store;
+use facepipe_core::topology::{StageName, Topology};
+use facepipe_vision::{crop, detect};
+
+use crate::processes::{StageGroup, Usage};
+
+/// Options of `pipeline bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Folder of photos (`.jpg`, `.jpeg`, `.png`), e.g. made by shared/bench/make_corpus.py.
+    pub corpus: PathBuf,
+    /// Processes per stage, e.g. `--replicas detect=2`.
+    #[arg(long, value_parser = crate::parse_replicas)]
+    pub replicas: Vec<(StageName, usize)>,
+    /// Worker threads of the in-process floor (default: the number of cores).
+    #[arg(long)]
+    pub floor_threads: Option<usize>,
+    /// Skip the in-process floor.
+    #[arg(long)]
+    pub no_floor: bool,
+}
+
+fn cpu_seconds_of_this_process() -> f64 {
+    // SAFETY: getrusage fills the struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// Busy and total CPU seconds of the whole machine since boot, from `/proc/stat`
+/// (every process: the stages, NATS, PostgreSQL, the kernel).
+fn machine_cpu_seconds() -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<f64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal ...: idle and iowait are not busy.
+    let total: f64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3)? + ticks.get(4)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(((total - idle) / hz, total / hz))
+}
+
+fn corpus_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| keys::extension(&p.to_string_lossy()).is_some_and(|e| ["jpg", "jpeg", "png"].contains(&e.as_str())))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("no photos in {}", dir.display());
+    }
+    Ok(files)
+}
+
+/// Decode + detect + crop + encode of every photo on `threads` threads; returns (wall, CPU) seconds.
+fn floor(photos: &[Vec<u8>], topology: &Topology, threads: usize) -> anyhow::Result<(f64, f64)> {
+    detect::set_opencv_threads(1);
+    facepipe_runtime::app::tune_allocator();
+    let next = AtomicUsize::new(0);
+    let cpu0 = cpu_seconds_of_this_process();
+    let started = Instant::now();
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| -> anyhow::Result<()> {
+                    let d = &topology.stages.detect.params;
+                    let c = &topology.stages.crop.params;
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(bytes) = photos.get(i) else { return Ok(()) };
+                        let found = detect::detect_faces(bytes, d)?;
+                        let chosen = crop::chosen_faces(&found.faces, c);
+                        crop::crop_faces(bytes, &found.faces, &chosen, c, d.max_megapixels)?;
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().expect("floor worker panicked")?;
+        }
+        Ok(())
+    })?;
+    Ok((started.elapsed().as_secs_f64(), cpu_seconds_of_this_process() - cpu0))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn write_stored_zip(files: &[PathBuf], out: &Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(out)?);
+    // JPEGs do not compress: store them, as cameras' uploads usually are.
+    let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for f in files {
+        zip.start_file(f.file_name().unwrap().to_string_lossy(), options)?;
+        zip.write_all(&std::fs::read(f)?)?;
+    }
+    zip.finish()?;
+    Ok(())
+}
+
+/// Runs the benchmark and prints its figures.
+pub async fn run(topology_path: &Path, topology: &Topology, args: BenchArgs) -> anyhow::Result<()> {
+    let files = corpus_files(&args.corpus)?;
+    let n = files.len();
+    let photos: Vec<Vec<u8>> = files.iter().map(std::fs::read).collect::<Result<_, _>>()?;
+    let mb = photos.iter().map(Vec::len).sum::<usize>() as f64 / 1e6;
+    let (first_w, first_h) = imagesize::blob_size(&photos[0]).map(|s| (s.width, s.height)).unwrap_or((0, 0));
+    println!("corpus      {} ({n} photos, {first_w}x{first_h}, {mb:.0} MB)", args.corpus.display());
+    let d = &topology.stages.detect.params;
+    println!(
+        "settings    detector {:?} width {} score {} | crop {}x{} q{} {:?}",
+        d.detector, d.width, d.score_threshold, topology.stages.crop.params.output_size,
+        topology.stages.crop.params.output_size, topology.stages.crop.params.jpeg_quality,
+        topology.stages.crop.params.policy
+    );
+
+    let floor_result = if args.no_floor {
+        None
+    } else {
+        let threads = args.floor_threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+        let topo = topology.clone();
+        let photos_ref = photos.clone();
+        let (wall, cpu) = tokio::task::spawn_blocking(move || floor(&photos_ref, &topo, threads)).await??;
+        println!(
+            "floor       {:.1} images/s in-process ({threads} threads, {wall:.2}s wall, {:.1} ms CPU per image)",
+            n as f64 / wall,
+            cpu * 1000.0 / n as f64
+        );
+        Some(wall)
+    };
+    drop(photos);
+
+    // The real deployment: all four stages as processes, NATS, PostgreSQL, object store.
+    let zip_dir = tempfile::tempdir()?;
+    let zip_path = zip_dir.path().join("corpus.zip");
+    write_stored_zip(&files, &zip_path)?;
+    let replicas: BTreeMap<StageName, usize> = args.replicas.into_iter().collect();
+    let group = StageGroup::spawn(topology_path, topology, &replicas, &[("RUST_LOG", "warn")])?;
+    let db = Db::connect(&topology.postgres.url, 2)?;
+    let bus = Bus::connect(&topology.nats, "facepipe-bench", false).await?;
+    // Let every stage bind its consumer and load its detector before the clock starts.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before: Vec<Usage> = group.processes().iter().map(StageGroup::usage).collect();
+    let machine_before = machine_cpu_seconds();
+
+    let batch_id = keys::derived_batch_id(&["bench", &chrono::Utc::now().to_rfc3339()]);
+    let service = Batches::new(topology.clone(), bus, db.clone(), Store::open(&topology.object_store.url)?);
+    let started = Instant::now();
+    service.submit_zip(batch_id.clone(), "bench".into(), Priority::DEFAULT, ZipUpload::File(&zip_path), "bench").await?;
+    let status = service.wait(&batch_id, Duration::from_millis(50), Duration::from_secs(3600)).await?;
+    let wall = started.elapsed().as_secs_f64();
+    let after: Vec<Usage> = group.processes().iter().map(StageGroup::usage).collect();
+    let machine_after = machine_cpu_seconds();
+    let latencies = db.latencies(&batch_id).await?;
+
+    println!(
+        "pipeline    {:.1} images/s end to end ({n} images, {wall:.2}s from submit to completion, {} failed)",
+        n as f64 / wall,
+        status.failed
+    );
+    println!("latency     p50 {:.2}s  p99 {:.2}s  (extract registering an image -> its outcome recorded)", percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+    if let Some(floor_wall) = floor_result {
+        println!("overhead    {:+.1}% wall time over the in-process floor", (wall / floor_wall - 1.0) * 100.0);
+    }
+    println!("{:<12} {:>14} {:>14}", "process", "CPU ms/image", "peak RSS MiB");
+    let mut stages_ms = 0.0;
+    for ((p, b), a) in group.processes().iter().zip(&before).zip(&after) {
+        let ms = (a.cpu_seconds - b.cpu_seconds) * 1000.0 / n as f64;
+        stages_ms += ms;
+        println!("{:<12} {:>14.1} {:>14.1}", p.name, ms, a.peak_rss_mib);
+    }
+    // Where the overhead goes: the whole machine's CPU per image, and how busy it was.
+    if let (Some((busy0, total0)), Some((busy1, total1))) = (machine_before, machine_after) {
+        let busy_ms = (busy1 - busy0) * 1000.0 / n as f64;
+        println!(
+            "machine     {busy_ms:.1} ms CPU per image in all: stages {stages_ms:.1}, the rest (NATS, PostgreSQL, kernel, this client) {:.1}; cores {:.0}% busy",
+            busy_ms - stages_ms,
+            (busy1 - busy0) / (total1 - total0) * 100.0
+        );
+    }
+    group.stop().await?;
+    if status.status != "completed" {
+        bail!("batch {batch_id} ended {}", status.status);
+    }
+    Ok(())
+}

@@ -1,0 +1,553 @@
+//! `pipeline`: the operator CLI of the face-crop pipeline.
+//!
+//! `apply` sets up streams, consumers and the database; `submit` starts a
+//! batch; `status` and `results` read PostgreSQL; `dead-letters` lists and
+//! replays failures; `up` runs every stage on this machine as child processes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+use facepipe_runtime::bus::{self, Bus};
+use facepipe_runtime::db::{self, Db};
+use facepipe_control::deadletters;
+use facepipe_runtime::live;
+use facepipe_control::batches::{Batches, Started, ZipUpload};
+use facepipe_core::domain::Priority;
+use facepipe_runtime::store::Store;
+use facepipe_core::topology::{StageName, Topology, TOPOLOGY_ENV};
+
+mod bench;
+
+mod processes;
+
+use processes::StageGroup;
+
+#[derive(Parser)]
+#[command(name = "pipeline", version, about = "Operate the face-crop pipeline")]
+struct Cli {
+    /// Topology file describing the deployment.
+    #[arg(long, short, global = true, env = TOPOLOGY_ENV, default_value = "topology.toml")]
+    topology: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check the topology file without touching any server (`validate FILE` or `-t FILE`).
+    Validate {
+        /// The topology file, instead of `-t`.
+        file: Option<PathBuf>,
+    },
+    /// Create or update the streams, consumers and database schema the topology describes.
+    Apply {
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Upload a ZIP and start a batch; prints the batch id.
+    Submit {
+        /// The ZIP archive of photos.
+        zip: PathBuf,
+        /// Project the batch belongs to.
+        #[arg(long, default_value = "default")]
+        project: String,
+        /// Priority 1 (lowest) to 10 (highest).
+        #[arg(long, default_value_t = Priority::DEFAULT)]
+        priority: Priority,
+        /// Batch id to use instead of a generated one.
+        #[arg(long)]
+        batch_id: Option<String>,
+        /// Wait until the batch completes and print its status.
+        #[arg(long)]
+        wait: bool,
+        /// Wait with a progress bar (rate and ETA) until the batch completes.
+        #[arg(long, conflicts_with = "wait")]
+        watch: bool,
+    },
+    /// Follow a batch with a progress bar (rate and ETA) until it completes.
+    Watch {
+        /// Batch id.
+        batch: String,
+    },
+    /// Show a batch's progress.
+    Status {
+        /// Batch id.
+        batch: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Queue statistics per stage: waiting, active, retrying, completed, failed, idle pullers.
+    Stats {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print one JSON line per image of a batch.
+    Results {
+        /// Batch id.
+        batch: String,
+    },
+    /// List or replay messages that failed for good.
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+    },
+    /// Score the detect stage's settings on labelled photos (precision, recall, count accuracy).
+    Eval {
+        /// Manifest of labelled photos (shared/data/faces/manifest.json format).
+        #[arg(long)]
+        manifest: PathBuf,
+        /// Fail (exit 1) when precision is below this.
+        #[arg(long)]
+        min_precision: Option<f64>,
+        /// Fail (exit 1) when recall is below this.
+        #[arg(long)]
+        min_recall: Option<f64>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure end-to-end throughput on a folder of photos against the in-process floor.
+    Bench(bench::BenchArgs),
+    /// Run every stage on this machine as child processes until Ctrl-C.
+    Up {
+        /// Processes per stage, e.g. `--replicas detect=2` (default: each stage's `replicas` in the topology).
+        #[arg(long, value_parser = parse_replicas)]
+        replicas: Vec<(StageName, usize)>,
+    },
+    /// Serve the HTTP API (the old design's endpoints) until Ctrl-C or SIGTERM.
+    Serve {
+        /// Listen address, overriding `api.listen`.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// Show dead letters, oldest first.
+    List {
+        /// Only those of this batch.
+        #[arg(long)]
+        batch: Option<String>,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead letters back on their subjects (reopening the failures they recorded).
+    Replay {
+        /// Every dead letter of this batch.
+        #[arg(long, conflicts_with_all = ["id", "all"])]
+        batch: Option<String>,
+        /// These dead letters (ids from `list`).
+        #[arg(long, num_args = 1..)]
+        id: Vec<u64>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+pub(crate) fn parse_replicas(s: &str) -> Result<(StageName, usize), String> {
+    let (name, n) = s.split_once('=').ok_or("expected STAGE=N")?;
+    let stage = StageName::ALL
+        .into_iter()
+        .find(|st| st.as_str() == name)
+        .ok_or_else(|| format!("unknown stage `{name}`"))?;
+    let n = n.parse::<usize>().map_err(|e| e.to_string())?;
+    Ok((stage, n))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut cli = Cli::parse();
+    // `pipeline validate topology.toml`, as `vector validate` and `promtool check config` take it.
+    if let Command::Validate { file: Some(file) } = &cli.command {
+        cli.topology = file.clone();
+    }
+    // A server logs its requests; the one-shot commands only what goes wrong.
+    let default_filter = if matches!(cli.command, Command::Serve { .. }) { "info" } else { "warn" };
+    facepipe_runtime::app::init_logging(facepipe_runtime::app::LogFormat::Human, default_filter);
+    let topology = Topology::load(&cli.topology)?;
+    match cli.command {
+        Command::Validate { .. } => {
+            println!("{}: valid", cli.topology.display());
+            Ok(())
+        }
+        Command::Apply { dry_run } => apply(&topology, dry_run).await,
+        Command::Submit { zip, project, priority, batch_id, wait, watch } => {
+            let batch = submit(&topology, &zip, project, priority, batch_id, wait).await?;
+            if watch {
+                watch_batch(&topology, &batch).await?;
+            }
+            Ok(())
+        }
+        Command::Watch { batch } => watch_batch(&topology, &batch).await,
+        Command::Status { batch, json } => status(&topology, &batch, json).await,
+        Command::Stats { json } => stats(&topology, json).await,
+        Command::Results { batch } => results(&topology, &batch).await,
+        Command::Eval { manifest, min_precision, min_recall, json } => {
+            eval(&topology, &manifest, min_precision, min_recall, json).await
+        }
+        Command::Bench(args) => bench::run(&cli.topology, &topology, args).await,
+        Command::DeadLetters { command } => dead_letters(&topology, command).await,
+        Command::Up { replicas } => up(&cli.topology, &topology, replicas.into_iter().collect()).await,
+        Command::Serve { listen } => serve(topology, listen).await,
+    }
+}
+
+async fn serve(topology: Topology, listen: Option<String>) -> anyhow::Result<()> {
+    let addr = listen.unwrap_or_else(|| topology.api.listen.clone());
+    // Uploads a crashed server was spooling.
+    facepipe_runtime::scratch::sweep(&topology.api.upload_dir.clone().unwrap_or_else(std::env::temp_dir));
+    let bus = Bus::connect(&topology.nats, "facepipe-api", true).await?;
+    let store = Store::open(&topology.object_store.url)?;
+    let db = database(&topology)?;
+    db.ping().await.context("PostgreSQL")?;
+    let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("listening on {addr}"))?;
+    eprintln!("serving the HTTP API on http://{} (OpenAPI document at /openapi.json)", listener.local_addr()?);
+    let state = std::sync::Arc::new(facepipe_api::ApiState::new(topology, bus, store, db));
+    facepipe_api::serve(listener, state, facepipe_runtime::worker::shutdown_signal()).await?;
+    Ok(())
+}
+
+fn database(topology: &Topology) -> anyhow::Result<Db> {
+    Ok(Db::connect(&topology.postgres.url, topology.postgres.pool_size)?)
+}
+
+async fn apply(topology: &Topology, dry_run: bool) -> anyhow::Result<()> {
+    let bus = Bus::connect(&topology.nats, "facepipe-cli", false).await?;
+    let plan = bus::plan(&bus, topology).await?;
+    println!("JetStream at {}:", facepipe_core::redact::redact_url(&topology.nats.url));
+    for item in &plan {
+        println!("  {item}");
+    }
+    match live::stored(&bus, topology).await.unwrap_or_else(|e| {
+        println!("Running stages: the stored topology cannot be read ({e}); it will be replaced");
+        None
+    }) {
+        None => println!("Running stages: the topology is stored for them to watch (first apply)"),
+        Some(stored) => {
+            let changes = live::changes(&stored, topology);
+            if changes.is_empty() {
+                println!("Running stages: no setting changes");
+            } else {
+                println!("Running stages:");
+            }
+            for change in &changes.live {
+                println!("  ~ live      {change} (running stages apply it from their next message)");
+            }
+            for change in &changes.restart {
+                println!("  ! restart   {change} (restart the stages to apply it)");
+            }
+        }
+    }
+    if dry_run {
+        println!("dry run: nothing changed");
+        return Ok(());
+    }
+    bus::apply(&bus, topology, &plan).await?;
+    if db::ensure_database(&topology.postgres.url).await? {
+        println!("PostgreSQL: created the database");
+    }
+    let applied = database(topology)?.migrate().await?;
+    println!("PostgreSQL: {} migration(s) applied", applied.len());
+    let revision = live::publish(&bus, topology).await?;
+    println!("topology stored for running stages (revision {revision})");
+    println!("applied");
+    Ok(())
+}
+
+async fn submit(
+    topology: &Topology,
+    zip: &Path,
+    project_id: String,
+    priority: Priority,
+    batch_id: Option<String>,
+    wait: bool,
+) -> anyhow::Result<String> {
+    if !zip.is_file() {
+        bail!("{} is not a file", zip.display());
+    }
+    let source = zip.display().to_string();
+    let batch_id = Batches::batch_id(batch_id, &project_id, &source)?;
+    let bus = Bus::connect(&topology.nats, "facepipe-cli", false).await?;
+    let service = Batches::new(topology.clone(), bus, database(topology)?, Store::open(&topology.object_store.url)?);
+    let Started { batch_id, bytes } = service.submit_zip(batch_id, project_id, priority, ZipUpload::File(zip), &source).await?;
+    eprintln!("submitted {} ({bytes} bytes) as batch {batch_id}", zip.display());
+    println!("{batch_id}");
+    if wait {
+        let db = database(topology)?;
+        let started = Instant::now();
+        let last = wait_for_batch(&db, &batch_id).await?;
+        let secs = started.elapsed().as_secs_f64();
+        eprintln!(
+            "batch {batch_id} {}: {} images ({} failed, {} faces) in {secs:.1}s = {:.1} images/s",
+            last.status,
+            last.processed,
+            last.failed,
+            last.faces,
+            last.processed as f64 / secs.max(1e-9)
+        );
+    }
+    Ok(batch_id)
+}
+
+/// Draws a progress bar from the batch's row until it completes or fails.
+async fn watch_batch(topology: &Topology, batch_id: &str) -> anyhow::Result<()> {
+    let db = database(topology)?;
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg:>12} [{bar:40}] {pos}/{len} images  {per_sec}  ETA {eta}",
+        )?
+        .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let last = loop {
+        let Some(s) = db.batch_status(batch_id).await? else {
+            bar.abandon();
+            bail!("no batch `{batch_id}`");
+        };
+        if let Some(n) = s.image_count {
+            bar.set_length(n as u64);
+        }
+        bar.set_position(s.processed as u64);
+        bar.set_message(if s.failed > 0 { format!("{} ({} failed)", s.status, s.failed) } else { s.status.to_string() });
+        if s.status == "completed" || s.status == "failed" {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    bar.finish();
+    println!(
+        "batch {} {}: {}/{} images, {} failed, {} faces",
+        last.batch_id,
+        last.status,
+        last.processed,
+        last.image_count.unwrap_or(0),
+        last.failed,
+        last.faces
+    );
+    if last.status == "failed" {
+        bail!("batch failed: {}", last.error.unwrap_or_default());
+    }
+    Ok(())
+}
+
+/// Polls until the batch completes or fails, printing progress to stderr.
+async fn wait_for_batch(db: &Db, batch_id: &str) -> anyhow::Result<db::BatchSummary> {
+    let mut shown = String::new();
+    loop {
+        if let Some(s) = db.batch_status(batch_id).await? {
+            let line = format!(
+                "{}: {}/{} processed, {} failed",
+                s.status,
+                s.processed,
+                s.image_count.map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
+                s.failed
+            );
+            if line != shown {
+                eprintln!("  {line}");
+                shown = line;
+            }
+            if s.status == "completed" || s.status == "failed" {
+                return Ok(s);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn status(topology: &Topology, batch_id: &str, json: bool) -> anyhow::Result<()> {
+    let Some(s) = database(topology)?.batch_status(batch_id).await? else {
+        bail!("no batch `{batch_id}`");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        println!("batch        {}", s.batch_id);
+        println!("project      {}", s.project_id);
+        println!("status       {}", s.status);
+        println!(
+            "image_count  {}",
+            s.image_count.map(|n| n.to_string()).unwrap_or_else(|| "(still reading the archive)".into())
+        );
+        println!("processed    {} ({:.1}%)", s.processed, s.progress_percent);
+        println!("failed       {}", s.failed);
+        println!("faces        {}", s.faces);
+        println!("skipped      {} non-image entries", s.skipped);
+        if let Some(e) = &s.error {
+            println!("error        {e}");
+        }
+    }
+    Ok(())
+}
+
+async fn stats(topology: &Topology, json: bool) -> anyhow::Result<()> {
+    let bus = Bus::connect(&topology.nats, "facepipe-cli", false).await?;
+    let queues = facepipe_control::stats::queue_stats(&bus, topology).await?;
+    let failed = database(topology)?.failed_by_stage().await?;
+    let failed_of = |stage: &str| failed.get(stage).copied().unwrap_or(0);
+    if json {
+        let rows: Vec<serde_json::Value> = queues
+            .iter()
+            .map(|q| {
+                let mut v = serde_json::to_value(q).expect("plain data");
+                v["failed"] = failed_of(&q.stage).into();
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "{:<8} {:>9} {:>7} {:>9} {:>10} {:>7} {:>9} {:>13}",
+            "stage", "waiting", "active", "retrying", "completed", "failed", "replicas", "idle pullers"
+        );
+        for q in &queues {
+            println!(
+                "{:<8} {:>9} {:>7} {:>9} {:>10} {:>7} {:>9} {:>13}",
+                q.stage, q.waiting, q.active, q.retrying, q.completed, failed_of(&q.stage), q.replicas, q.idle_pullers
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn results(topology: &Topology, batch_id: &str) -> anyhow::Result<()> {
+    let db = database(topology)?;
+    if db.batch_status(batch_id).await?.is_none() {
+        bail!("no batch `{batch_id}`");
+    }
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for row in db.results(batch_id).await? {
+        serde_json::to_writer(&mut out, &row)?;
+        writeln!(out)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+async fn eval(
+    topology: &Topology,
+    manifest: &Path,
+    min_precision: Option<f64>,
+    min_recall: Option<f64>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let params = topology.stages.detect.params.clone();
+    let manifest = manifest.to_owned();
+    facepipe_vision::detect::set_opencv_threads(1);
+    let report = tokio::task::spawn_blocking(move || pipeline::eval::evaluate(&manifest, &params)).await??;
+    let t = &report.total;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let d = &topology.stages.detect.params;
+        println!(
+            "detector {} ({}) on {} at width {} (upscale {}), score >= {}, nms {}: {:.1} ms per image (decode + detect, one thread)",
+            report.detector, report.model, report.engine, d.width, d.upscale, report.score_threshold, d.nms_threshold, report.ms_per_image
+        );
+        if let (Some(model), Some(pass)) = (&report.second_pass, &d.second_pass) {
+            println!(
+                "second pass {model} (score >= {}) on the {} of {} photos where YuNet was unsure (a box scoring {} to {})",
+                pass.score_threshold, report.second_pass_images, report.images, pass.uncertain_from, pass.uncertain_to
+            );
+        }
+        println!("{:<18} {:>6} {:>6} {:>5} {:>5} {:>9} {:>7} {:>6} {:>10}", "source", "images", "faces", "TP", "FP", "precision", "recall", "F1", "count-acc");
+        let row = |name: &str, t: &pipeline::eval::Tally| {
+            let count = t.count_accuracy().map(|c| format!("{c:.3} ({})", t.count_images)).unwrap_or_else(|| "-".into());
+            println!(
+                "{name:<18} {:>6} {:>6} {:>5} {:>5} {:>9.3} {:>7.3} {:>6.3} {:>10}",
+                t.images, t.faces, t.true_positives, t.false_positives, t.precision(), t.recall(), t.f1(), count
+            );
+        };
+        for (source, tally) in &report.by_source {
+            row(source, tally);
+        }
+        row("all", t);
+    }
+    let mut failed = Vec::new();
+    if let Some(min) = min_precision.filter(|m| t.precision() < *m) {
+        failed.push(format!("precision {:.3} < {min}", t.precision()));
+    }
+    if let Some(min) = min_recall.filter(|m| t.recall() < *m) {
+        failed.push(format!("recall {:.3} < {min}", t.recall()));
+    }
+    if !failed.is_empty() {
+        bail!("below the floor: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+async fn dead_letters(topology: &Topology, command: DeadLetterCommand) -> anyhow::Result<()> {
+    let bus = Bus::connect(&topology.nats, "facepipe-cli", false).await?;
+    match command {
+        DeadLetterCommand::List { batch, json } => {
+            let letters = deadletters::list(&bus, topology, batch.as_deref()).await?;
+            for stored in &letters {
+                if json {
+                    println!("{}", serde_json::to_string(stored)?);
+                } else {
+                    let l = &stored.letter;
+                    println!(
+                        "{:>6}  {}  {:<7}  batch={} image={} attempts={}  {}",
+                        stored.id,
+                        l.time.format("%Y-%m-%d %H:%M:%S"),
+                        l.stage,
+                        l.batch_id.as_deref().unwrap_or("-"),
+                        l.image_id.as_deref().unwrap_or("-"),
+                        l.attempts,
+                        l.error
+                    );
+                }
+            }
+            if !json {
+                eprintln!("{} dead letter(s)", letters.len());
+            }
+        }
+        DeadLetterCommand::Replay { batch, id, all } => {
+            if batch.is_none() && id.is_empty() && !all {
+                bail!("say which: --batch B, --id ID..., or --all");
+            }
+            let mut letters = deadletters::list(&bus, topology, batch.as_deref()).await?;
+            if !id.is_empty() {
+                letters.retain(|l| id.contains(&l.id));
+                if letters.len() != id.len() {
+                    bail!("no dead letter with some of the ids {id:?}");
+                }
+            }
+            let n = deadletters::replay(&bus, &database(topology)?, topology, &letters).await?;
+            println!("replayed {n} dead letter(s)");
+        }
+    }
+    Ok(())
+}
+
+/// Runs each stage binary as child processes, restarts any that die, and
+/// stops them all with SIGTERM on Ctrl-C or SIGTERM.
+async fn up(
+    topology_path: &Path,
+    topology: &Topology,
+    flags: BTreeMap<StageName, usize>,
+) -> anyhow::Result<()> {
+    // The topology's `replicas` per stage, overridden by `--replicas stage=n`.
+    let replicas: BTreeMap<StageName, usize> =
+        StageName::ALL.iter().map(|s| (*s, flags.get(s).copied().unwrap_or(topology.stage(*s).replicas))).collect();
+    let mut group = StageGroup::spawn(topology_path, topology, &replicas, &[])?;
+    eprintln!("running {} stage processes; Ctrl-C stops them", group.len());
+    let mut stop = std::pin::pin!(facepipe_runtime::worker::shutdown_signal());
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => group.restart_exited()?,
+        }
+    }
+    eprintln!("stopping stages");
+    group.stop().await
+}

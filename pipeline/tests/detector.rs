@@ -1,0 +1,110 @@
+//! A detector that cannot load is never served around: detect refuses to serve
+//! (its log and `/readyz` say why), a live change to a model that does not load
+//! is refused while the old detector keeps running, and Haar runs only where
+//! the topology names it. Real binaries, nats-server and PostgreSQL.
+
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use facepipe_core::topology::{DetectFallback, StageName};
+use support::{bin, http_get, labelled_photos, repo_root, shared_dir, wait_for_port, write_zip, Deployment};
+
+const BATCH_TIMEOUT: Duration = Duration::from_secs(300);
+const MISSING: &str = "/nonexistent/face_detection_yunet.onnx";
+
+/// A ZIP of the first few labelled photos that hold faces.
+fn photos_zip(dir: &std::path::Path) -> std::path::PathBuf {
+    let faces_dir = shared_dir().join("data/faces");
+    let entries: Vec<(String, Vec<u8>)> = labelled_photos()
+        .iter()
+        .filter(|p| p.faces.as_ref().is_some_and(|f| !f.is_empty()))
+        .take(4)
+        .map(|p| (p.file.clone(), std::fs::read(faces_dir.join(&p.file)).unwrap()))
+        .collect();
+    let path = dir.join("photos.zip");
+    write_zip(&path, &entries);
+    path
+}
+
+/// Polls `/readyz` until its status is `want` with a body containing `says`; returns the body.
+fn wait_readyz(port: u16, want: u16, says: &str) -> String {
+    wait_for_port(port, Duration::from_secs(60));
+    let started = Instant::now();
+    loop {
+        let (code, body) = http_get(port, "/readyz");
+        if code == want && body.contains(says) {
+            return body;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "/readyz never answered {want}: {code} {body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn detect_without_a_loadable_model_refuses_to_serve_and_says_why() {
+    let mut d = Deployment::start(|t| {
+        t.stages.detect.params.model = Some(MISSING.into());
+        t.stages.detect.params.opencv_model = Some(MISSING.into());
+    })
+    .await;
+    let port = d.start_stage_with_metrics(StageName::Detect);
+    let body = wait_readyz(port, 503, "not ready: ");
+    assert!(body.contains("YuNet does not load") && body.contains(MISSING), "/readyz names the reason: {body}");
+    assert!(d.logs().contains("refusing to serve"), "the log says so: {}", d.logs());
+    // It stays up, not pulling, rather than exiting into a restart loop or serving Haar.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(d.restart_exited(), 0, "detect keeps running while it refuses");
+    assert!(!d.logs().contains("Haar"), "no silent Haar fallback: {}", d.logs());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn haar_runs_only_where_the_topology_names_it_as_the_fallback() {
+    let mut d = Deployment::start(|t| {
+        t.stages.detect.params.model = Some(MISSING.into());
+        t.stages.detect.params.opencv_model = Some(MISSING.into());
+        t.stages.detect.params.fallback = DetectFallback::Haar;
+    })
+    .await;
+    let port = d.start_stage_with_metrics(StageName::Detect);
+    wait_readyz(port, 200, "ready");
+    assert!(d.logs().contains("Haar fallback the topology names"), "the fallback is announced: {}", d.logs());
+    let zip = photos_zip(d.dir.path());
+    let batch = d.cli_ok(&["submit", zip.to_str().unwrap(), "--project", "haar"]).trim().to_string();
+    d.wait_for_batch(&batch, BATCH_TIMEOUT).await;
+    let results = d.db().await.results(&batch).await.unwrap();
+    assert!(results.iter().all(|r| r.detector == Some(facepipe_core::domain::Detector::Haar)), "{results:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_change_to_a_model_that_does_not_load_is_refused_and_the_old_detector_keeps_running() {
+    let d = Deployment::start(|_| {}).await;
+    let mut broken = d.topology.clone();
+    broken.stages.detect.params.model = Some(MISSING.into());
+    broken.stages.detect.params.opencv_model = Some(MISSING.into());
+    let path = d.dir.path().join("broken.toml");
+    std::fs::write(&path, toml::to_string(&broken).unwrap()).unwrap();
+    d.cli_ok_with(&path, &["apply"]);
+    // Running stages watch the live configuration; give detect a moment to see the change.
+    std::thread::sleep(Duration::from_secs(2));
+
+    let zip = photos_zip(d.dir.path());
+    let batch = d.cli_ok(&["submit", zip.to_str().unwrap(), "--project", "live"]).trim().to_string();
+    let status = d.wait_for_batch(&batch, BATCH_TIMEOUT).await;
+    assert_eq!((status.status.as_str(), status.failed), ("completed", 0), "{status:?}");
+    let results = d.db().await.results(&batch).await.unwrap();
+    assert!(results.iter().any(|r| !r.faces.is_empty()), "YuNet kept finding faces: {results:?}");
+    assert!(results.iter().all(|r| r.detector == Some(facepipe_core::domain::Detector::Yunet)), "{results:?}");
+    assert!(d.logs().contains("live detector change refused"), "the refusal is logged: {}", d.logs());
+}
+
+#[test]
+fn validate_takes_the_topology_as_a_positional_argument_too() {
+    let topology = repo_root().join("topology.toml");
+    let out = Command::new(bin("pipeline")).arg("validate").arg(&topology).env_remove("PIPELINE_TOPOLOGY").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("topology.toml: valid"));
+    let missing = Command::new(bin("pipeline")).args(["validate", "/nonexistent/topology.toml"]).output().unwrap();
+    assert!(!missing.status.success(), "a missing file is an error");
+}

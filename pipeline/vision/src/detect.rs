@@ -1,0 +1,366 @@
+//! Face detection: YuNet on ONNX Runtime (`model`, 2023mar by default), then YuNet on
+//! OpenCV's DNN module (`opencv_model`, 2022mar for OpenCV 4.6) when ONNX Runtime does not
+//! load or `engine = "opencv"`. When no YuNet file loads, detect refuses to serve, unless the
+//! topology names the Haar cascade as `fallback` (or as the `detector` itself).
+//!
+//! With `second_pass` set, YuNet on ONNX Runtime is the first of two passes: a photo on
+//! which YuNet finds a box it is unsure of (a score inside the configured band) is
+//! detected again by RetinaFace, a stronger network several times as costly, whose boxes
+//! then stand for that photo. Photos YuNet is sure about cost nothing more.
+//!
+//! A detector is built once per worker thread and reused (only its input size
+//! changes between images), since loading the network costs far more than
+//! running it on one image.
+
+use std::cell::RefCell;
+use std::path::Path;
+
+use opencv::core::{self, Mat, Ptr, Rect, Size, Vector};
+use opencv::objdetect::{CascadeClassifier, FaceDetectorYN};
+use opencv::prelude::*;
+use opencv::imgproc;
+
+use super::decode::{self, Decoded};
+use super::VisionError;
+use facepipe_core::domain::Detector;
+use facepipe_core::messages::FaceBox;
+use facepipe_core::telemetry::Step;
+use super::retinaface::OrtRetinaFace;
+use super::yunet::OrtYunet;
+use facepipe_core::topology::{DetectFallback, DetectParams, DetectorKind, InferenceEngine};
+
+/// Faces found in one image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Detection {
+    /// Width of the upright original.
+    pub width: u32,
+    /// Height of the upright original.
+    pub height: u32,
+    /// Faces in original pixels, highest score first.
+    pub faces: Vec<FaceBox>,
+    /// What decided the boxes: YuNet, RetinaFace (the second pass) or Haar.
+    pub detector: Detector,
+}
+
+enum Model {
+    YunetOrt {
+        /// The first pass.
+        yunet: Box<OrtYunet>,
+        /// The second pass, when configured and loaded.
+        second: Option<Box<OrtRetinaFace>>,
+    },
+    Yunet(Ptr<FaceDetectorYN>),
+    Haar(CascadeClassifier),
+}
+
+/// A loaded detector and the parameters it was built for.
+struct Loaded {
+    params: DetectParams,
+    model: Model,
+}
+
+thread_local! {
+    static DETECTOR: RefCell<Option<Loaded>> = const { RefCell::new(None) };
+}
+
+fn load(params: &DetectParams) -> Result<Model, VisionError> {
+    if params.detector == DetectorKind::Haar {
+        return load_haar(&params.haar_cascade).map(Model::Haar);
+    }
+    // Why each YuNet attempt failed, for the error (or the fallback's warning).
+    let mut attempts = Vec::new();
+    if params.engine == InferenceEngine::Onnxruntime {
+        match params.model.as_deref() {
+            Some(path) if path.is_file() => match OrtYunet::load(path, params.onnxruntime.as_deref()) {
+                Ok(yunet) => return Ok(Model::YunetOrt { yunet: Box::new(yunet), second: load_second_pass(params) }),
+                Err(e) => {
+                    // Same network, same quality floor, only slower: announced, not refused.
+                    tracing::warn!(
+                        error = %e,
+                        "YuNet on ONNX Runtime unavailable; running YuNet on OpenCV's DNN module, several times slower (scripts/setup installs ONNX Runtime)"
+                    );
+                    attempts.push(format!("ONNX Runtime: {e}"));
+                }
+            },
+            Some(path) => attempts.push(format!("model file {} not found", path.display())),
+            None => attempts.push("no `model` configured".to_string()),
+        }
+    }
+    let (model, score_threshold) = opencv_yunet(params);
+    match model {
+        Some(path) if path.is_file() => {
+            let model = FaceDetectorYN::create(
+                &path.to_string_lossy(),
+                "",
+                Size::new(320, 320),
+                score_threshold,
+                params.nms_threshold,
+                5000,
+                0,
+                0,
+            );
+            match model {
+                Ok(model) => return Ok(Model::Yunet(model)),
+                Err(e) => attempts.push(format!(
+                    "OpenCV cannot load {} ({e}; OpenCV 4.6 needs face_detection_yunet_2022mar.onnx as opencv_model)",
+                    path.display()
+                )),
+            }
+        }
+        Some(path) => attempts.push(format!("OpenCV's model file {} not found", path.display())),
+        None => attempts.push("no `opencv_model` configured".to_string()),
+    }
+    let why = attempts.join("; ");
+    match params.fallback {
+        DetectFallback::Haar => {
+            tracing::warn!(reason = %why, "YuNet does not load; running the Haar fallback the topology names, which finds far fewer faces");
+            load_haar(&params.haar_cascade).map(Model::Haar)
+        }
+        DetectFallback::None => Err(VisionError::NoDetector(format!(
+            "YuNet does not load: {why} (fix stages.detect.params.model, or name a fallback with stages.detect.params.fallback = \"haar\")"
+        ))),
+    }
+}
+
+/// RetinaFace for `second_pass`, or `None` (with a warning when it was configured).
+fn load_second_pass(params: &DetectParams) -> Option<Box<OrtRetinaFace>> {
+    let second = params.second_pass.as_ref()?;
+    match OrtRetinaFace::load(&second.model, params.onnxruntime.as_deref()) {
+        Ok(model) => Some(Box::new(model)),
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "second pass unavailable: YuNet alone decides every photo, and finds fewer faces (scripts/setup makes models/retinaface_mnv2.onnx)"
+            );
+            None
+        }
+    }
+}
+
+/// The YuNet file and score threshold OpenCV's DNN module runs (`opencv_model`, else `model`).
+fn opencv_yunet(params: &DetectParams) -> (Option<&Path>, f32) {
+    (
+        params.opencv_model.as_deref().or(params.model.as_deref()),
+        params.opencv_score_threshold.unwrap_or(params.score_threshold),
+    )
+}
+
+fn load_haar(path: &Path) -> Result<CascadeClassifier, VisionError> {
+    let cascade = CascadeClassifier::new(path)
+        .map_err(|e| VisionError::NoDetector(format!("{}: {e}", path.display())))?;
+    if cascade.empty()? {
+        return Err(VisionError::NoDetector(format!(
+            "Haar cascade {} does not load (install opencv-data)",
+            path.display()
+        )));
+    }
+    Ok(cascade)
+}
+
+/// What actually runs for `params` on this machine, after any fallback.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Running {
+    /// YuNet, or Haar where the topology names it.
+    pub detector: Detector,
+    /// `onnxruntime`, or `opencv` (OpenCV's DNN module for YuNet, or the Haar cascade).
+    pub engine: &'static str,
+    /// File name of the model or cascade that runs.
+    pub model: String,
+    /// Score threshold applied to YuNet's boxes (Haar has none: 0).
+    pub score_threshold: f32,
+    /// File name of the second pass's model when it runs (RetinaFace on ONNX Runtime).
+    pub second_pass: Option<String>,
+}
+
+/// Loads the detector `params` yields on this thread and says what it is.
+pub fn running(params: &DetectParams) -> Result<Running, VisionError> {
+    with_model(params, |model| {
+        let (engine, path, score_threshold) = match model {
+            Model::YunetOrt { .. } => ("onnxruntime", params.model.as_deref(), params.score_threshold),
+            Model::Yunet(_) => {
+                let (path, score_threshold) = opencv_yunet(params);
+                ("opencv", path, score_threshold)
+            }
+            Model::Haar(_) => ("opencv", Some(params.haar_cascade.as_path()), 0.0),
+        };
+        let file_name = |path: Option<&Path>| path.and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned());
+        let second_pass = match model {
+            Model::YunetOrt { second: Some(_), .. } => file_name(params.second_pass.as_ref().map(|s| s.model.as_path())),
+            _ => None,
+        };
+        Ok(Running {
+            detector: model_name(model),
+            engine,
+            model: file_name(path).unwrap_or_default(),
+            score_threshold,
+            second_pass,
+        })
+    })
+}
+
+fn model_name(model: &Model) -> Detector {
+    match model {
+        Model::Yunet(_) | Model::YunetOrt { .. } => Detector::Yunet,
+        Model::Haar(_) => Detector::Haar,
+    }
+}
+
+fn with_model<T>(
+    params: &DetectParams,
+    f: impl FnOnce(&mut Model) -> Result<T, VisionError>,
+) -> Result<T, VisionError> {
+    DETECTOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|l| &l.params != params) {
+            *slot = Some(Loaded { params: params.clone(), model: load(params)? });
+        }
+        f(&mut slot.as_mut().expect("just loaded").model)
+    })
+}
+
+/// Decodes `bytes` at the cheapest scale that still gives `params.width` pixels
+/// on the longer side, and returns the faces in original-image pixels.
+pub fn detect_faces(bytes: &[u8], params: &DetectParams) -> Result<Detection, VisionError> {
+    let header = decode::probe(bytes, params.max_megapixels)?;
+    let decoded = decode::decode(bytes, header, decode::reduction_for(header, params.width))?;
+    detect_decoded(&decoded, params)
+}
+
+/// Detects faces on an already decoded image.
+pub fn detect_decoded(decoded: &Decoded, params: &DetectParams) -> Result<Detection, VisionError> {
+    // Scaling to the detector's input is part of the step.
+    let _timer = Step::Detect.start();
+    let image = &decoded.image;
+    let long = image.cols().max(image.rows());
+    // Scale the longer side to the detection size; enlarge small images only when asked.
+    let mut factor = params.width as f64 / long as f64;
+    if !params.upscale {
+        factor = factor.min(1.0);
+    }
+    let input = if (factor - 1.0).abs() > 1e-3 {
+        // INTER_AREA only where it matters (strong shrinking); it is several times
+        // slower than bilinear at ratios like 800 -> 640.
+        let interpolation = if factor < 0.5 { imgproc::INTER_AREA } else { imgproc::INTER_LINEAR };
+        let mut scaled = Mat::default();
+        imgproc::resize(image, &mut scaled, Size::new(0, 0), factor, factor, interpolation)?;
+        scaled
+    } else {
+        image.clone()
+    };
+    let (sx, sy) = decoded.scale();
+    let (fx, fy) = (
+        sx * image.cols() as f64 / input.cols() as f64,
+        sy * image.rows() as f64 / input.rows() as f64,
+    );
+    let (w, h) = (decoded.full_width as f32, decoded.full_height as f32);
+
+    with_model(params, |model| {
+        let mut detector = model_name(model);
+        let raw = match model {
+            Model::YunetOrt { yunet, second } => match (second, &params.second_pass) {
+                (Some(retinaface), Some(pass)) => {
+                    let boxes = yunet.detect(&input, params.score_threshold.min(pass.uncertain_from), params.nms_threshold)?;
+                    if boxes.iter().any(|b| pass.is_uncertain(b.score)) {
+                        detector = Detector::Retinaface;
+                        retinaface.detect(&input, pass.score_threshold)?
+                    } else {
+                        boxes.into_iter().filter(|b| b.score >= params.score_threshold).collect()
+                    }
+                }
+                _ => yunet.detect(&input, params.score_threshold, params.nms_threshold)?,
+            },
+            Model::Yunet(net) => run_yunet(net, &input)?,
+            Model::Haar(cascade) => run_haar(cascade, &input)?,
+        };
+        let mut faces: Vec<FaceBox> = raw
+            .into_iter()
+            .filter_map(|f| {
+                // Map to original pixels and clip to the image.
+                let x0 = (f.x as f64 * fx).max(0.0) as f32;
+                let y0 = (f.y as f64 * fy).max(0.0) as f32;
+                let x1 = (((f.x + f.w) as f64) * fx).min(w as f64) as f32;
+                let y1 = (((f.y + f.h) as f64) * fy).min(h as f64) as f32;
+                (x1 - x0 >= 1.0 && y1 - y0 >= 1.0).then(|| FaceBox { x: x0, y: y0, w: x1 - x0, h: y1 - y0, score: f.score })
+            })
+            .collect();
+        faces.sort_by(|a, b| b.score.total_cmp(&a.score));
+        Ok(Detection { width: decoded.full_width, height: decoded.full_height, faces, detector })
+    })
+}
+
+/// Smallest side YuNet 2022mar accepts (measured: 48 fails, 64 runs; its
+/// deepest feature maps are 1/32 of an input padded to a multiple of 32).
+const YUNET_MIN_SIDE: i32 = 64;
+
+fn run_yunet(net: &mut Ptr<FaceDetectorYN>, input: &Mat) -> Result<Vec<FaceBox>, VisionError> {
+    // A sliver (e.g. 4000x20 scaled to 640x3) is padded with black below and to the right, so
+    // coordinates stay those of the input.
+    let padded;
+    let input = if input.rows() < YUNET_MIN_SIDE || input.cols() < YUNET_MIN_SIDE {
+        let mut out = Mat::default();
+        core::copy_make_border(
+            input,
+            &mut out,
+            0,
+            (YUNET_MIN_SIDE - input.rows()).max(0),
+            0,
+            (YUNET_MIN_SIDE - input.cols()).max(0),
+            core::BORDER_CONSTANT,
+            core::Scalar::all(0.0),
+        )?;
+        padded = out;
+        &padded
+    } else {
+        input
+    };
+    net.set_input_size(Size::new(input.cols(), input.rows()))?;
+    let mut out = Mat::default();
+    net.detect(input, &mut out)?;
+    // One row per face: x, y, w, h, five landmarks (x, y), score.
+    let mut faces = Vec::with_capacity(out.rows().max(0) as usize);
+    for row in 0..out.rows() {
+        let v = |col: i32| out.at_2d::<f32>(row, col).copied();
+        faces.push(FaceBox { x: v(0)?, y: v(1)?, w: v(2)?, h: v(3)?, score: v(14)? });
+    }
+    Ok(faces)
+}
+
+fn run_haar(cascade: &mut CascadeClassifier, input: &Mat) -> Result<Vec<FaceBox>, VisionError> {
+    let mut gray = Mat::default();
+    imgproc::cvt_color(input, &mut gray, imgproc::COLOR_BGR2GRAY, 0)?;
+    let mut equalized = Mat::default();
+    imgproc::equalize_hist(&gray, &mut equalized)?;
+    let mut rects = Vector::<Rect>::new();
+    cascade.detect_multi_scale(&equalized, &mut rects, 1.1, 5, 0, Size::new(24, 24), Size::default())?;
+    // Haar gives no calibrated confidence; every accepted box scores 1.
+    Ok(rects
+        .iter()
+        .map(|r| FaceBox { x: r.x as f32, y: r.y as f32, w: r.width as f32, h: r.height as f32, score: 1.0 })
+        .collect())
+}
+
+/// Sets OpenCV's own worker-thread count (0 = sequential); stages run one image
+/// per worker thread, so nested OpenCV threads would only oversubscribe the cores.
+pub fn set_opencv_threads(n: i32) {
+    if let Err(e) = core::set_num_threads(n) {
+        tracing::warn!(error = %e, "cannot set OpenCV thread count");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opencv_runs_its_own_model_and_threshold_else_the_main_ones() {
+        let mut params = DetectParams {
+            model: Some("a/2023mar.onnx".into()),
+            score_threshold: 0.7,
+            ..DetectParams::default()
+        };
+        assert_eq!(opencv_yunet(&params), (Some(Path::new("a/2023mar.onnx")), 0.7));
+        params.opencv_model = Some("b/2022mar.onnx".into());
+        params.opencv_score_threshold = Some(0.8);
+        assert_eq!(opencv_yunet(&params), (Some(Path::new("b/2022mar.onnx")), 0.8));
+    }
+}

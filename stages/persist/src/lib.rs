@@ -1,0 +1,42 @@
+//! The persist stage: image outcome -> idempotent upsert in PostgreSQL, batch progress and completion.
+
+use facepipe_core::messages::{self, Outcome};
+use facepipe_runtime::db::Db;
+use facepipe_runtime::{Ctx, Delivery, Handled, Handler, StageError};
+
+/// The persist stage's handler.
+pub struct Persist {
+    /// Where outcomes are recorded.
+    pub db: Db,
+}
+
+impl Handler for Persist {
+    type Input = Outcome;
+
+    async fn ready(&self, ctx: &Ctx) -> bool {
+        ctx.bus.is_connected() && self.db.ping().await.is_ok()
+    }
+
+    async fn handle(&self, ctx: &Ctx, outcome: Outcome, _: Delivery) -> Result<Handled, StageError> {
+        if !outcome.status.is_final() {
+            return Err(StageError::permanent(format!("an outcome's status must be final, not `{}`", outcome.status)));
+        }
+        let recorded = self.db.record_outcome(&outcome).await?;
+        if !recorded.first {
+            tracing::debug!("outcome already recorded; redelivery ignored");
+            return Ok(Handled::Skipped);
+        }
+        if recorded.completed_batch {
+            tracing::info!(batch = %outcome.image.batch_id, "batch completed");
+        }
+        if let Some(progress) = &recorded.progress {
+            // Best effort, for watchers: the database holds the truth.
+            let subject = format!("{}.{}", ctx.topology.nats.progress_subject, progress.batch_id);
+            if let Err(e) = ctx.bus.client.publish(subject, messages::encode(progress)).await {
+                tracing::debug!(error = %e, "progress event not sent");
+            }
+        }
+        Ok(Handled::Done)
+    }
+}
+
