@@ -104,7 +104,7 @@ async fn batch_survives_kills_restarts_and_outages() {
                             d.signal(i, libc::SIGTERM);
                             let stage = d.stages[i].0;
                             let code = support::wait_exit(&mut d.stages[i].1, Duration::from_secs(30))
-                                .unwrap_or_else(|()| panic!("{stage:?} ignored SIGTERM"));
+                                .unwrap_or_else(|()| panic!("{stage:?} ignored SIGTERM\n{}", d.logs()));
                             assert_eq!(code, Some(0), "{:?} exit on SIGTERM\n{}", d.stages[i].0, d.logs());
                             sigterms += 1;
                             d.restart_exited();

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -139,6 +140,42 @@ pub async fn init_endpoints(addr: &str, stage: StageName, health: Arc<Health>) -
     Ok(true)
 }
 
+/// The last resort of a graceful shutdown: once SIGINT/SIGTERM has arrived, the
+/// process exits with status 1 if it has not stopped within the grace period
+/// plus [`StopLimit::MARGIN`]. A stop that hangs (a service that never answers)
+/// then shows as a failed stop in the log and the exit status, instead of a
+/// process an orchestrator must kill; its un-acked messages are redelivered.
+#[derive(Clone)]
+struct StopLimit(Arc<AtomicU64>);
+
+impl Default for StopLimit {
+    fn default() -> Self {
+        Self(Arc::new(AtomicU64::new(Self::MARGIN.as_millis() as u64)))
+    }
+}
+
+impl StopLimit {
+    /// Time allowed beyond the grace period: draining the connection, closing up.
+    const MARGIN: Duration = Duration::from_secs(20);
+
+    fn follow_grace(&self, grace: Duration) {
+        self.0.store((grace + Self::MARGIN).as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Starts the watchdog on a thread of its own, so a wedged async runtime cannot hold it up.
+    fn arm(self) {
+        let since = std::time::Instant::now();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(250));
+            let limit = Duration::from_millis(self.0.load(Ordering::Relaxed));
+            if since.elapsed() > limit {
+                tracing::error!(?limit, "shutdown did not finish in time; exiting");
+                std::process::exit(1);
+            }
+        });
+    }
+}
+
 /// A started stage process, ready to run its handler.
 pub struct Stage {
     /// Shared infrastructure for the handler.
@@ -155,14 +192,18 @@ impl Stage {
         // Listen for SIGTERM before anything slow, so a stop during start-up is graceful too.
         let shutdown = CancellationToken::new();
         let trigger = shutdown.clone();
+        let stop_limit = StopLimit::default();
+        let watchdog = stop_limit.clone();
         tokio::spawn(async move {
             worker::shutdown_signal().await;
             tracing::info!("shutdown requested");
             trigger.cancel();
+            watchdog.arm();
         });
         tune_allocator();
         init_logging(args.log_format, "info");
         let topology = Topology::load(&args.topology)?;
+        stop_limit.follow_grace(topology.stage(stage).shutdown_grace);
         let metrics_addr = args
             .metrics_addr
             .or_else(|| topology.stage(stage).metrics_addr.map(String::from));
@@ -184,7 +225,16 @@ impl Stage {
         if metrics_on {
             crate::lag::spawn_lag_poller(bus.clone(), topology.stream_name(stage), telemetry::LAG_INTERVAL, shutdown.clone());
         }
-        Ok(Self { ctx: Arc::new(Ctx::new(stage, topology, bus, store, health)), shutdown })
+        let ctx = Arc::new(Ctx::new(stage, topology, bus, store, health));
+        // The grace period can change live; the watchdog follows it.
+        let mut changes = ctx.live.subscribe();
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let grace = changes.borrow_and_update().stage(stage).shutdown_grace;
+                stop_limit.follow_grace(grace);
+            }
+        });
+        Ok(Self { ctx, shutdown })
     }
 
     /// The topology's database, migrated; waits (with backoff) while PostgreSQL is

@@ -34,6 +34,9 @@ const IDLE_BAND_WAIT: Duration = Duration::from_millis(50);
 /// How long a band found empty is skipped (while another band has work).
 const EMPTY_BAND_BACKOFF: Duration = Duration::from_millis(100);
 
+/// How long a no-wait pull may go unanswered before it counts as failed.
+const NO_WAIT_ANSWER: Duration = Duration::from_secs(5);
+
 /// Smooth weighted round robin over bands.
 #[derive(Debug, Clone)]
 pub struct WeightedTurns {
@@ -94,7 +97,12 @@ impl BandPuller {
             for i in fresh.into_iter().chain(stale) {
                 let (band, consumer) = &self.bands[i];
                 let mut batch = consumer.fetch().max_messages(want).messages().await.map_err(|e| fail(band, e))?;
-                if let Some(Ok(first)) = batch.next().await {
+                // The server answers a no-wait pull at once; a request lost in a reconnect gets no
+                // answer, and the client would wait for it forever.
+                let first = tokio::time::timeout(NO_WAIT_ANSWER, batch.next())
+                    .await
+                    .map_err(|_| fail(band, format!("no answer to a pull within {NO_WAIT_ANSWER:?}")))?;
+                if let Some(Ok(first)) = first {
                     return Ok(futures::stream::once(std::future::ready(first)).chain(messages(batch)).boxed());
                 }
                 self.empty_until[i] = tokio::time::Instant::now() + EMPTY_BAND_BACKOFF;

@@ -38,6 +38,9 @@ use crate::handler::{Delivery, Failed, Handled, Handler};
 /// How long one pull request waits for messages; bounds how long shutdown waits for the pull loop.
 const PULL_EXPIRES: Duration = Duration::from_secs(1);
 
+/// How long shutdown waits for the NATS connection to drain.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Follows live changes of the stage's concurrency: more slots (and CPU threads)
 /// at once; fewer as soon as enough in-flight messages finish.
 async fn follow_concurrency(ctx: Arc<Ctx>, slots: Arc<Semaphore>, mut limit: usize) {
@@ -123,7 +126,11 @@ pub async fn run<H: Handler>(
         };
         let mut permits = vec![first];
         let want = 1 + slots.available_permits();
-        let pulled = puller.pull(want, PULL_EXPIRES).await;
+        // A pull abandoned at shutdown leaves at most its messages un-acked: they are redelivered.
+        let pulled = tokio::select! {
+            pulled = puller.pull(want, PULL_EXPIRES) => pulled,
+            _ = shutdown.cancelled() => break 'pull,
+        };
         let mut messages = match pulled {
             Ok(messages) => messages,
             Err(e) => {
@@ -135,10 +142,21 @@ pub async fn run<H: Handler>(
                 }
             }
         };
-        while let Some(msg) = messages.next().await {
+        loop {
+            let msg = tokio::select! {
+                msg = messages.next() => msg,
+                _ = shutdown.cancelled() => None,
+            };
+            let Some(msg) = msg else { break };
             let permit = match permits.pop() {
                 Some(p) => p,
-                None => slots.clone().acquire_owned().await.expect("semaphore is never closed"),
+                None => tokio::select! {
+                    p = slots.clone().acquire_owned() => p.expect("semaphore is never closed"),
+                    _ = shutdown.cancelled() => {
+                        let _ = msg.ack_with(AckKind::Nak(None)).await;
+                        break;
+                    }
+                },
             };
             let worker = worker.clone();
             tasks.spawn(async move {
@@ -167,8 +185,11 @@ pub async fn run<H: Handler>(
         worker.abandon.cancel();
         while tasks.join_next().await.is_some() {}
     }
-    if let Err(e) = ctx.bus.client.drain().await {
-        tracing::warn!(error = %e, "draining the NATS connection failed");
+    // Draining waits on the server; during an outage it would wait for the server's return.
+    match tokio::time::timeout(DRAIN_TIMEOUT, ctx.bus.client.drain()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "draining the NATS connection failed"),
+        Err(_) => tracing::warn!(timeout = ?DRAIN_TIMEOUT, "draining the NATS connection timed out"),
     }
     tracing::info!(stage = %ctx.stage, "stage stopped");
     Ok(())
