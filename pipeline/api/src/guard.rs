@@ -1,14 +1,15 @@
 //! Request guards: bearer-token authentication and the per-client upload rate limit.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::num::NonZeroU32;
+use std::sync::Arc;
 
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota};
 
 use super::{ApiError, ApiState};
 
@@ -30,48 +31,50 @@ pub async fn require_token(State(state): State<Arc<ApiState>>, request: Request,
 
 /// Compares without an early exit, so timing does not reveal how much of a token matched.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
-/// A token bucket per client address: `per_minute` batches, refilled evenly.
-#[derive(Debug)]
+/// Per client address: `per_minute` batches, refilled evenly (GCRA, from `governor`).
 pub struct RateLimiter {
     per_minute: u32,
-    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+    /// None when unlimited.
+    limiter: Option<DefaultKeyedRateLimiter<IpAddr>>,
 }
+
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter").field("per_minute", &self.per_minute).finish()
+    }
+}
+
+/// How many client addresses are remembered before those whose allowance has refilled are forgotten.
+const REMEMBERED_CLIENTS: usize = 100_000;
 
 impl RateLimiter {
     /// A limiter allowing `per_minute` batches per client (0: unlimited).
     pub fn new(per_minute: u32) -> Self {
-        Self { per_minute, buckets: Mutex::new(HashMap::new()) }
+        let limiter = NonZeroU32::new(per_minute).map(|n| governor::RateLimiter::keyed(Quota::per_minute(n)));
+        Self { per_minute, limiter }
     }
 
-    /// Takes one token for `client`, or says (429) how long to wait for one.
+    /// Takes one batch's allowance for `client`, or says (429) how long to wait for one.
     pub fn check(&self, client: IpAddr) -> Result<(), ApiError> {
-        if self.per_minute == 0 {
-            return Ok(());
+        let Some(limiter) = &self.limiter else { return Ok(()) };
+        if limiter.len() > REMEMBERED_CLIENTS {
+            // Clients whose allowance has refilled are indistinguishable from new ones.
+            limiter.retain_recent();
         }
-        let capacity = f64::from(self.per_minute);
-        let per_second = capacity / 60.0;
-        let now = Instant::now();
-        let mut buckets = self.buckets.lock().expect("rate limiter lock");
-        if buckets.len() > 100_000 {
-            // Forget clients whose bucket has refilled: they are indistinguishable from new ones.
-            buckets.retain(|_, (tokens, at)| *tokens + at.elapsed().as_secs_f64() * per_second < capacity);
-        }
-        let (tokens, at) = buckets.entry(client).or_insert((capacity, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * per_second).min(capacity);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            return Ok(());
-        }
-        let wait = Duration::from_secs_f64((1.0 - *tokens) / per_second);
+        let refused = match limiter.check_key(&client) {
+            Ok(()) => return Ok(()),
+            Err(refused) => refused,
+        };
+        let wait = refused.wait_time_from(DefaultClock::default().now());
         let mut error = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             format!("more than {} batches a minute from {client}; try again later", self.per_minute),
         );
-        error.retry_after = Some(wait.as_secs().max(1));
+        error.retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
         Err(error)
     }
 }
