@@ -4,7 +4,7 @@
 mod support;
 
 use facepipe_core::domain::{Detector, Priority, StageName};
-use facepipe_runtime::db::{NewImage, Recorded};
+use facepipe_runtime::db::{Db, NewImage, Recorded};
 use facepipe_core::messages::{FaceBox, ImageRef, ImageStatus, Outcome};
 use support::TestDb;
 
@@ -99,4 +99,42 @@ async fn batch_completes_when_ingest_finishes_after_the_last_outcome() {
     assert_eq!(db.batch_status("b-1").await.unwrap().unwrap().status, "ingesting");
     assert!(db.finish_ingest("b-1", 1, &[]).await.unwrap());
     assert_eq!(db.batch_status("b-1").await.unwrap().unwrap().status, "completed");
+}
+
+#[tokio::test]
+async fn concurrent_migrators_apply_each_migration_once() {
+    let test_db = TestDb::create().await;
+    let db = Db::connect(&test_db.url, 8).unwrap();
+    let runs = futures::future::join_all((0..4).map(|_| db.migrate())).await;
+    let mut applied: Vec<i32> = runs.into_iter().flat_map(|r| r.unwrap()).collect();
+    applied.sort();
+    assert_eq!(applied, [1, 2], "every migration once, whichever process ran it");
+    let history = test_db.client().await.query("SELECT version FROM refinery_schema_history ORDER BY version", &[]).await.unwrap();
+    assert_eq!(history.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>(), [1, 2]);
+}
+
+#[tokio::test]
+async fn a_database_migrated_by_the_earlier_runner_is_adopted_without_running_anything_again() {
+    let test_db = TestDb::create().await;
+    // What the pipeline's own runner left behind: the schema, and its versions in `schema_migrations`.
+    let client = test_db.client().await;
+    client.batch_execute(include_str!("../runtime/migrations/V1__batches_and_images.sql")).await.unwrap();
+    client.batch_execute(include_str!("../runtime/migrations/V2__record_ids.sql")).await.unwrap();
+    client
+        .batch_execute(
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());
+             INSERT INTO schema_migrations (version) VALUES (1), (2);
+             INSERT INTO batches (batch_id, project_id, source) VALUES ('kept', 'p', 'uploads/kept.zip');",
+        )
+        .await
+        .unwrap();
+
+    let db = Db::connect(&test_db.url, 2).unwrap();
+    assert!(db.migrate().await.unwrap().is_empty(), "an adopted migration does not run again");
+    assert!(db.migrate().await.unwrap().is_empty());
+    let legacy = client.query_one("SELECT to_regclass('schema_migrations') IS NULL", &[]).await.unwrap();
+    assert!(legacy.get::<_, bool>(0), "the old table is gone once adopted");
+    let history = client.query("SELECT version FROM refinery_schema_history ORDER BY version", &[]).await.unwrap();
+    assert_eq!(history.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>(), [1, 2]);
+    assert!(db.batch_status("kept").await.unwrap().is_some(), "the data is untouched");
 }

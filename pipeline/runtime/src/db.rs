@@ -12,11 +12,14 @@ use tokio_postgres::NoTls;
 use facepipe_core::domain::{BatchStatus, Detector, ImageStatus, Priority, StageName};
 use facepipe_core::messages::{FaceBox, Outcome};
 
-/// Schema migrations in order; each runs once, recorded in `schema_migrations`.
-const MIGRATIONS: &[(i32, &str)] = &[
-    (1, include_str!("../migrations/0001_batches_and_images.sql")),
-    (2, include_str!("../migrations/0002_record_ids.sql")),
-];
+/// The schema migrations in `migrations/` (`V<n>__<name>.sql`), embedded at build
+/// time and run by refinery, which records them in `refinery_schema_history`.
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// The table the pipeline's own runner kept before refinery; adopted once, then dropped.
+const LEGACY_MIGRATIONS_TABLE: &str = "schema_migrations";
 
 /// Longest wait for a connection before an operation fails as unavailable.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -36,6 +39,9 @@ pub enum DbError {
     /// A statement failed.
     #[error("database query failed: {0}")]
     Query(#[from] tokio_postgres::Error),
+    /// The schema migrations could not be applied.
+    #[error("schema migration failed: {0}")]
+    Migration(#[from] refinery::Error),
     /// A stored value is not one the pipeline writes (the schema and the code disagree).
     #[error("unexpected value in the database: {0}")]
     Value(#[from] facepipe_core::domain::UnknownValue),
@@ -55,7 +61,12 @@ pub enum DbError {
 impl DbError {
     /// True when retrying cannot help.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, Self::Config(_) | Self::UnknownImage { .. })
+        match self {
+            Self::Config(_) | Self::UnknownImage { .. } => true,
+            // Migrations that disagree with the database's history will not agree later.
+            Self::Migration(e) => !matches!(e.kind(), refinery::error::Kind::Connection(..)),
+            _ => false,
+        }
     }
 }
 
@@ -101,6 +112,28 @@ pub async fn ensure_database(url: &str) -> Result<bool, DbError> {
     drop(client);
     let _ = conn.await;
     Ok(!exists)
+}
+
+/// The migration run, under the advisory lock.
+async fn migrate_locked(client: &mut tokio_postgres::Client) -> Result<Vec<i32>, DbError> {
+    let exists = async |client: &tokio_postgres::Client, table: &str| -> Result<bool, DbError> {
+        let row = client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table]).await?;
+        Ok(row.get(0))
+    };
+    if exists(client, LEGACY_MIGRATIONS_TABLE).await? && !exists(client, "refinery_schema_history").await? {
+        // A database migrated before refinery: record what it has as applied, without running it.
+        let row = client.query_one("SELECT max(version) FROM schema_migrations", &[]).await?;
+        if let Some(version) = row.get::<_, Option<i32>>(0) {
+            embedded::migrations::runner()
+                .set_target(refinery::Target::FakeVersion(version))
+                .run_async(client)
+                .await?;
+            tracing::info!(version, "adopted the schema history of the earlier migration runner");
+        }
+        client.batch_execute("DROP TABLE schema_migrations").await?;
+    }
+    let report = embedded::migrations::runner().set_grouped(true).run_async(client).await?;
+    Ok(report.applied_migrations().iter().map(|m| m.version()).collect())
 }
 
 /// Progress of one batch, as `pipeline status` shows it.
@@ -228,30 +261,16 @@ impl Db {
         Ok(Self { pool })
     }
 
-    /// Applies the migrations not yet applied. Safe to run from many processes at once.
+    /// Applies the migrations not yet applied, each group in one transaction, and
+    /// returns their versions. Safe to run from many processes at once.
     pub async fn migrate(&self) -> Result<Vec<i32>, DbError> {
         let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (
-                version integer PRIMARY KEY,
-                applied_at timestamptz NOT NULL DEFAULT now())",
-        )
-        .await?;
-        let mut applied = Vec::new();
-        for (version, sql) in MIGRATIONS {
-            let done = tx
-                .query_opt("SELECT 1 FROM schema_migrations WHERE version = $1", &[version])
-                .await?
-                .is_some();
-            if !done {
-                tx.batch_execute(sql).await?;
-                tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[version]).await?;
-                applied.push(*version);
-            }
-        }
-        tx.commit().await?;
+        // refinery does not serialize concurrent runners; a session lock on this connection does.
+        client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
+        let result = migrate_locked(&mut client).await;
+        let unlocked = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await;
+        let applied = result?;
+        unlocked?;
         Ok(applied)
     }
 

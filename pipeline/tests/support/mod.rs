@@ -205,6 +205,13 @@ impl TestDb {
         Self { url: format!("{base}/{name}"), admin_url, name }
     }
 
+    /// A plain connection to the database, for checks beside the pipeline's own queries.
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client
+    }
+
     /// A migrated pool on the database.
     pub async fn pool(&self) -> Db {
         let db = Db::connect(&self.url, 4).unwrap();
