@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 
 use opencv::core::Mat;
 use opencv::prelude::*;
+use onnx_protobuf::{type_proto, Message, ModelProto};
 use ort::environment::Environment;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
@@ -47,7 +48,7 @@ pub fn session(model: &Path, library: Option<&Path>) -> Result<Session, VisionEr
     let env = environment(library)?;
     let bytes = std::fs::read(model).map_err(|e| VisionError::NoDetector(format!("{}: {e}", model.display())))?;
     let bytes = free_input_and_output_shapes(&bytes)
-        .ok_or_else(|| VisionError::NoDetector(format!("{} is not an ONNX model this code understands", model.display())))?;
+        .map_err(|e| VisionError::NoDetector(format!("{} is not an ONNX model this code understands: {e}", model.display())))?;
     let failed = |e: String| VisionError::NoDetector(format!("ONNX Runtime cannot load {}: {e}", model.display()));
     let builder = Session::builder(env).map_err(|e| failed(e.to_string()))?;
     // No memory pattern: it keeps a peak-sized block per session (one per worker
@@ -94,151 +95,27 @@ pub fn non_maximum_suppression(mut faces: Vec<FaceBox>, threshold: f32) -> Vec<F
 }
 
 /// The model with its input and outputs' fixed sizes made free, so one session
-/// serves every input size (the file pins 1x3x120x160).
-///
-/// Rewrites the protobuf in place of a dependency on ONNX's schema: only
-/// `graph.input["input"]` and `graph.output[*]` shapes change; every other
-/// byte is copied. `None` if the bytes are not such a model.
-fn free_input_and_output_shapes(model: &[u8]) -> Option<Vec<u8>> {
-    // Field numbers from onnx.proto: ModelProto.graph = 7; GraphProto.input = 11, .output = 12;
-    // ValueInfoProto.name = 1, .type = 2; TypeProto.tensor_type = 1; Tensor.shape = 2;
-    // TensorShapeProto.dim = 1; Dimension.dim_param = 2.
+/// serves every input size (the file pins 1x3x120x160): `graph.input["input"]`
+/// and every `graph.output` get symbolic dimensions; the rest of the model is
+/// written back as it was read (unknown fields included).
+fn free_input_and_output_shapes(model: &[u8]) -> Result<Vec<u8>, String> {
+    let mut model = ModelProto::parse_from_bytes(model).map_err(|e| e.to_string())?;
+    let graph = model.graph.as_mut().ok_or("the model has no graph")?;
     let mut found = false;
-    let out = protobuf::map_fields(model, &mut |field, body| match field {
-        7 => protobuf::map_fields(body, &mut |field, body| match field {
-            11 | 12 => {
-                let name = protobuf::fields(body)?.find(|(f, _)| *f == 1).map(|(_, b)| b.to_vec());
-                if field == 11 && name.as_deref() != Some(b"input".as_slice()) {
-                    return Some(body.to_vec());
-                }
-                found = true;
-                free_dims(body)
-            }
-            _ => Some(body.to_vec()),
-        }),
-        _ => Some(body.to_vec()),
-    })?;
-    found.then_some(out)
-}
-
-/// A ValueInfoProto with every dimension of its tensor shape made symbolic.
-fn free_dims(value_info: &[u8]) -> Option<Vec<u8>> {
-    let mut index = 0;
-    protobuf::map_fields(value_info, &mut |field, body| match field {
-        2 => protobuf::map_fields(body, &mut |field, body| match field {
-            1 => protobuf::map_fields(body, &mut |field, body| match field {
-                2 => protobuf::map_fields(body, &mut |field, body| match field {
-                    1 => {
-                        index += 1;
-                        let mut dim = Vec::new();
-                        protobuf::put_bytes(&mut dim, 2, format!("free{index}").as_bytes());
-                        Some(dim)
-                    }
-                    _ => Some(body.to_vec()),
-                }),
-                _ => Some(body.to_vec()),
-            }),
-            _ => Some(body.to_vec()),
-        }),
-        _ => Some(body.to_vec()),
-    })
-}
-
-/// Just enough of protobuf's wire format to rewrite nested length-delimited fields.
-mod protobuf {
-    fn varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
-        let mut value = 0u64;
-        for shift in (0..64).step_by(7) {
-            let byte = *buf.get(*pos)?;
-            *pos += 1;
-            value |= u64::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                return Some(value);
+    for info in graph.input.iter_mut().filter(|i| i.name == "input").chain(graph.output.iter_mut()) {
+        found = true;
+        let tensor = info.type_.as_mut().and_then(|t| t.value.as_mut());
+        let Some(type_proto::Value::TensorType(tensor)) = tensor else { continue };
+        if let Some(shape) = tensor.shape.as_mut() {
+            for (i, dim) in shape.dim.iter_mut().enumerate() {
+                dim.set_dim_param(format!("free{}", i + 1));
             }
         }
-        None
     }
-
-    fn put_varint(out: &mut Vec<u8>, mut value: u64) {
-        while value >= 0x80 {
-            out.push((value as u8) | 0x80);
-            value >>= 7;
-        }
-        out.push(value as u8);
+    if !found {
+        return Err("the graph has no input named `input`".into());
     }
-
-    /// Appends a length-delimited field.
-    pub fn put_bytes(out: &mut Vec<u8>, field: u64, body: &[u8]) {
-        put_varint(out, field << 3 | 2);
-        put_varint(out, body.len() as u64);
-        out.extend_from_slice(body);
-    }
-
-    /// One field of a message: its number, wire type and raw bytes (tag included), and
-    /// for length-delimited fields the body.
-    struct Field<'a> {
-        number: u64,
-        raw: &'a [u8],
-        body: Option<&'a [u8]>,
-    }
-
-    fn next_field<'a>(buf: &'a [u8], pos: &mut usize) -> Option<Field<'a>> {
-        let start = *pos;
-        let tag = varint(buf, pos)?;
-        let body = match tag & 7 {
-            0 => {
-                varint(buf, pos)?;
-                None
-            }
-            1 => {
-                *pos = pos.checked_add(8).filter(|p| *p <= buf.len())?;
-                None
-            }
-            2 => {
-                let len = usize::try_from(varint(buf, pos)?).ok()?;
-                let end = pos.checked_add(len).filter(|e| *e <= buf.len())?;
-                let body = &buf[*pos..end];
-                *pos = end;
-                Some(body)
-            }
-            5 => {
-                *pos = pos.checked_add(4).filter(|p| *p <= buf.len())?;
-                None
-            }
-            _ => return None,
-        };
-        Some(Field { number: tag >> 3, raw: &buf[start..*pos], body })
-    }
-
-    /// The length-delimited fields of a message, as (number, body).
-    pub fn fields(buf: &[u8]) -> Option<impl Iterator<Item = (u64, &[u8])>> {
-        let mut pos = 0;
-        let mut out = Vec::new();
-        while pos < buf.len() {
-            let field = next_field(buf, &mut pos)?;
-            if let Some(body) = field.body {
-                out.push((field.number, body));
-            }
-        }
-        Some(out.into_iter())
-    }
-
-    /// Gives the new body of a length-delimited field from its number and body; `None` aborts.
-    pub type Rewrite<'a> = dyn FnMut(u64, &[u8]) -> Option<Vec<u8>> + 'a;
-
-    /// The message with each length-delimited field's body replaced by `f(number, body)`.
-    pub fn map_fields(buf: &[u8], f: &mut Rewrite<'_>) -> Option<Vec<u8>> {
-        let mut out = Vec::with_capacity(buf.len());
-        let mut pos = 0;
-        while pos < buf.len() {
-            let field = next_field(buf, &mut pos)?;
-            match field.body {
-                Some(body) => put_bytes(&mut out, field.number, &f(field.number, body)?),
-                None => out.extend_from_slice(field.raw),
-            }
-        }
-        Some(out)
-    }
+    model.write_to_bytes().map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -253,28 +130,42 @@ mod tests {
     }
 
     #[test]
-    fn protobuf_rewrite_leaves_other_bytes_alone() {
-        // A tiny "model": graph { input { name: "input" type { tensor_type { shape { dim { dim_value: 3 } } } } } }
-        let mut dim = Vec::new();
-        dim.extend_from_slice(&[0x08, 0x03]); // dim_value = 3
-        let mut shape = Vec::new();
-        protobuf::put_bytes(&mut shape, 1, &dim);
-        let mut tensor = vec![0x08, 0x01]; // elem_type = FLOAT
-        protobuf::put_bytes(&mut tensor, 2, &shape);
-        let mut ty = Vec::new();
-        protobuf::put_bytes(&mut ty, 1, &tensor);
-        let mut info = Vec::new();
-        protobuf::put_bytes(&mut info, 1, b"input");
-        protobuf::put_bytes(&mut info, 2, &ty);
-        let mut graph = Vec::new();
-        protobuf::put_bytes(&mut graph, 11, &info);
-        let mut model = vec![0x08, 0x07]; // ir_version = 7
-        protobuf::put_bytes(&mut model, 7, &graph);
+    fn shape_rewrite_frees_the_sizes_and_keeps_the_rest() {
+        use onnx_protobuf::tensor_shape_proto::Dimension;
+        use onnx_protobuf::{GraphProto, TensorShapeProto, TypeProto, ValueInfoProto};
+        let fixed = |name: &str| {
+            let mut shape = TensorShapeProto::new();
+            for size in [1, 3, 120, 160] {
+                let mut dim = Dimension::new();
+                dim.set_dim_value(size);
+                shape.dim.push(dim);
+            }
+            let mut ty = TypeProto::new();
+            ty.mut_tensor_type().elem_type = 1; // FLOAT
+            ty.mut_tensor_type().shape = protobuf::MessageField::some(shape);
+            let mut info = ValueInfoProto::new();
+            info.name = name.into();
+            info.type_ = protobuf::MessageField::some(ty);
+            info
+        };
+        let mut graph = GraphProto::new();
+        graph.name = "g".into();
+        graph.input = vec![fixed("input"), fixed("other")];
+        graph.output = vec![fixed("scores")];
+        let mut model = ModelProto::new();
+        model.ir_version = 7;
+        model.graph = protobuf::MessageField::some(graph);
 
-        let rewritten = free_input_and_output_shapes(&model).unwrap();
-        assert!(rewritten.starts_with(&[0x08, 0x07]));
-        assert!(rewritten.windows(5).any(|w| w == b"free1"));
-        assert!(!rewritten.windows(2).any(|w| w == [0x08, 0x03]), "the fixed size is gone");
-        assert!(free_input_and_output_shapes(b"\x08\x07").is_none(), "no graph input: not a model we know");
+        let rewritten = ModelProto::parse_from_bytes(&free_input_and_output_shapes(&model.write_to_bytes().unwrap()).unwrap()).unwrap();
+        let dims = |info: &ValueInfoProto| -> Vec<String> {
+            info.type_.tensor_type().shape.dim.iter().map(|d| if d.has_dim_param() { d.dim_param().to_string() } else { d.dim_value().to_string() }).collect()
+        };
+        let graph = rewritten.graph.as_ref().unwrap();
+        assert_eq!(dims(&graph.input[0]), ["free1", "free2", "free3", "free4"]);
+        assert_eq!(dims(&graph.input[1]), ["1", "3", "120", "160"], "only the input named `input` changes");
+        assert_eq!(dims(&graph.output[0]), ["free1", "free2", "free3", "free4"]);
+        assert_eq!((rewritten.ir_version, graph.name.as_str()), (7, "g"));
+        assert!(free_input_and_output_shapes(b"\x08\x07").is_err(), "no graph: not a model we know");
+        assert!(free_input_and_output_shapes(b"not protobuf at all").is_err());
     }
 }
