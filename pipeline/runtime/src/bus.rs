@@ -11,6 +11,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 
+use crate::error::Cause;
 use facepipe_core::messages::ExtractJob;
 use facepipe_core::redact::redact_url;
 use facepipe_core::topology::{NatsAuth, NatsConfig, StageBand, StageName, StorageKind, Topology};
@@ -20,20 +21,22 @@ use facepipe_core::topology::{NatsAuth, NatsConfig, StageBand, StageName, Storag
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     /// Could not connect to the server.
-    #[error("cannot connect to NATS at {url}: {reason}")]
+    #[error("cannot connect to NATS at {url}: {source}")]
     Connect {
         /// Server URL (without credentials).
         url: String,
-        /// Client's reason.
-        reason: String,
+        /// The client's error.
+        #[source]
+        source: Cause,
     },
     /// A stream or consumer could not be read, created or updated.
-    #[error("JetStream {what}: {reason}")]
+    #[error("JetStream {what}: {source}")]
     Setup {
         /// Which stream or consumer.
         what: String,
-        /// Server's reason.
-        reason: String,
+        /// The client's or server's error.
+        #[source]
+        source: Cause,
     },
     /// A message is larger than the server accepts (its `max_payload`).
     #[error("a message of {size} bytes is larger than the server's max_payload of {max}")]
@@ -44,12 +47,13 @@ pub enum BusError {
         max: usize,
     },
     /// A publish was not acknowledged by the server.
-    #[error("publish to {subject} failed: {reason}")]
+    #[error("publish to {subject} failed: {source}")]
     Publish {
         /// Target subject.
         subject: String,
-        /// Why.
-        reason: String,
+        /// The client's error, or the server's refusal.
+        #[source]
+        source: Cause,
     },
 }
 
@@ -81,12 +85,12 @@ impl Bus {
     /// Once connected, the client reconnects on its own.
     pub async fn connect_with(url: &str, auth: &NatsAuth, name: &str, wait: bool) -> Result<Self, BusError> {
         use async_nats::ConnectErrorKind as Kind;
-        let connect_error = |reason: String| BusError::Connect { url: redact_url(url), reason };
+        let connect_error = |source: Cause| BusError::Connect { url: redact_url(url), source };
         // async-nats ignores credentials in the URL; take them from there ourselves.
         let (url, auth) = &credentials_from_url(url, auth);
         let mut delay = Duration::from_millis(250);
         loop {
-            match connect_options(auth, name).await.map_err(connect_error)?.connect(url.as_str()).await {
+            match connect_options(auth, name).await.map_err(|e| connect_error(e.into()))?.connect(url.as_str()).await {
                 Ok(client) => {
                     let js = jetstream::new(client.clone());
                     return Ok(Self { client, js });
@@ -96,7 +100,7 @@ impl Bus {
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
-                Err(e) => return Err(connect_error(e.to_string())),
+                Err(e) => return Err(connect_error(e.into())),
             }
         }
     }
@@ -109,7 +113,7 @@ impl Bus {
     /// Publishes with a `Nats-Msg-Id` and waits for the server's acknowledgement,
     /// so the message is stored (or recognized as a duplicate) when this returns.
     pub async fn publish(&self, subject: &str, msg_id: &str, payload: Bytes) -> Result<(), BusError> {
-        let err = |reason: String| BusError::Publish { subject: subject.to_string(), reason };
+        let err = |source: Cause| BusError::Publish { subject: subject.to_string(), source };
         let ack = self
             .js
             .send_publish(
@@ -117,8 +121,8 @@ impl Bus {
                 jetstream::message::PublishMessage::build().payload(payload).message_id(msg_id),
             )
             .await
-            .map_err(|e| err(e.to_string()))?;
-        ack.await.map_err(|e| err(e.to_string()))?;
+            .map_err(|e| err(e.into()))?;
+        ack.await.map_err(|e| err(e.into()))?;
         Ok(())
     }
 
@@ -159,7 +163,7 @@ impl Bus {
         for band in topology.stage_bands(stage) {
             let consumer = self.js.get_consumer_from_stream(&band.durable, &stream).await.map_err(|e| BusError::Setup {
                 what: format!("consumer {stream}/{}", band.durable),
-                reason: format!("{e} (run `pipeline apply` first)"),
+                source: format!("{e} (run `pipeline apply` first)").into(),
             })?;
             out.push((band, consumer));
         }
@@ -402,9 +406,9 @@ pub async fn plan(bus: &Bus, topology: &Topology) -> Result<Vec<PlanItem>, BusEr
     Ok(items)
 }
 
-/// A [`BusError::Setup`] for `what`.
-pub fn setup(what: &str, e: impl std::fmt::Display) -> BusError {
-    BusError::Setup { what: what.to_string(), reason: e.to_string() }
+/// A [`BusError::Setup`] for `what`, caused by `e`.
+pub fn setup(what: &str, e: impl Into<Cause>) -> BusError {
+    BusError::Setup { what: what.to_string(), source: e.into() }
 }
 
 /// Carries out a plan: creates and updates streams and consumers. Refuses the

@@ -96,8 +96,8 @@ pub async fn publish(bus: &Bus, topology: &Topology) -> Result<u64, BusError> {
     kv.put(KEY, text.into()).await.map_err(|e| setup(&name, e))
 }
 
-fn setup(what: &str, e: impl std::fmt::Display) -> BusError {
-    BusError::Setup { what: format!("key-value bucket {what}"), reason: e.to_string() }
+fn setup(what: &str, e: impl Into<crate::error::Cause>) -> BusError {
+    BusError::Setup { what: format!("key-value bucket {what}"), source: e.into() }
 }
 
 /// Flattens a topology into `dotted.key -> value` (secrets removed).

@@ -59,11 +59,11 @@ pub async fn answer(ctx: Arc<Ctx>, slots: Arc<Semaphore>) {
 
 /// Pings every stage process and collects the answers that arrive within `wait`.
 pub async fn ping(bus: &Bus, topology: &Topology, wait: Duration) -> Result<Vec<Presence>, BusError> {
-    let err = |e: &dyn std::fmt::Display| BusError::Setup { what: "presence ping".into(), reason: e.to_string() };
+    let err = |e: crate::error::Cause| BusError::Setup { what: "presence ping".into(), source: e };
     let inbox = bus.client.new_inbox();
-    let mut answers = bus.client.subscribe(inbox.clone()).await.map_err(|e| err(&e))?;
-    bus.client.publish_with_reply(subject(topology), inbox, bytes::Bytes::new()).await.map_err(|e| err(&e))?;
-    bus.client.flush().await.map_err(|e| err(&e))?;
+    let mut answers = bus.client.subscribe(inbox.clone()).await.map_err(|e| err(e.into()))?;
+    bus.client.publish_with_reply(subject(topology), inbox, bytes::Bytes::new()).await.map_err(|e| err(e.into()))?;
+    bus.client.flush().await.map_err(|e| err(e.into()))?;
     let deadline = tokio::time::Instant::now() + wait;
     let mut found = Vec::new();
     while let Ok(Some(answer)) = tokio::time::timeout_at(deadline, answers.next()).await {
