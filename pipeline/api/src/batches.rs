@@ -10,13 +10,13 @@ use axum::http::{header, HeaderMap};
 use axum::response::IntoResponse;
 use axum::Json;
 use serde::Deserialize;
-use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 
 use super::{ApiError, ApiState};
+use crate::wire::{AddImages, BatchStarted, ImageView, PriorityInput, RecordId, ResultsPage, StatusAnswer, UploadZipForm};
 use extract::archive;
 use facepipe_core::domain::Priority;
-use facepipe_runtime::db::{BatchSummary, ImageResult};
+use facepipe_runtime::db::BatchSummary;
 use facepipe_core::keys;
 use facepipe_control::batches::{BatchError, ZipUpload};
 use facepipe_core::messages::RemoteImage;
@@ -25,18 +25,35 @@ use facepipe_runtime::store::StoreError;
 /// Longest text field (`projectId`, `priority`) accepted in an upload form.
 const MAX_FORM_FIELD: usize = 1024;
 
-/// `POST /api/batch/upload-zip` (multipart: `file`, `projectId`, optional `priority`).
+/// Start a batch from a ZIP of photos (streamed; at most `api.max_upload_bytes`, 5 GiB by default).
 ///
+/// `POST /api/batch/upload-zip` (multipart: `file`, `projectId`, optional `priority`).
 /// The file is streamed to a spool file under the size cap, its image entries
 /// are counted from the ZIP's central directory (so `imageCount` and `queued`
 /// are known at once), then it is moved (local store) or copied into the object
 /// store and one extract job is published.
+#[utoipa::path(
+    post,
+    path = "/api/batch/upload-zip",
+    operation_id = "uploadZip",
+    tag = "batches",
+    request_body(content = UploadZipForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 200, description = "The batch is started.", body = BatchStarted),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 413, response = crate::openapi::TooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 429, response = crate::openapi::TooMany),
+        (status = 503, response = crate::openapi::Unavailable),
+    ),
+)]
 pub async fn upload_zip(
     State(state): State<Arc<ApiState>>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<BatchStarted>, ApiError> {
     let limit = state.topology.api.max_upload_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -65,10 +82,7 @@ pub async fn upload_zip(
         }
     }
     let project_id = required_project(project_id)?;
-    let priority = match priority {
-        Some(text) => parse_priority(&Value::String(text))?,
-        None => Priority::DEFAULT,
-    };
+    let priority = parse_priority(priority.map(PriorityInput::Text))?;
     let Some((spooled, file_name)) = upload else {
         return Err(ApiError::bad_request("the form has no `file` field (the ZIP)"));
     };
@@ -88,14 +102,14 @@ pub async fn upload_zip(
 }
 
 /// The old design's answer to a new batch; `message` has `{n}` for the image count.
-fn batch_started(batch_id: &str, images: usize, message: &str) -> Json<Value> {
-    Json(json!({
-        "success": true,
-        "batchId": batch_id,
-        "imageCount": images,
-        "queued": images,
-        "message": message.replace("{n}", &images.to_string()),
-    }))
+fn batch_started(batch_id: &str, images: usize, message: &str) -> Json<BatchStarted> {
+    Json(BatchStarted {
+        success: true,
+        batch_id: batch_id.to_string(),
+        image_count: images,
+        queued: images,
+        message: message.replace("{n}", &images.to_string()),
+    })
 }
 
 /// Writes one form field to a spool file, refusing it (413) past `limit` bytes.
@@ -138,23 +152,21 @@ async fn form_text(field: &mut axum::extract::multipart::Field<'_>) -> Result<St
     String::from_utf8(bytes).map_err(|_| ApiError::bad_request(format!("form field `{name}` is not UTF-8")))
 }
 
+/// The project id, trimmed; as the document says: 1-256 characters, not only spaces.
 fn required_project(project_id: Option<String>) -> Result<String, ApiError> {
-    match project_id.map(|p| p.trim().to_string()) {
-        Some(p) if !p.is_empty() && p.len() <= 256 => Ok(p),
-        Some(_) => Err(ApiError::bad_request("`projectId` must be 1-256 characters")),
+    match project_id {
+        Some(p) if !p.trim().is_empty() && p.chars().count() <= 256 => Ok(p.trim().to_string()),
+        Some(_) => Err(ApiError::bad_request("`projectId` must be 1-256 characters, not only spaces")),
         None => Err(ApiError::bad_request("`projectId` is required")),
     }
 }
 
-/// A priority given as a number or a numeric string, 1-10.
-fn parse_priority(value: &Value) -> Result<Priority, ApiError> {
-    let refused = || ApiError::bad_request(format!("`priority` must be an integer from 1 to 10, not {value}"));
-    match value {
-        Value::Number(n) => n.as_i64().ok_or_else(refused).and_then(|n| Priority::new(n).map_err(|_| refused())),
-        Value::String(s) => s.parse::<Priority>().map_err(|_| refused()),
-        Value::Null => Ok(Priority::DEFAULT),
-        _ => Err(refused()),
-    }
+/// The priority given (a number or a numeric string, 1-10), or the default when absent.
+fn parse_priority(value: Option<PriorityInput>) -> Result<Priority, ApiError> {
+    let Some(value) = value else { return Ok(Priority::DEFAULT) };
+    value
+        .priority()
+        .ok_or_else(|| ApiError::bad_request(format!("`priority` must be an integer from 1 to 10, not {value:?}")))
 }
 
 /// A batch the service could not start, as the API answers it.
@@ -169,39 +181,33 @@ fn refused(e: BatchError) -> ApiError {
     }
 }
 
-/// Body of `POST /api/batch/add-images`.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AddImages {
-    /// Owner of the batch.
-    project_id: Option<String>,
-    /// 1-10 (default 5), a number or a numeric string.
-    #[serde(default)]
-    priority: Value,
-    /// The images.
-    images: Vec<ImageUrl>,
-}
-
-/// One image of an [`AddImages`] request.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ImageUrl {
-    /// The caller's id for the image (a string or a number), kept on its outcome.
-    #[serde(default)]
-    record_id: Value,
-    /// `http`/`https` URL the extract stage downloads.
-    image_url: String,
-}
-
-/// `POST /api/batch/add-images`: a batch of images the extract stage downloads.
+/// Start a batch of images the extract stage downloads by URL.
+///
+/// `POST /api/batch/add-images`.
+#[utoipa::path(
+    post,
+    path = "/api/batch/add-images",
+    operation_id = "addImages",
+    tag = "batches",
+    request_body = AddImages,
+    responses(
+        (status = 200, description = "The batch is started.", body = BatchStarted),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 413, response = crate::openapi::TooLarge),
+        (status = 415, response = crate::openapi::UnsupportedMediaType),
+        (status = 429, response = crate::openapi::TooMany),
+        (status = 503, response = crate::openapi::Unavailable),
+    ),
+)]
 pub async fn add_images(
     State(state): State<Arc<ApiState>>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     body: Result<Json<AddImages>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<BatchStarted>, ApiError> {
     let Json(request) = body?;
-    let project_id = required_project(request.project_id)?;
-    let priority = parse_priority(&request.priority)?;
+    let project_id = required_project(Some(request.project_id))?;
+    let priority = parse_priority(request.priority)?;
     let max = state.topology.api.max_images_per_request;
     if request.images.is_empty() {
         return Err(ApiError::bad_request("`images` is empty"));
@@ -218,12 +224,10 @@ pub async fn add_images(
             .ok()
             .filter(|u| matches!(u.scheme(), "http" | "https"))
             .ok_or_else(|| ApiError::bad_request(format!("images[{i}].imageUrl is not an http(s) URL")))?;
-        let record_id = match image.record_id {
-            Value::Null => None,
-            Value::String(s) => Some(s),
-            Value::Number(n) => Some(n.to_string()),
-            other => return Err(ApiError::bad_request(format!("images[{i}].recordId must be a string or number, not {other}"))),
-        };
+        let record_id = image.record_id.map(|id| match id {
+            RecordId::Text(s) => s,
+            RecordId::Number(n) => n.to_string(),
+        });
         images.push(RemoteImage { record_id, url: url.to_string() });
     }
     state.limiter.check(client.ip())?;
@@ -246,40 +250,39 @@ async fn batch_or_404(state: &ApiState, batch_id: &str) -> Result<BatchSummary, 
         .ok_or_else(|| ApiError::not_found(format!("no batch `{batch_id}`")))
 }
 
-/// `GET /api/batch/status/{batch_id}`: the old shape, `batch.progress.{processed,total,failed}`.
-pub async fn status(State(state): State<Arc<ApiState>>, Path(batch_id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let b = batch_or_404(&state, &batch_id).await?;
-    Ok(Json(json!({
-        "success": true,
-        "batch": {
-            "id": b.batch_id,
-            // The old design's names, which its clients read.
-            "batchId": b.batch_id,
-            "imageCount": b.image_count,
-            "queued": b.image_count.map(|n| (n - b.processed).max(0)),
-            "projectId": b.project_id,
-            "priority": b.priority,
-            "status": b.status,
-            "progress": { "processed": b.processed, "total": b.image_count, "failed": b.failed, "updatedAt": b.updated_at },
-            "progressPercent": b.progress_percent,
-            "facesFound": b.faces,
-            "skipped": b.skipped,
-            "error": b.error,
-            "createdAt": b.created_at,
-            "completedAt": b.completed_at,
-        },
-    })))
+/// A batch's progress.
+///
+/// `GET /api/batch/status/{batchId}`: the old shape, `batch.progress.{processed,total,failed}`.
+#[utoipa::path(
+    get,
+    path = "/api/batch/status/{batchId}",
+    operation_id = "batchStatus",
+    tag = "batches",
+    params(("batchId" = String, Path, description = "The batch id `upload-zip` or `add-images` answered.")),
+    responses(
+        (status = 200, description = "The batch.", body = StatusAnswer),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 503, response = crate::openapi::Unavailable),
+    ),
+)]
+pub async fn status(State(state): State<Arc<ApiState>>, Path(batch_id): Path<String>) -> Result<Json<StatusAnswer>, ApiError> {
+    let batch = batch_or_404(&state, &batch_id).await?;
+    Ok(Json(StatusAnswer { success: true, batch: batch.into() }))
 }
 
-/// Query of `GET /api/batch/{batch_id}/results`.
-#[derive(Debug, Deserialize)]
+/// Query of `GET /api/batch/{batchId}/results`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
 pub struct Page {
     /// 1-based page number.
     #[serde(default = "first_page")]
+    #[param(minimum = 1, default = 1)]
     page: i64,
     /// Images per page, 1-1000.
     #[serde(default = "default_page_size")]
+    #[param(minimum = 1, maximum = 1000, default = 100)]
     page_size: i64,
 }
 
@@ -290,12 +293,28 @@ fn default_page_size() -> i64 {
     100
 }
 
-/// `GET /api/batch/{batch_id}/results?page=1&pageSize=100`: per-image outcomes in image order.
+/// Per-image outcomes, paged, in image order.
+///
+/// `GET /api/batch/{batchId}/results?page=1&pageSize=100`.
+#[utoipa::path(
+    get,
+    path = "/api/batch/{batchId}/results",
+    operation_id = "batchResults",
+    tag = "batches",
+    params(("batchId" = String, Path, description = "The batch id."), Page),
+    responses(
+        (status = 200, description = "One page of outcomes.", body = ResultsPage),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 503, response = crate::openapi::Unavailable),
+    ),
+)]
 pub async fn results(
     State(state): State<Arc<ApiState>>,
     Path(batch_id): Path<String>,
     page: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ResultsPage>, ApiError> {
     let Query(page) = page.map_err(|e| ApiError::bad_request(e.body_text()))?;
     if page.page < 1 || !(1..=1000).contains(&page.page_size) {
         return Err(ApiError::bad_request("`page` must be at least 1 and `pageSize` 1-1000"));
@@ -307,44 +326,36 @@ pub async fn results(
         .results_page(&batch_id, offset, page.page_size)
         .await
         .map_err(|e| ApiError::unavailable("PostgreSQL", e))?;
-    let results: Vec<Value> = rows.iter().map(|r| result_json(&batch_id, r)).collect();
-    Ok(Json(json!({
-        "success": true,
-        "batchId": batch_id,
-        "status": b.status,
-        "page": page.page,
-        "pageSize": page.page_size,
-        "total": b.image_count,
-        "results": results,
-    })))
+    Ok(Json(ResultsPage {
+        success: true,
+        status: b.status,
+        page: page.page,
+        page_size: page.page_size,
+        total: b.image_count,
+        results: rows.into_iter().map(|r| ImageView::new(&batch_id, r)).collect(),
+        batch_id,
+    }))
 }
 
-fn result_json(batch_id: &str, r: &ImageResult) -> Value {
-    let crops: Vec<Value> = r
-        .crop_keys
-        .iter()
-        .map(|key| {
-            let name = key.rsplit('/').next().unwrap_or(key);
-            json!({ "key": key, "url": format!("/api/batch/{batch_id}/crops/{name}") })
-        })
-        .collect();
-    json!({
-        "imageId": r.image_id,
-        "recordId": r.record_id,
-        "entry": r.entry,
-        "status": r.status,
-        "width": r.width,
-        "height": r.height,
-        "faces": r.faces,
-        "crops": crops,
-        "detector": r.detector,
-        "error": r.error,
-        "failedStage": r.failed_stage,
-        "attempts": r.attempts,
-    })
-}
-
-/// `GET /api/batch/{batch_id}/crops/{name}`: one crop, as JPEG.
+/// One crop as JPEG (names as in the results' `crops[].url`).
+///
+/// `GET /api/batch/{batchId}/crops/{name}`.
+#[utoipa::path(
+    get,
+    path = "/api/batch/{batchId}/crops/{name}",
+    operation_id = "batchCrop",
+    tag = "batches",
+    params(
+        ("batchId" = String, Path, description = "The batch id."),
+        ("name" = String, Path, description = "The crop's file name, `<image>-<face>.jpg`."),
+    ),
+    responses(
+        (status = 200, description = "The crop.", content_type = "image/jpeg", body = [u8]),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 503, response = crate::openapi::Unavailable),
+    ),
+)]
 pub async fn crop(
     State(state): State<Arc<ApiState>>,
     Path((batch_id, name)): Path<(String, String)>,

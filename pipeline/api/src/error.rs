@@ -45,7 +45,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = axum::Json(serde_json::json!({ "success": false, "error": self.message }));
+        let body = axum::Json(crate::wire::ErrorBody { success: false, error: self.message });
         let mut response = (self.status, body).into_response();
         if let Some(seconds) = self.retry_after {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
@@ -58,8 +58,14 @@ impl IntoResponse for ApiError {
 }
 
 impl From<axum::extract::rejection::JsonRejection> for ApiError {
+    /// 415 without a JSON content type, 413 over the size limit, else 400 (as the old design
+    /// answered a body it could not use; axum would say 422 for a well-formed wrong one).
     fn from(rejection: axum::extract::rejection::JsonRejection) -> Self {
-        Self::new(rejection.status(), rejection.body_text())
+        let status = match rejection.status() {
+            s @ (StatusCode::UNSUPPORTED_MEDIA_TYPE | StatusCode::PAYLOAD_TOO_LARGE) => s,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        Self::new(status, rejection.body_text())
     }
 }
 

@@ -6,22 +6,31 @@
 //!   `add-images`, `status`, paged `results` and crop downloads.
 //! - [`queues`]: `queue-stats`, the old queue names mapped onto the stages.
 //! - [`guard`]: bearer-token authentication and the per-client upload rate limit.
+//! - [`service`]: `/openapi.json` and `/healthz`.
+//! - [`wire`]: every request and response body, as types.
+//! - [`openapi`]: the OpenAPI document, generated from the handlers and [`wire`].
+//! - [`guard`]: bearer-token authentication and the per-client upload rate limit.
 //! - [`error`]: errors as JSON (`{"success": false, "error": "..."}`).
 //!
-//! The OpenAPI document (`pipeline/api/openapi.json`, served at `/openapi.json`)
-//! describes every route.
+//! Routes are registered with their `#[utoipa::path]` annotations, so the
+//! document served at `/openapi.json` lists exactly the routes served.
 
 pub mod batches;
 pub mod error;
 pub mod guard;
+pub mod openapi;
 pub mod queues;
+pub mod service;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
 use axum::Router;
+use utoipa::OpenApi;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
 
 use facepipe_runtime::bus::Bus;
 use facepipe_runtime::db::Db;
@@ -29,9 +38,6 @@ use facepipe_runtime::store::Store;
 use facepipe_core::topology::Topology;
 
 pub use error::ApiError;
-
-/// The OpenAPI document of this API, as kept in the repository.
-pub const OPENAPI: &str = include_str!("../openapi.json");
 
 /// What every request handler shares.
 pub struct ApiState {
@@ -47,6 +53,8 @@ pub struct ApiState {
     pub limiter: guard::RateLimiter,
     /// Starting batches, as the CLI does it.
     pub batches: facepipe_control::batches::Batches,
+    /// The OpenAPI document, as served (set when the router is built).
+    pub openapi: std::sync::OnceLock<String>,
 }
 
 impl ApiState {
@@ -54,28 +62,46 @@ impl ApiState {
     pub fn new(topology: Topology, bus: Bus, store: Store, db: Db) -> Self {
         let limiter = guard::RateLimiter::new(topology.api.uploads_per_minute);
         let batches = facepipe_control::batches::Batches::new(topology.clone(), bus.clone(), db.clone(), store.clone());
-        Self { topology, bus, store, db, limiter, batches }
+        Self { topology, bus, store, db, limiter, batches, openapi: std::sync::OnceLock::new() }
     }
 }
 
 /// Every route: `/api/...` behind the token guard, `/openapi.json` and `/healthz` open.
 pub fn router(state: Arc<ApiState>) -> Router {
-    let api = Router::new()
-        // The upload streams to disk under its own cap (max_upload_bytes), not the JSON limit.
-        .route("/api/batch/upload-zip", post(batches::upload_zip).layer(DefaultBodyLimit::disable()))
-        .route("/api/batch/add-images", post(batches::add_images))
-        .route("/api/batch/status/{batch_id}", get(batches::status))
-        .route("/api/batch/queue-stats", get(queues::queue_stats))
-        .route("/api/batch/{batch_id}/results", get(batches::results))
-        .route("/api/batch/{batch_id}/crops/{name}", get(batches::crop))
+    let api = api_routes()
         .layer(DefaultBodyLimit::max(state.topology.api.max_request_bytes))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard::require_token));
-    Router::new()
+    let (router, doc) = with_open_routes(api).split_for_parts();
+    let doc = openapi::document(doc, state.topology.api.token.is_some());
+    let _ = state.openapi.set(doc.to_pretty_json().expect("the OpenAPI document serializes"));
+    router.with_state(state)
+}
+
+/// The OpenAPI document of the routes [`router`] serves (`token_required`: a token is configured).
+pub fn openapi_document(token_required: bool) -> utoipa::openapi::OpenApi {
+    let (_, doc) = with_open_routes(api_routes()).split_for_parts();
+    openapi::document(doc, token_required)
+}
+
+/// The `/api` routes, each registered with its annotation.
+fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
+    OpenApiRouter::new()
+        // The upload streams to disk under its own cap (max_upload_bytes), not the JSON limit.
+        .routes(routes!(batches::upload_zip).layer(DefaultBodyLimit::disable()))
+        .routes(routes!(batches::add_images))
+        .routes(routes!(batches::status))
+        .routes(routes!(queues::queue_stats))
+        .routes(routes!(batches::results))
+        .routes(routes!(batches::crop))
+}
+
+/// `api` with the open routes and the fallback, in the document's fixed frame.
+fn with_open_routes(api: OpenApiRouter<Arc<ApiState>>) -> OpenApiRouter<Arc<ApiState>> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(api)
-        .route("/openapi.json", get(|| async { ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI) }))
-        .route("/healthz", get(|| async { "ok" }))
+        .routes(routes!(service::openapi_json))
+        .routes(routes!(service::healthz))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
-        .with_state(state)
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then finishes the
