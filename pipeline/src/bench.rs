@@ -182,6 +182,9 @@ pub async fn run(topology_path: &Path, topology: &Topology, args: BenchArgs) -> 
         status.failed
     );
     println!("latency     p50 {:.2}s  p99 {:.2}s  (extract registering an image -> its outcome recorded)", percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+    let decided = db.results(&batch_id).await?;
+    let second = decided.iter().filter(|r| r.detector == Some(facepipe_core::domain::Detector::Retinaface)).count();
+    println!("second pass {second} of {} photos decided by RetinaFace ({:.0}%)", decided.len(), 100.0 * second as f64 / decided.len().max(1) as f64);
     if let Some(floor_wall) = floor_result {
         println!("overhead    {:+.1}% wall time over the in-process floor", (wall / floor_wall - 1.0) * 100.0);
     }

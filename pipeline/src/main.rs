@@ -111,6 +111,10 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Measure YuNet alone, as a deployment with `second_pass.enabled = false` runs
+        /// (without it, eval measures exactly what the topology's detect runs).
+        #[arg(long)]
+        no_second_pass: bool,
     },
     /// Measure end-to-end throughput on a folder of photos against the in-process floor.
     Bench(bench::BenchArgs),
@@ -191,7 +195,11 @@ async fn main() -> anyhow::Result<()> {
         Command::Status { batch, json } => status(&topology, &batch, json).await,
         Command::Stats { json } => stats(&topology, json).await,
         Command::Results { batch } => results(&topology, &batch).await,
-        Command::Eval { manifest, min_precision, min_recall, json } => {
+        Command::Eval { manifest, min_precision, min_recall, json, no_second_pass } => {
+            let mut topology = topology;
+            if no_second_pass {
+                topology.stages.detect.params.second_pass.enabled = false;
+            }
             eval(&topology, &manifest, min_precision, min_recall, json).await
         }
         Command::Bench(args) => bench::run(&cli.topology, &topology, args).await,
@@ -453,7 +461,7 @@ async fn eval(
             "detector {} ({}) on {} at width {} (upscale {}), score >= {}, nms {}: {:.1} ms per image (decode + detect, one thread)",
             report.detector, report.model, report.engine, d.width, d.upscale, report.score_threshold, d.nms_threshold, report.ms_per_image
         );
-        if let (Some(model), Some(pass)) = (&report.second_pass, &d.second_pass) {
+        if let (Some(model), Some(pass)) = (&report.second_pass, d.second_pass.active()) {
             println!(
                 "second pass {model} (score >= {}) on the {} of {} photos where YuNet was unsure (a box scoring {} to {})",
                 pass.score_threshold, report.second_pass_images, report.images, pass.uncertain_from, pass.uncertain_to

@@ -65,6 +65,8 @@ async fn haar_runs_only_where_the_topology_names_it_as_the_fallback() {
         t.stages.detect.params.model = Some(MISSING.into());
         t.stages.detect.params.opencv_model = Some(MISSING.into());
         t.stages.detect.params.fallback = DetectFallback::Haar;
+        // Haar cannot run the second pass, which is required by default.
+        t.stages.detect.params.second_pass.enabled = false;
     })
     .await;
     let port = d.start_stage_with_metrics(StageName::Detect);
@@ -95,8 +97,37 @@ async fn a_live_change_to_a_model_that_does_not_load_is_refused_and_the_old_dete
     assert_eq!((status.status.as_str(), status.failed), ("completed", 0), "{status:?}");
     let results = d.db().await.results(&batch).await.unwrap();
     assert!(results.iter().any(|r| !r.faces.is_empty()), "YuNet kept finding faces: {results:?}");
-    assert!(results.iter().all(|r| r.detector == Some(facepipe_core::domain::Detector::Yunet)), "{results:?}");
+    assert!(results.iter().all(|r| r.detector != Some(facepipe_core::domain::Detector::Haar)), "{results:?}");
     assert!(d.logs().contains("live detector change refused"), "the refusal is logged: {}", d.logs());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_pass_that_cannot_run_is_refused_unless_the_topology_allows_yunet_alone() {
+    const NO_RETINAFACE: &str = "/nonexistent/retinaface_mnv2.onnx";
+    // Required (the default): detect refuses to serve, and says why.
+    let mut d = Deployment::start(|t| t.stages.detect.params.second_pass.model = NO_RETINAFACE.into()).await;
+    let port = d.start_stage_with_metrics(StageName::Detect);
+    let body = wait_readyz(port, 503, "not ready: ");
+    assert!(body.contains("second pass") && body.contains(NO_RETINAFACE), "/readyz names the reason: {body}");
+    assert_eq!(d.restart_exited(), 0, "detect keeps running while it refuses");
+    drop(d);
+
+    // Not required: YuNet alone, and /readyz says what is missing.
+    let mut d = Deployment::start(|t| {
+        t.stages.detect.params.second_pass.model = NO_RETINAFACE.into();
+        t.stages.detect.params.second_pass.required = false;
+    })
+    .await;
+    let port = d.start_stage_with_metrics(StageName::Detect);
+    let body = wait_readyz(port, 200, "ready, without the second pass");
+    assert!(body.contains(NO_RETINAFACE), "{body}");
+    assert!(d.logs().contains("second pass unavailable"), "the log says so: {}", d.logs());
+    let zip = photos_zip(d.dir.path());
+    let batch = d.cli_ok(&["submit", zip.to_str().unwrap(), "--project", "alone"]).trim().to_string();
+    let status = d.wait_for_batch(&batch, BATCH_TIMEOUT).await;
+    assert_eq!((status.status.as_str(), status.failed), ("completed", 0), "{status:?}");
+    let results = d.db().await.results(&batch).await.unwrap();
+    assert!(results.iter().all(|r| r.detector == Some(facepipe_core::domain::Detector::Yunet)), "{results:?}");
 }
 
 #[test]

@@ -322,13 +322,11 @@ async fn an_outcome_delivered_again_is_counted_as_skipped_and_changes_nothing() 
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn with_the_second_pass_uncertain_photos_are_decided_by_retinaface_and_recorded_so() {
+async fn by_default_uncertain_photos_are_decided_by_the_second_pass_and_recorded_so() {
     let retinaface = support::shared_dir().join("models/retinaface_mnv2.onnx");
-    assert!(retinaface.is_file(), "{} is missing: scripts/setup --test makes it", retinaface.display());
-    let mut d = Deployment::start(|t| {
-        t.stages.detect.params.second_pass = Some(facepipe_core::topology::SecondPass::with_model(retinaface));
-    })
-    .await;
+    assert!(retinaface.is_file(), "{} is missing (../shared/models)", retinaface.display());
+    // The repository's topology as it is: the second pass is on.
+    let mut d = Deployment::start(|t| assert!(t.stages.detect.params.second_pass.active().is_some())).await;
     // A detect process that serves metrics, in place of the harness's.
     while d.count_in_logs("stage started stage=detect") == 0 {
         tokio::time::sleep(Duration::from_millis(50)).await;

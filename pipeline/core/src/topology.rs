@@ -558,21 +558,41 @@ pub struct DetectParams {
     /// Images whose header claims more megapixels are rejected before decoding.
     #[serde(default = "default_max_megapixels")]
     pub max_megapixels: f64,
-    /// A stronger, slower detector for the photos YuNet (on ONNX Runtime) is unsure about.
+    /// A stronger, slower detector for the photos YuNet (on ONNX Runtime) is unsure about;
+    /// on by default.
     #[serde(default)]
-    pub second_pass: Option<SecondPass>,
+    pub second_pass: SecondPass,
 }
+
+/// The sha256 of `models/retinaface_mnv2.onnx` as `scripts/setup` makes it (TensorFlow 2.21,
+/// tf2onnx 1.17, from PyPI's `retinaface` 1.1.1 wheel).
+pub const RETINAFACE_SHA256: &str = "cc0d949b7d53db7a6b3572b481557514c67e655d614b64e1994a36133d912b22";
 
 /// The detect stage's second pass: when one of YuNet's boxes on a photo scores in
 /// `[uncertain_from, uncertain_to)`, RetinaFace runs on the same input and its
 /// boxes replace YuNet's for that photo. Photos where YuNet is sure (every box
-/// above the band, or none in it) cost nothing more.
+/// above the band, or none in it) cost nothing more. On by default.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SecondPass {
-    /// RetinaFace ONNX file made by `tools/retinaface_onnx.py` (`scripts/setup --second-pass` writes
-    /// `models/retinaface_mnv2.onnx`). When it does not load, detect warns and runs YuNet alone.
+    /// Whether the second pass runs.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// RetinaFace ONNX file made by `tools/retinaface_onnx.py` (`scripts/setup` writes
+    /// `models/retinaface_mnv2.onnx`).
+    #[serde(default = "default_second_pass_model")]
     pub model: PathBuf,
+    /// The file's expected sha256 (lowercase hex); checked before it is loaded. Empty: not checked.
+    #[serde(default = "default_second_pass_sha256")]
+    pub sha256: String,
+    /// When the model is missing or does not load: `true` (default), detect refuses to
+    /// serve and says why; `false`, it warns and runs YuNet alone.
+    #[serde(default = "yes")]
+    pub required: bool,
+    /// RetinaFace sessions per detect process, shared by its worker threads (each
+    /// holds its own working memory, about 100 MiB at the default width).
+    #[serde(default = "default_second_pass_sessions")]
+    pub sessions: usize,
     /// Lowest YuNet score that makes a photo uncertain (YuNet runs down to this score).
     #[serde(default = "default_uncertain_from")]
     pub uncertain_from: f32,
@@ -584,15 +604,35 @@ pub struct SecondPass {
     pub score_threshold: f32,
 }
 
+impl Default for SecondPass {
+    fn default() -> Self {
+        Self::with_model(default_second_pass_model())
+    }
+}
+
 impl SecondPass {
-    /// The second pass with `model` and the default band and threshold.
+    /// The second pass, on, with `model` and the default checksum, band and threshold.
     pub fn with_model(model: PathBuf) -> Self {
         Self {
+            enabled: true,
             model,
+            sha256: default_second_pass_sha256(),
+            required: true,
+            sessions: default_second_pass_sessions(),
             uncertain_from: default_uncertain_from(),
             uncertain_to: default_uncertain_to(),
             score_threshold: default_second_pass_score_threshold(),
         }
+    }
+
+    /// The second pass, turned off.
+    pub fn off() -> Self {
+        Self { enabled: false, ..Self::default() }
+    }
+
+    /// This second pass when it is enabled.
+    pub fn active(&self) -> Option<&Self> {
+        self.enabled.then_some(self)
     }
 
     /// True when a YuNet box scoring `score` makes its photo uncertain.
@@ -601,6 +641,18 @@ impl SecondPass {
     }
 }
 
+fn yes() -> bool {
+    true
+}
+fn default_second_pass_model() -> PathBuf {
+    PathBuf::from("models/retinaface_mnv2.onnx")
+}
+fn default_second_pass_sha256() -> String {
+    RETINAFACE_SHA256.to_string()
+}
+fn default_second_pass_sessions() -> usize {
+    1
+}
 fn default_uncertain_from() -> f32 {
     0.5
 }
@@ -627,7 +679,7 @@ impl Default for DetectParams {
             score_threshold: default_score_threshold(),
             nms_threshold: default_nms_threshold(),
             max_megapixels: default_max_megapixels(),
-            second_pass: None,
+            second_pass: SecondPass::default(),
         }
     }
 }
@@ -719,10 +771,11 @@ impl Topology {
                     "PIPELINE_DETECT_MODEL" => self.stages.detect.params.model = Some(value.into()),
                     "PIPELINE_DETECT_OPENCV_MODEL" => self.stages.detect.params.opencv_model = Some(value.into()),
                     "PIPELINE_ONNXRUNTIME" => self.stages.detect.params.onnxruntime = Some(value.into()),
-                    "PIPELINE_DETECT_SECOND_PASS_MODEL" => match &mut self.stages.detect.params.second_pass {
-                        Some(second) => second.model = value.into(),
-                        None => self.stages.detect.params.second_pass = Some(SecondPass::with_model(value.into())),
-                    },
+                    "PIPELINE_DETECT_SECOND_PASS_MODEL" => {
+                        let second = &mut self.stages.detect.params.second_pass;
+                        second.model = value.into();
+                        second.enabled = true;
+                    }
                     "PIPELINE_NATS_USER" => self.nats.auth.user = Some(value),
                     "PIPELINE_NATS_PASSWORD" => self.nats.auth.password = Some(value),
                     "PIPELINE_NATS_TOKEN" => self.nats.auth.token = Some(value),
@@ -831,7 +884,13 @@ impl Topology {
         if !(0.0..=1.0).contains(&d.nms_threshold) {
             return invalid("stages.detect.params.nms_threshold", "must be in [0, 1]");
         }
-        if let Some(second) = &d.second_pass {
+        if let Some(second) = d.second_pass.active() {
+            if second.sessions == 0 {
+                return invalid("stages.detect.params.second_pass.sessions", "must be at least 1");
+            }
+            if !second.sha256.is_empty() && !(second.sha256.len() == 64 && second.sha256.bytes().all(|b| b.is_ascii_hexdigit())) {
+                return invalid("stages.detect.params.second_pass.sha256", "must be 64 hex digits, or empty to skip the check");
+            }
             if !(0.0..=1.0).contains(&second.score_threshold) {
                 return invalid("stages.detect.params.second_pass.score_threshold", "must be in [0, 1]");
             }
@@ -1158,7 +1217,7 @@ mod tests {
     fn the_topology_reference_names_every_key_and_no_other() {
         let mut t = Topology::parse(&repo_topology()).unwrap();
         // Optional tables, so their keys are listed too.
-        t.stages.detect.params.second_pass = Some(SecondPass::with_model("m.onnx".into()));
+        t.stages.detect.params.second_pass = SecondPass::with_model("m.onnx".into());
         let (mut all, mut sections) = (Vec::new(), Vec::new());
         keys("", &serde_json::to_value(&t).unwrap(), &mut all, &mut sections);
         let reference = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/topology.md")).unwrap();
@@ -1250,15 +1309,23 @@ mod tests {
     #[test]
     fn second_pass_band_is_checked_and_the_env_can_add_it() {
         let mut t = Topology::parse(&repo_topology()).unwrap();
-        assert_eq!(t.stages.detect.params.second_pass, None, "off unless asked for");
+        assert_eq!(t.stages.detect.params.second_pass, SecondPass::default(), "on by default, as in the code");
+        assert!(t.stages.detect.params.second_pass.required && t.stages.detect.params.second_pass.sha256 == RETINAFACE_SHA256);
         let second = SecondPass::with_model("m.onnx".into());
         assert!(second.is_uncertain(second.uncertain_from) && !second.is_uncertain(second.uncertain_to));
-        t.stages.detect.params.second_pass = Some(SecondPass { uncertain_from: 0.9, uncertain_to: 0.5, ..second });
+        t.stages.detect.params.second_pass = SecondPass { uncertain_from: 0.9, uncertain_to: 0.5, ..second.clone() };
         assert!(t.validate().unwrap_err().to_string().contains("stages.detect.params.second_pass"));
-        t.stages.detect.params.second_pass = None;
-        t.apply_env(|k| (k == "PIPELINE_DETECT_SECOND_PASS_MODEL").then(|| "/m/rf.onnx".to_string()));
-        assert_eq!(t.stages.detect.params.second_pass, Some(SecondPass::with_model("/m/rf.onnx".into())));
+        t.stages.detect.params.second_pass = SecondPass { sha256: "abc".into(), ..second.clone() };
+        assert!(t.validate().unwrap_err().to_string().contains("second_pass.sha256"));
+        t.stages.detect.params.second_pass = SecondPass { sessions: 0, ..second };
+        assert!(t.validate().unwrap_err().to_string().contains("second_pass.sessions"));
+        t.stages.detect.params.second_pass = SecondPass::off();
         t.validate().unwrap();
+        t.apply_env(|k| (k == "PIPELINE_DETECT_SECOND_PASS_MODEL").then(|| "/m/rf.onnx".to_string()));
+        assert_eq!(t.stages.detect.params.second_pass, SecondPass::with_model("/m/rf.onnx".into()));
+        t.validate().unwrap();
+        let off = Topology::parse(&repo_topology().replace("\nenabled = true", "\nenabled = false")).unwrap();
+        assert!(off.stages.detect.params.second_pass.active().is_none());
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub struct Health {
     ready: AtomicBool,
     /// Set when the stage refuses to serve at all (its configuration cannot work).
     refused: std::sync::Mutex<Option<String>>,
+    /// Something the stage serves without, which readiness mentions (a part of its configuration it runs without).
+    degraded: std::sync::Mutex<Option<String>>,
 }
 
 impl Health {
@@ -38,13 +40,22 @@ impl Health {
         *self.refused.lock().expect("health lock") = Some(reason);
     }
 
+    /// Notes that the stage serves without something its configuration names, for
+    /// `reason`: `/readyz` still answers 200, and says so.
+    pub fn degrade(&self, reason: String) {
+        *self.degraded.lock().expect("health lock") = Some(reason);
+    }
+
     /// What `/readyz` answers: its status and a one-line body.
     pub fn readiness(&self) -> (StatusCode, String) {
         if let Some(reason) = self.refused.lock().expect("health lock").as_ref() {
             return (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n"));
         }
         if self.is_ready() {
-            (StatusCode::OK, "ready\n".to_string())
+            match self.degraded.lock().expect("health lock").as_ref() {
+                Some(reason) => (StatusCode::OK, format!("ready, without {reason}\n")),
+                None => (StatusCode::OK, "ready\n".to_string()),
+            }
         } else {
             (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string())
         }

@@ -243,14 +243,13 @@ pub fn onnxruntime_library() -> PathBuf {
 }
 
 /// Points `params` at the YuNet files in ../shared (2023mar for ONNX Runtime, 2022mar for
-/// OpenCV), at RetinaFace as scripts/setup makes it, and at ONNX Runtime's library.
+/// OpenCV), at RetinaFace (the second pass, on as in the repository's topology), and at
+/// ONNX Runtime's library.
 pub fn use_shared_models(params: &mut facepipe_core::topology::DetectParams) {
     params.model = Some(shared_dir().join("models/face_detection_yunet_2023mar.onnx"));
     params.opencv_model = Some(shared_dir().join("models/face_detection_yunet_2022mar.onnx"));
     params.onnxruntime = Some(onnxruntime_library());
-    if let Some(second) = &mut params.second_pass {
-        second.model = shared_dir().join("models/retinaface_mnv2.onnx");
-    }
+    params.second_pass.model = shared_dir().join("models/retinaface_mnv2.onnx");
 }
 
 /// The repository's topology, pointed at the given services and a private object store.

@@ -3,17 +3,21 @@
 //! load or `engine = "opencv"`. When no YuNet file loads, detect refuses to serve, unless the
 //! topology names the Haar cascade as `fallback` (or as the `detector` itself).
 //!
-//! With `second_pass` set, YuNet on ONNX Runtime is the first of two passes: a photo on
-//! which YuNet finds a box it is unsure of (a score inside the configured band) is
-//! detected again by RetinaFace, a stronger network several times as costly, whose boxes
-//! then stand for that photo. Photos YuNet is sure about cost nothing more.
+//! With `second_pass` on (the default), YuNet on ONNX Runtime is the first of two passes:
+//! a photo on which YuNet finds a box it is unsure of (a score inside the configured band)
+//! is detected again by RetinaFace, a stronger network several times as costly, whose
+//! boxes then stand for that photo. Photos YuNet is sure about cost nothing more. When the
+//! second pass cannot run (its file is missing, fails its checksum or does not load, or
+//! YuNet does not run on ONNX Runtime), detect refuses to serve unless the topology says
+//! `required = false`; then it warns and YuNet decides alone.
 //!
-//! A detector is built once per worker thread and reused (only its input size
-//! changes between images), since loading the network costs far more than
-//! running it on one image.
+//! YuNet is built once per worker thread and reused (only its input size changes
+//! between images), since loading the network costs far more than running it on one
+//! image. RetinaFace is loaded once per process and shared (see [`RetinaFace`]).
 
 use std::cell::RefCell;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use opencv::core::{self, Mat, Ptr, Rect, Size, Vector};
 use opencv::objdetect::{CascadeClassifier, FaceDetectorYN};
@@ -25,7 +29,7 @@ use super::VisionError;
 use facepipe_core::domain::Detector;
 use facepipe_core::messages::FaceBox;
 use facepipe_core::telemetry::Step;
-use super::retinaface::OrtRetinaFace;
+use super::retinaface::RetinaFace;
 use super::yunet::OrtYunet;
 use facepipe_core::topology::{DetectFallback, DetectParams, DetectorKind, InferenceEngine};
 
@@ -46,8 +50,10 @@ enum Model {
     YunetOrt {
         /// The first pass.
         yunet: Box<OrtYunet>,
-        /// The second pass, when configured and loaded.
-        second: Option<Box<OrtRetinaFace>>,
+        /// The second pass, shared by the process's threads, when on and loaded.
+        second: Option<Arc<RetinaFace>>,
+        /// This thread's input buffer for the second pass.
+        second_input: Vec<f32>,
     },
     Yunet(Ptr<FaceDetectorYN>),
     Haar(CascadeClassifier),
@@ -63,8 +69,27 @@ thread_local! {
     static DETECTOR: RefCell<Option<Loaded>> = const { RefCell::new(None) };
 }
 
+/// What a shared RetinaFace was loaded from; a live change to any of it loads another.
+#[derive(Debug, Clone, PartialEq)]
+struct SecondPassKey {
+    model: PathBuf,
+    sha256: String,
+    library: Option<PathBuf>,
+    sessions: usize,
+}
+
+/// The process's RetinaFace, shared by every worker thread.
+static SECOND_PASS: Mutex<Option<(SecondPassKey, Arc<RetinaFace>)>> = Mutex::new(None);
+
+thread_local! {
+    /// Why the configured second pass does not run on this thread's detector, if it does not.
+    static SECOND_PASS_OFF: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
 fn load(params: &DetectParams) -> Result<Model, VisionError> {
+    SECOND_PASS_OFF.with(|off| *off.borrow_mut() = None);
     if params.detector == DetectorKind::Haar {
+        second_pass_cannot_run(params, "it runs after YuNet, and the topology names the Haar cascade as the detector")?;
         return load_haar(&params.haar_cascade).map(Model::Haar);
     }
     // Why each YuNet attempt failed, for the error (or the fallback's warning).
@@ -72,7 +97,16 @@ fn load(params: &DetectParams) -> Result<Model, VisionError> {
     if params.engine == InferenceEngine::Onnxruntime {
         match params.model.as_deref() {
             Some(path) if path.is_file() => match OrtYunet::load(path, params.onnxruntime.as_deref()) {
-                Ok(yunet) => return Ok(Model::YunetOrt { yunet: Box::new(yunet), second: load_second_pass(params) }),
+                Ok(yunet) => {
+                    let second = match shared_second_pass(params) {
+                        Ok(second) => second,
+                        Err(why) => {
+                            second_pass_cannot_run(params, &why)?;
+                            None
+                        }
+                    };
+                    return Ok(Model::YunetOrt { yunet: Box::new(yunet), second, second_input: Vec::new() });
+                }
                 Err(e) => {
                     // Same network, same quality floor, only slower: announced, not refused.
                     tracing::warn!(
@@ -100,7 +134,10 @@ fn load(params: &DetectParams) -> Result<Model, VisionError> {
                 0,
             );
             match model {
-                Ok(model) => return Ok(Model::Yunet(model)),
+                Ok(model) => {
+                    second_pass_cannot_run(params, "it needs YuNet on ONNX Runtime, which does not run here")?;
+                    return Ok(Model::Yunet(model));
+                }
                 Err(e) => attempts.push(format!(
                     "OpenCV cannot load {} ({e}; OpenCV 4.6 needs face_detection_yunet_2022mar.onnx as opencv_model)",
                     path.display()
@@ -114,6 +151,7 @@ fn load(params: &DetectParams) -> Result<Model, VisionError> {
     match params.fallback {
         DetectFallback::Haar => {
             tracing::warn!(reason = %why, "YuNet does not load; running the Haar fallback the topology names, which finds far fewer faces");
+            second_pass_cannot_run(params, "it runs after YuNet, which does not load")?;
             load_haar(&params.haar_cascade).map(Model::Haar)
         }
         DetectFallback::None => Err(VisionError::NoDetector(format!(
@@ -122,19 +160,58 @@ fn load(params: &DetectParams) -> Result<Model, VisionError> {
     }
 }
 
-/// RetinaFace for `second_pass`, or `None` (with a warning when it was configured).
-fn load_second_pass(params: &DetectParams) -> Option<Box<OrtRetinaFace>> {
-    let second = params.second_pass.as_ref()?;
-    match OrtRetinaFace::load(&second.model, params.onnxruntime.as_deref()) {
-        Ok(model) => Some(Box::new(model)),
-        Err(e) => {
-            tracing::warn!(
-                error = %e,
-                "second pass unavailable: YuNet alone decides every photo, and finds fewer faces (scripts/setup makes models/retinaface_mnv2.onnx)"
-            );
-            None
+/// The process's RetinaFace for `second_pass` (loaded on first use, after its checksum),
+/// `None` when the pass is off, or why it cannot load.
+fn shared_second_pass(params: &DetectParams) -> Result<Option<Arc<RetinaFace>>, String> {
+    let Some(pass) = params.second_pass.active() else { return Ok(None) };
+    let key = SecondPassKey {
+        model: pass.model.clone(),
+        sha256: pass.sha256.clone(),
+        library: params.onnxruntime.clone(),
+        sessions: pass.sessions,
+    };
+    // Held while loading, so threads starting together load it once.
+    let mut shared = SECOND_PASS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((loaded, retinaface)) = shared.as_ref() {
+        if *loaded == key {
+            return Ok(Some(retinaface.clone()));
         }
     }
+    check_sha256(&pass.model, &pass.sha256)?;
+    let retinaface = Arc::new(RetinaFace::load(&pass.model, params.onnxruntime.as_deref(), pass.sessions).map_err(|e| e.to_string())?);
+    *shared = Some((key, retinaface.clone()));
+    Ok(Some(retinaface))
+}
+
+/// Whether `path`'s sha256 is `expected` (lowercase hex; empty: not checked).
+fn check_sha256(path: &Path, expected: &str) -> Result<(), String> {
+    use sha2::{Digest, Sha256};
+    if expected.is_empty() {
+        return Ok(());
+    }
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e} (scripts/setup makes it)", path.display()))?;
+    let found: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    if found != expected.to_ascii_lowercase() {
+        return Err(format!(
+            "{} has sha256 {found}, not the {expected} the topology expects (remake it with scripts/setup)",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// The configured second pass cannot run, for `why`: an error when the topology requires
+/// it, else a warning, remembered for [`Running::second_pass_off`].
+fn second_pass_cannot_run(params: &DetectParams, why: &str) -> Result<(), VisionError> {
+    let Some(pass) = params.second_pass.active() else { return Ok(()) };
+    if pass.required {
+        return Err(VisionError::NoDetector(format!(
+            "the second pass (RetinaFace) cannot run: {why} (set stages.detect.params.second_pass.required = false to run YuNet alone, or enabled = false)"
+        )));
+    }
+    tracing::warn!(reason = %why, "second pass unavailable: YuNet alone decides every photo, and finds fewer faces (second_pass.required = false)");
+    SECOND_PASS_OFF.with(|off| *off.borrow_mut() = Some(why.to_string()));
+    Ok(())
 }
 
 /// The YuNet file and score threshold OpenCV's DNN module runs (`opencv_model`, else `model`).
@@ -170,6 +247,8 @@ pub struct Running {
     pub score_threshold: f32,
     /// File name of the second pass's model when it runs (RetinaFace on ONNX Runtime).
     pub second_pass: Option<String>,
+    /// Why the configured second pass does not run (only with `required = false`).
+    pub second_pass_off: Option<String>,
 }
 
 /// Loads the detector `params` yields on this thread and says what it is.
@@ -185,7 +264,7 @@ pub fn running(params: &DetectParams) -> Result<Running, VisionError> {
         };
         let file_name = |path: Option<&Path>| path.and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned());
         let second_pass = match model {
-            Model::YunetOrt { second: Some(_), .. } => file_name(params.second_pass.as_ref().map(|s| s.model.as_path())),
+            Model::YunetOrt { second: Some(_), .. } => file_name(Some(params.second_pass.model.as_path())),
             _ => None,
         };
         Ok(Running {
@@ -194,6 +273,7 @@ pub fn running(params: &DetectParams) -> Result<Running, VisionError> {
             model: file_name(path).unwrap_or_default(),
             score_threshold,
             second_pass,
+            second_pass_off: SECOND_PASS_OFF.with(|off| off.borrow().clone()),
         })
     })
 }
@@ -257,12 +337,12 @@ pub fn detect_decoded(decoded: &Decoded, params: &DetectParams) -> Result<Detect
     with_model(params, |model| {
         let mut detector = model_name(model);
         let raw = match model {
-            Model::YunetOrt { yunet, second } => match (second, &params.second_pass) {
+            Model::YunetOrt { yunet, second, second_input } => match (second, params.second_pass.active()) {
                 (Some(retinaface), Some(pass)) => {
                     let boxes = yunet.detect(&input, params.score_threshold.min(pass.uncertain_from), params.nms_threshold)?;
                     if boxes.iter().any(|b| pass.is_uncertain(b.score)) {
                         detector = Detector::Retinaface;
-                        retinaface.detect(&input, pass.score_threshold)?
+                        retinaface.detect(second_input, &input, pass.score_threshold)?
                     } else {
                         boxes.into_iter().filter(|b| b.score >= params.score_threshold).collect()
                     }

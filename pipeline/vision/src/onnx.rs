@@ -42,7 +42,7 @@ fn environment(library: Option<&Path>) -> Result<&'static Environment, VisionErr
     Ok(env)
 }
 
-/// Loads `model` into an ONNX Runtime session running on this thread alone, with
+/// Loads `model` into an ONNX Runtime session run by one thread at a time, with
 /// its input and outputs' fixed sizes made free.
 pub fn session(model: &Path, library: Option<&Path>) -> Result<Session, VisionError> {
     let env = environment(library)?;

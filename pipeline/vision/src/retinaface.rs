@@ -9,8 +9,13 @@
 //! values 0-255, NHWC, sides a multiple of 32. Output: one row per face,
 //! `x1, y1, x2, y2` as fractions of the input, ten landmark values, a landmark
 //! flag, and the score.
+//!
+//! ONNX Runtime allows concurrent runs on one session, but `ort` takes the
+//! session mutably to run it, so sharing goes through a lock per session.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use opencv::core::Mat;
 use opencv::prelude::*;
@@ -26,38 +31,55 @@ const OUTPUT: &str = "Identity:0";
 /// Values per output row.
 const ROW: usize = 16;
 
-/// RetinaFace on ONNX Runtime, for one worker thread.
-pub struct OrtRetinaFace {
-    session: Session,
-    /// The NHWC float input, reused between images.
-    input: Vec<f32>,
+/// RetinaFace on ONNX Runtime, shared by a process's worker threads: a few
+/// sessions (one by default), each used by one thread at a time. A session's
+/// working memory (about 100 MiB at 640 px) is its largest cost, so threads
+/// share sessions rather than each holding its own.
+pub struct RetinaFace {
+    sessions: Vec<Mutex<Session>>,
+    /// Where the next caller starts looking for a free session.
+    next: AtomicUsize,
 }
 
-impl OrtRetinaFace {
-    /// Loads the converted RetinaFace file into a session running on this thread alone.
-    pub fn load(model: &Path, library: Option<&Path>) -> Result<Self, VisionError> {
-        let session = onnx::session(model, library)?;
-        let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
-        let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
-        if inputs != [INPUT] || outputs != [OUTPUT] {
-            return Err(VisionError::NoDetector(format!(
-                "{} is not the converted RetinaFace (inputs {inputs:?}, outputs {outputs:?}; make it with tools/retinaface_onnx.py)",
-                model.display()
-            )));
+impl RetinaFace {
+    /// Loads the converted RetinaFace file into `sessions` sessions.
+    pub fn load(model: &Path, library: Option<&Path>, sessions: usize) -> Result<Self, VisionError> {
+        let mut loaded = Vec::with_capacity(sessions.max(1));
+        for _ in 0..sessions.max(1) {
+            let session = onnx::session(model, library)?;
+            let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
+            let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+            if inputs != [INPUT] || outputs != [OUTPUT] {
+                return Err(VisionError::NoDetector(format!(
+                    "{} is not the converted RetinaFace (inputs {inputs:?}, outputs {outputs:?}; make it with tools/retinaface_onnx.py)",
+                    model.display()
+                )));
+            }
+            loaded.push(Mutex::new(session));
         }
-        Ok(Self { session, input: Vec::new() })
+        Ok(Self { sessions: loaded, next: AtomicUsize::new(0) })
+    }
+
+    /// Sessions loaded.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
     }
 
     /// Faces in `image` (8-bit BGR) scoring at least `score_threshold`, in its pixels.
-    pub fn detect(&mut self, image: &Mat, score_threshold: f32) -> Result<Vec<FaceBox>, VisionError> {
+    /// `input` is the caller's buffer for the network's input, reused between images.
+    pub fn detect(&self, input: &mut Vec<f32>, image: &Mat, score_threshold: f32) -> Result<Vec<FaceBox>, VisionError> {
         let (w, h) = (image.cols() as usize, image.rows() as usize);
         // Padded with black bottom and right, so coordinates stay the image's.
         let (pw, ph) = ((w.div_ceil(32) * 32).max(32), (h.div_ceil(32) * 32).max(32));
-        self.fill_input(image, pw, ph)?;
-        let input = TensorRef::from_array_view(([1usize, ph, pw, 3], self.input.as_slice()))
+        fill_input(input, image, pw, ph)?;
+        let tensor = TensorRef::from_array_view(([1usize, ph, pw, 3], input.as_slice()))
             .map_err(|e| VisionError::Inference(e.to_string()))?;
-        let outputs = self.session.run(ort::inputs![INPUT => input]).map_err(|e| VisionError::Inference(e.to_string()))?;
-        let (_, rows) = outputs[OUTPUT].try_extract_tensor::<f32>().map_err(|e| VisionError::Inference(e.to_string()))?;
+        let rows = {
+            let mut session = self.free_session();
+            let outputs = session.run(ort::inputs![INPUT => tensor]).map_err(|e| VisionError::Inference(e.to_string()))?;
+            let (_, rows) = outputs[OUTPUT].try_extract_tensor::<f32>().map_err(|e| VisionError::Inference(e.to_string()))?;
+            rows.to_vec()
+        };
         if rows.len() % ROW != 0 {
             return Err(VisionError::Inference(format!("RetinaFace gave {} values, not rows of {ROW}", rows.len())));
         }
@@ -74,19 +96,31 @@ impl OrtRetinaFace {
             .collect())
     }
 
-    /// BGR bytes into the reused NHWC RGB float buffer, padded with zeros.
-    fn fill_input(&mut self, image: &Mat, pw: usize, ph: usize) -> Result<(), VisionError> {
-        let w = image.cols() as usize;
-        self.input.clear();
-        self.input.resize(pw * ph * 3, 0.0);
-        let input = &mut self.input;
-        onnx::with_bgr_bytes(image, |pixels| {
-            for (y, row) in pixels.chunks_exact(w * 3).enumerate() {
-                let out = &mut input[y * pw * 3..(y * pw + w) * 3];
-                for (rgb, bgr) in out.chunks_exact_mut(3).zip(row.chunks_exact(3)) {
-                    rgb.copy_from_slice(&[bgr[2] as f32, bgr[1] as f32, bgr[0] as f32]);
-                }
+    /// A session no other thread is running, else the next one in turn (waiting for it).
+    fn free_session(&self) -> MutexGuard<'_, Session> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.sessions.len();
+        for i in 0..n {
+            if let Ok(session) = self.sessions[(start + i) % n].try_lock() {
+                return session;
             }
-        })
+        }
+        // A panic inside a run leaves the session itself usable.
+        self.sessions[start % n].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// BGR bytes into the NHWC RGB float buffer, padded with zeros.
+fn fill_input(input: &mut Vec<f32>, image: &Mat, pw: usize, ph: usize) -> Result<(), VisionError> {
+    let w = image.cols() as usize;
+    input.clear();
+    input.resize(pw * ph * 3, 0.0);
+    onnx::with_bgr_bytes(image, |pixels| {
+        for (y, row) in pixels.chunks_exact(w * 3).enumerate() {
+            let out = &mut input[y * pw * 3..(y * pw + w) * 3];
+            for (rgb, bgr) in out.chunks_exact_mut(3).zip(row.chunks_exact(3)) {
+                rgb.copy_from_slice(&[bgr[2] as f32, bgr[1] as f32, bgr[0] as f32]);
+            }
+        }
+    })
 }

@@ -29,6 +29,9 @@ async fn main() -> anyhow::Result<()> {
             width = params.width,
             "detector ready"
         );
+        if let Some(why) = running.second_pass_off {
+            stage.ctx.health.degrade(format!("the second pass: {why}"));
+        }
         Ok(Detect::new(params))
     })
     .await?)
