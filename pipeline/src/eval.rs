@@ -236,7 +236,7 @@ mod tests {
     }
 
     fn det(x: f32, y: f32, w: f32, h: f32, score: f32) -> FaceBox {
-        FaceBox { x, y, w, h, score }
+        FaceBox::new(x, y, w, h, score)
     }
 
     #[test]

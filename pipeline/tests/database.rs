@@ -14,7 +14,7 @@ fn outcome(image_id: &str, status: ImageStatus) -> Outcome {
         status,
         width: Some(640),
         height: Some(480),
-        faces: vec![FaceBox { x: 1.0, y: 2.0, w: 30.0, h: 40.0, score: 0.9 }],
+        faces: vec![FaceBox::new(1.0, 2.0, 30.0, 40.0, 0.9)],
         crop_keys: vec![format!("batches/b-1/crops/{image_id}-0.jpg")],
         error: None,
         failed_stage: None,

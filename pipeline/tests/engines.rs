@@ -1,6 +1,6 @@
 //! YuNet on ONNX Runtime must find what `cv::FaceDetectorYN` finds: the same
 //! model with OpenCV 4.6's pre- and post-processing, so the same boxes and
-//! scores (up to float noise) on real photos.
+//! scores and landmarks (up to float noise) on real photos.
 
 mod support;
 
@@ -9,7 +9,7 @@ use opencv::imgcodecs;
 use opencv::imgproc;
 use opencv::objdetect::FaceDetectorYN;
 use opencv::prelude::*;
-use facepipe_core::messages::FaceBox;
+use facepipe_core::messages::{FaceBox, Landmarks};
 use facepipe_vision::yunet::{OrtYunet, Release};
 use support::{labelled_photos, onnxruntime_library, shared_dir};
 
@@ -23,11 +23,17 @@ fn box_iou(a: &FaceBox, b: &FaceBox) -> f32 {
     inter / (a.w * a.h + b.w * b.h - inter)
 }
 
+/// Whether both boxes carry landmarks, each pair within 3% of the box's width (and a pixel) of the other.
+fn landmarks_agree(a: &FaceBox, b: &FaceBox) -> bool {
+    let (Some(la), Some(lb)) = (a.landmarks, b.landmarks) else { return false };
+    la.0.iter().zip(lb.0).all(|(p, q)| (p[0] - q[0]).hypot(p[1] - q[1]) <= 1.0 + 0.03 * a.w)
+}
+
 /// Every box of `ours` that is clear of the threshold has a twin in `theirs`.
 fn unmatched(ours: &[FaceBox], theirs: &[FaceBox]) -> Vec<FaceBox> {
     ours.iter()
         .filter(|a| a.score >= THRESHOLD + 0.03)
-        .filter(|a| !theirs.iter().any(|b| box_iou(a, b) >= 0.9 && (a.score - b.score).abs() <= 0.03))
+        .filter(|a| !theirs.iter().any(|b| box_iou(a, b) >= 0.9 && (a.score - b.score).abs() <= 0.03 && landmarks_agree(a, b)))
         .copied()
         .collect()
 }
@@ -62,7 +68,8 @@ fn onnxruntime_finds_the_faces_opencv_finds() {
         let theirs: Vec<FaceBox> = (0..out.rows())
             .map(|r| {
                 let v = |c| *out.at_2d::<f32>(r, c).unwrap();
-                FaceBox { x: v(0), y: v(1), w: v(2), h: v(3), score: v(14) }
+                let landmarks = Some(Landmarks(std::array::from_fn(|k| [v(4 + 2 * k as i32), v(5 + 2 * k as i32)])));
+                FaceBox { x: v(0), y: v(1), w: v(2), h: v(3), score: v(14), landmarks }
             })
             .collect();
         let ours = ort.detect(&input, THRESHOLD, NMS).unwrap();

@@ -146,6 +146,9 @@ pub struct DetectJob {
 }
 
 /// A face box in original-image pixels (after EXIF orientation), with the detector's score.
+///
+/// `{"x": 600, "y": 300, "w": 200, "h": 240, "score": 0.93,
+///   "landmarks": [[655, 390], [745, 392], [700, 440], [662, 490], [738, 491]]}`
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct FaceBox {
     /// Left edge.
@@ -158,12 +161,43 @@ pub struct FaceBox {
     pub h: f32,
     /// Detector confidence in [0, 1].
     pub score: f32,
+    /// Five landmarks, from YuNet and RetinaFace (Haar gives none). Absent from
+    /// messages written before landmarks existed, and then simply not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub landmarks: Option<Landmarks>,
 }
 
 impl FaceBox {
+    /// A box without landmarks.
+    pub fn new(x: f32, y: f32, w: f32, h: f32, score: f32) -> Self {
+        Self { x, y, w, h, score, landmarks: None }
+    }
+
     /// Area in square pixels.
     pub fn area(&self) -> f32 {
         self.w * self.h
+    }
+}
+
+/// Five facial landmarks `[x, y]` in the same pixels as their box, in the order
+/// YuNet and RetinaFace both give them for an upright face: the eye on the image's
+/// left (the person's right eye), the other eye, the nose tip, the mouth corner on
+/// the image's left, the other mouth corner.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct Landmarks(pub [[f32; 2]; 5]);
+
+impl Landmarks {
+    /// The angle of the line from the first eye to the second, in degrees,
+    /// clockwise on screen (image y grows downwards): 0 when the eyes are level,
+    /// positive when the face is turned clockwise.
+    pub fn eye_angle(&self) -> f64 {
+        let [[x0, y0], [x1, y1], ..] = self.0;
+        ((y1 - y0) as f64).atan2((x1 - x0) as f64).to_degrees()
+    }
+
+    /// Every point mapped through `f`.
+    pub fn map(self, f: impl Fn([f32; 2]) -> [f32; 2]) -> Self {
+        Self(self.0.map(f))
     }
 }
 
@@ -320,7 +354,7 @@ mod tests {
             key: "batches/b/originals/000001.jpg".into(),
             width: 10,
             height: 20,
-            faces: vec![FaceBox { x: 1.0, y: 2.0, w: 3.0, h: 4.0, score: 0.9 }],
+            faces: vec![FaceBox { landmarks: Some(Landmarks([[1.5, 2.5], [3.0, 2.5], [2.2, 3.5], [1.6, 4.5], [2.9, 4.5]])), ..FaceBox::new(1.0, 2.0, 3.0, 4.0, 0.9) }],
             detector: Some(Detector::Yunet),
         };
         let bytes = encode(&job);
@@ -329,6 +363,21 @@ mod tests {
         assert_eq!(decode::<CropJob>(&bytes).unwrap(), job);
         // Every per-image message yields its ImageRef, which failure recording relies on.
         assert_eq!(decode::<ImageRef>(&bytes).unwrap(), job.image);
+    }
+
+    #[test]
+    fn landmarks_are_optional_pairs_and_give_the_eye_angle() {
+        // A box written before landmarks existed still reads, and writes back without them.
+        let old: FaceBox = serde_json::from_str(r#"{"x":1,"y":2,"w":3,"h":4,"score":0.5}"#).unwrap();
+        assert_eq!(old, FaceBox::new(1.0, 2.0, 3.0, 4.0, 0.5));
+        assert!(!serde_json::to_string(&old).unwrap().contains("landmarks"));
+        let with: FaceBox =
+            serde_json::from_str(r#"{"x":1,"y":2,"w":3,"h":4,"score":0.5,"landmarks":[[0,0],[10,10],[5,5],[2,8],[8,8]]}"#).unwrap();
+        let eyes = with.landmarks.expect("read");
+        assert!((eyes.eye_angle() - 45.0).abs() < 1e-9, "clockwise on screen is positive");
+        assert!((Landmarks([[10.0, 0.0], [0.0, 0.0], [0.0; 2], [0.0; 2], [0.0; 2]]).eye_angle().abs() - 180.0).abs() < 1e-9);
+        // Not five pairs: an error, not a guess.
+        assert!(serde_json::from_str::<FaceBox>(r#"{"x":1,"y":2,"w":3,"h":4,"score":0.5,"landmarks":[[0,0]]}"#).is_err());
     }
 
     #[test]

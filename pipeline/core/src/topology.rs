@@ -699,6 +699,18 @@ pub enum CropPolicy {
     All,
 }
 
+/// How the crop stage turns a crop.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CropAlign {
+    /// Upright, as the photo is (the crop window follows the image's axes).
+    #[default]
+    None,
+    /// Turned so that the eyes are level (by the face's landmarks; a face
+    /// without landmarks, from the Haar cascade, is cropped upright).
+    Eyes,
+}
+
 /// Parameters of the crop stage.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -718,6 +730,9 @@ pub struct CropParams {
     /// JPEG quality of the crop (1-100).
     #[serde(default = "default_jpeg_quality")]
     pub jpeg_quality: i32,
+    /// Whether crops are turned to level the eyes.
+    #[serde(default)]
+    pub align: CropAlign,
 }
 
 impl Default for CropParams {
@@ -728,6 +743,7 @@ impl Default for CropParams {
             padding: default_padding(),
             output_size: default_output_size(),
             jpeg_quality: default_jpeg_quality(),
+            align: CropAlign::default(),
         }
     }
 }

@@ -8,8 +8,9 @@
 //!
 //! ## Layout
 //! - [`decode`]: read dimensions from the header, pick a JPEG DCT reduction, decode upright.
-//! - [`detect`]: YuNet (Haar fallback; optionally RetinaFace after it) per worker thread, boxes in original pixels.
-//! - [`crop`]: crop-window geometry (pure) and crop encoding.
+//! - [`detect`]: YuNet (Haar fallback; optionally RetinaFace after it) per worker thread, boxes and
+//!   landmarks in original pixels; landmarks measured again for crops aligned by the eyes.
+//! - [`crop`]: crop-window geometry (pure), upright or turned by the eye line, and crop encoding.
 //! - [`onnx`]: ONNX Runtime, loaded once per process; sessions for one worker thread; NMS.
 //! - [`yunet`]: YuNet on ONNX Runtime, with OpenCV 4.6's pre- and post-processing.
 //! - [`retinaface`]: RetinaFace on ONNX Runtime, the optional second pass of [`detect`].

@@ -157,7 +157,7 @@ mod tests {
 
     #[test]
     fn nms_keeps_the_best_of_overlapping_boxes() {
-        let f = |x: f32, score| FaceBox { x, y: 0.0, w: 100.0, h: 100.0, score };
+        let f = |x: f32, score| FaceBox::new(x, 0.0, 100.0, 100.0, score);
         let kept = non_maximum_suppression(vec![f(0.0, 0.8), f(5.0, 0.9), f(300.0, 0.85)], 0.3);
         assert_eq!(kept.iter().map(|k| k.x).collect::<Vec<_>>(), vec![5.0, 300.0]);
     }

@@ -7,8 +7,8 @@
 //! own non-maximum suppression (IoU 0.4); the conversion lowers its built-in score
 //! floor from 0.5 to 0.05 so the threshold is this project's setting. Input: RGB
 //! values 0-255, NHWC, sides a multiple of 32. Output: one row per face,
-//! `x1, y1, x2, y2` as fractions of the input, ten landmark values, a landmark
-//! flag, and the score.
+//! `x1, y1, x2, y2` as fractions of the input, five landmarks (`x, y` fractions, in
+//! YuNet's order: eye on the image's left first), a landmark flag, and the score.
 //!
 //! ONNX Runtime allows concurrent runs on one session, but `ort` takes the
 //! session mutably to run it, so sharing goes through a lock per session.
@@ -24,7 +24,7 @@ use ort::value::TensorRef;
 
 use super::onnx;
 use super::VisionError;
-use facepipe_core::messages::FaceBox;
+use facepipe_core::messages::{FaceBox, Landmarks};
 
 const INPUT: &str = "x:0";
 const OUTPUT: &str = "Identity:0";
@@ -90,7 +90,8 @@ impl RetinaFace {
             .filter(|r| r[ROW - 1] >= score_threshold)
             .map(|r| {
                 let (x0, y0) = (r[0] * fw, r[1] * fh);
-                FaceBox { x: x0, y: y0, w: r[2] * fw - x0, h: r[3] * fh - y0, score: r[ROW - 1] }
+                let landmarks = Some(Landmarks(std::array::from_fn(|k| [r[4 + 2 * k] * fw, r[5 + 2 * k] * fh])));
+                FaceBox { x: x0, y: y0, w: r[2] * fw - x0, h: r[3] * fh - y0, score: r[ROW - 1], landmarks }
             })
             .filter(|f| f.w > 0.0 && f.h > 0.0)
             .collect())

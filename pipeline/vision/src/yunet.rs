@@ -22,7 +22,7 @@ use ort::value::TensorRef;
 
 use super::onnx::{self, non_maximum_suppression};
 use super::VisionError;
-use facepipe_core::messages::FaceBox;
+use facepipe_core::messages::{FaceBox, Landmarks};
 
 /// YuNet on ONNX Runtime, for one worker thread.
 pub struct OrtYunet {
@@ -40,7 +40,7 @@ pub struct OrtYunet {
 pub enum Release {
     /// `face_detection_yunet_2022mar.onnx`: anchor priors, outputs `loc`, `conf`, `iou`.
     Mar2022,
-    /// `face_detection_yunet_2023mar.onnx`: anchor-free, per-stride `cls`, `obj`, `bbox`, `kps`
+    /// `face_detection_yunet_2023mar.onnx`: anchor-free, per-stride `cls`, `obj`, `bbox`, `kps` (landmarks)
     /// (OpenCV needs >= 4.8 for it; ONNX Runtime runs it anywhere).
     Mar2023,
 }
@@ -56,7 +56,7 @@ impl OrtYunet {
         let has = |name: &str| names.contains(&name);
         let release = if ["loc", "conf", "iou"].iter().all(|n| has(n)) {
             Release::Mar2022
-        } else if STRIDES_2023.iter().all(|s| ["cls", "obj", "bbox"].iter().all(|k| has(&format!("{k}_{s}")))) {
+        } else if STRIDES_2023.iter().all(|s| ["cls", "obj", "bbox", "kps"].iter().all(|k| has(&format!("{k}_{s}")))) {
             Release::Mar2023
         } else {
             return Err(failed(format!("outputs {names:?} are neither YuNet 2022mar's nor 2023mar's")));
@@ -92,11 +92,13 @@ impl OrtYunet {
             for stride in STRIDES_2023 {
                 let get = |kind: &str| tensor(&format!("{kind}_{stride}"));
                 let (cols, rows) = (pw / stride, ph / stride);
-                let (cls, obj, bbox) = (get("cls")?, get("obj")?, get("bbox")?);
-                if cls.len() != cols * rows || obj.len() != cols * rows || bbox.len() != cols * rows * 4 {
+                let (cls, obj, bbox, kps) = (get("cls")?, get("obj")?, get("bbox")?, get("kps")?);
+                let cells = cols * rows;
+                if cls.len() != cells || obj.len() != cells || bbox.len() != cells * 4 || kps.len() != cells * 10 {
                     return Err(VisionError::Inference(format!("YuNet gave {} cells at stride {stride} for {pw}x{ph}", cls.len())));
                 }
-                decode_2023(stride, cols, cls, obj, bbox, score_threshold, &mut candidates);
+                let at_stride = Stride2023 { stride, cols, cls, obj, bbox, kps };
+                at_stride.decode(score_threshold, &mut candidates);
             }
             return Ok(non_maximum_suppression(candidates, nms_threshold));
         }
@@ -178,32 +180,49 @@ fn decode(priors: &Priors, loc: &[f32], conf: &[f32], iou: &[f32], threshold: f3
         if score.is_nan() || score < threshold {
             continue;
         }
-        let l = &loc[i * 14..i * 14 + 4];
+        let l = &loc[i * 14..i * 14 + 14];
         let cx = (px + l[0] * VARIANCE[0] * pw) * w;
         let cy = (py + l[1] * VARIANCE[0] * ph) * h;
         // OpenCV 4.6 scales the width with the first variance and the height with the second;
         // kept, so both engines give the same boxes.
         let bw = pw * (l[2] * VARIANCE[0]).exp() * w;
         let bh = ph * (l[3] * VARIANCE[1]).exp() * h;
-        faces.push(FaceBox { x: cx - bw / 2.0, y: cy - bh / 2.0, w: bw, h: bh, score });
+        // Landmarks: offsets from the prior's centre, scaled by the first variance.
+        let point = |k: usize| [(px + l[4 + 2 * k] * VARIANCE[0] * pw) * w, (py + l[5 + 2 * k] * VARIANCE[0] * ph) * h];
+        let landmarks = Some(Landmarks(std::array::from_fn(point)));
+        faces.push(FaceBox { x: cx - bw / 2.0, y: cy - bh / 2.0, w: bw, h: bh, score, landmarks });
     }
     faces
 }
 
-/// Boxes of one stride of YuNet 2023mar scoring at least `threshold`, in input pixels
-/// (OpenCV >= 4.8's `FaceDetectorYN::postProcess`).
-fn decode_2023(stride: usize, cols: usize, cls: &[f32], obj: &[f32], bbox: &[f32], threshold: f32, faces: &mut Vec<FaceBox>) {
-    let s = stride as f32;
-    for (i, (c, o)) in cls.iter().zip(obj).enumerate() {
-        let score = (c.clamp(0.0, 1.0) * o.clamp(0.0, 1.0)).sqrt();
-        if score.is_nan() || score < threshold {
-            continue;
+/// The outputs of YuNet 2023mar for one stride.
+struct Stride2023<'a> {
+    stride: usize,
+    cols: usize,
+    cls: &'a [f32],
+    obj: &'a [f32],
+    bbox: &'a [f32],
+    kps: &'a [f32],
+}
+
+impl Stride2023<'_> {
+    /// Boxes scoring at least `threshold`, in input pixels (OpenCV >= 4.8's
+    /// `FaceDetectorYN::postProcess`).
+    fn decode(&self, threshold: f32, faces: &mut Vec<FaceBox>) {
+        let s = self.stride as f32;
+        for (i, (c, o)) in self.cls.iter().zip(self.obj).enumerate() {
+            let score = (c.clamp(0.0, 1.0) * o.clamp(0.0, 1.0)).sqrt();
+            if score.is_nan() || score < threshold {
+                continue;
+            }
+            let (col, row) = ((i % self.cols) as f32, (i / self.cols) as f32);
+            let b = &self.bbox[i * 4..i * 4 + 4];
+            let (cx, cy) = ((col + b[0]) * s, (row + b[1]) * s);
+            let (w, h) = (b[2].exp() * s, b[3].exp() * s);
+            let k = &self.kps[i * 10..i * 10 + 10];
+            let landmarks = Some(Landmarks(std::array::from_fn(|j| [(col + k[2 * j]) * s, (row + k[2 * j + 1]) * s])));
+            faces.push(FaceBox { x: cx - w / 2.0, y: cy - h / 2.0, w, h, score, landmarks });
         }
-        let (col, row) = ((i % cols) as f32, (i / cols) as f32);
-        let b = &bbox[i * 4..i * 4 + 4];
-        let (cx, cy) = ((col + b[0]) * s, (row + b[1]) * s);
-        let (w, h) = (b[2].exp() * s, b[3].exp() * s);
-        faces.push(FaceBox { x: cx - w / 2.0, y: cy - h / 2.0, w, h, score });
     }
 }
 

@@ -68,7 +68,9 @@ impl Handler for Detect {
         let bytes = ctx.store.get(&job.key).await?;
         // Each CPU thread loads its detector once, and again only when the accepted parameters change.
         let params = self.params(ctx).await;
-        let found = ctx.blocking(move || Ok(detect::detect_faces(&bytes, &params)?)).await?;
+        // Crops aligned by the eyes want the best landmarks of the faces they take.
+        let crop = ctx.current().stages.crop.params.clone();
+        let found = ctx.blocking(move || Ok(detect::detect_faces_for(&bytes, &params, Some(&crop))?)).await?;
         tracing::debug!(faces = found.faces.len(), "detected");
         metrics::counter!("facepipe_faces_found_total", "stage" => "detect").increment(found.faces.len() as u64);
         if found.detector == Detector::Retinaface {
