@@ -86,7 +86,8 @@ fn floor(photos: &[Vec<u8>], topology: &Topology, threads: usize) -> anyhow::Res
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(bytes) = photos.get(i) else { return Ok(()) };
-                        let found = detect::detect_faces(bytes, d)?;
+                        // As the detect stage does: landmarks measured again when crop aligns.
+                        let found = detect::detect_faces_for(bytes, d, Some(c))?;
                         let chosen = crop::chosen_faces(&found.faces, c);
                         crop::crop_faces(bytes, &found.faces, &chosen, c, d.max_megapixels)?;
                     }
