@@ -658,7 +658,7 @@ fn default_second_pass_sessions() -> usize {
     1
 }
 fn default_uncertain_from() -> f32 {
-    0.5
+    0.65
 }
 fn default_uncertain_to() -> f32 {
     0.8

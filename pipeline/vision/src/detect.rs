@@ -397,14 +397,18 @@ pub fn detect_decoded(decoded: &Decoded, params: &DetectParams, crop: Option<&Cr
 /// Side of the square on which landmarks are refined (a multiple of 32, as both networks want).
 const REFINE_SIDE: i32 = 192;
 
+/// A refinement round that moves the eye line by less than this ends the refinement.
+const SETTLED_DEGREES: f64 = 1.0;
+
 /// Landmarks of `face` (in `input`'s pixels) measured again, for eye alignment.
 ///
 /// YuNet's landmarks lag behind a turned face (measured on portraits turned 30
 /// degrees: the eye line read 4 degrees off level, not 30), and any detector's are
 /// best on an upright face seen large. So the face's neighbourhood (twice its size)
 /// is turned by the current eye angle, enlarged to [`REFINE_SIDE`], and detected
-/// again; its eye angle is the new estimate. Two rounds with RetinaFace, three
-/// with YuNet alone, which closes less of the gap each round. `None` when the
+/// again; its eye angle is the new estimate. At most two rounds with RetinaFace,
+/// three with YuNet alone, which closes less of the gap each round; a round that
+/// barely moves the estimate is the last. `None` when the
 /// detector gives no landmarks (Haar, OpenCV's YuNet) or the face has none.
 fn refine_landmarks(model: &mut Model, params: &DetectParams, input: &Mat, face: &FaceBox) -> Result<Option<Landmarks>, VisionError> {
     let Some(mut landmarks) = face.landmarks else { return Ok(None) };
@@ -453,7 +457,12 @@ fn refine_landmarks(model: &mut Model, params: &DetectParams, input: &Mat, face:
             let (u, v) = (u as f64 - 0.5, v as f64 - 0.5); // landmark coordinates to pixel indices
             [(a * u + b * v + c) as f32, (d * u + e * v + f) as f32]
         };
+        let before = landmarks.eye_angle();
         landmarks = again.landmarks.expect("filtered").map(map);
+        // Seen upright already (the usual photo): a further round would not move it.
+        if (landmarks.eye_angle() - before).abs() < SETTLED_DEGREES {
+            break;
+        }
     }
     Ok(Some(landmarks.map(|[x, y]| [(x as f64 / ax) as f32, (y as f64 / ay) as f32])))
 }
