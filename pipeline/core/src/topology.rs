@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 /// Environment variables that override the file, applied by [`Topology::load`].
 pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("PIPELINE_NATS_URL", "nats.url"),
+    ("PIPELINE_NATS_REPLICAS", "nats.replicas"),
     ("PIPELINE_OBJECT_STORE_URL", "object_store.url"),
     ("PIPELINE_DATABASE_URL", "postgres.url"),
     ("PIPELINE_DETECT_MODEL", "stages.detect.params.model"),
@@ -202,7 +203,9 @@ fn default_uploads_per_minute() -> u32 {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NatsConfig {
-    /// Server URL, e.g. `nats://127.0.0.1:4222`.
+    /// Server URL, e.g. `nats://127.0.0.1:4222`, or a comma-separated list of a
+    /// cluster's servers (as the `nats` CLI's `--server` takes them); the client
+    /// connects to one and fails over to the others.
     pub url: String,
     /// Prefix of stream names: the stage `detect` uses stream `<prefix>_DETECT`.
     #[serde(default = "default_stream_prefix")]
@@ -210,7 +213,8 @@ pub struct NatsConfig {
     /// `file` (survives a server restart) or `memory`.
     #[serde(default)]
     pub storage: StorageKind,
-    /// Stream replicas (1 on a single server).
+    /// Replicas of every stream the pipeline owns (its dead letters included) and of
+    /// the `<prefix>_CONFIG` key-value bucket: 1 on a single server, 3 or 5 in a cluster.
     #[serde(default = "one")]
     pub replicas: usize,
     /// Window in which a repeated `Nats-Msg-Id` is dropped; must cover the retry horizon.
@@ -226,6 +230,13 @@ pub struct NatsConfig {
     /// Authentication and TLS (all optional; secrets best come from the environment).
     #[serde(default)]
     pub auth: NatsAuth,
+}
+
+impl NatsConfig {
+    /// The servers of `url`, one per comma-separated entry.
+    pub fn servers(&self) -> Vec<&str> {
+        self.url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect()
+    }
 }
 
 /// How to authenticate to NATS and secure the connection. A `user:password@`
@@ -530,6 +541,10 @@ pub struct DetectParams {
     /// What runs YuNet.
     #[serde(default)]
     pub engine: InferenceEngine,
+    /// YuNet sessions on ONNX Runtime per detect process, shared by its worker threads
+    /// (each thread takes a free one; with more workers than sessions they take turns).
+    #[serde(default = "default_yunet_sessions")]
+    pub sessions: usize,
     /// ONNX Runtime's shared library (`libonnxruntime.so`, from PyPI's `onnxruntime` wheel;
     /// `scripts/setup` links it at `target/tools/lib/libonnxruntime.so`). Unset: `$ORT_DYLIB_PATH`,
     /// else the loader's search path. Loaded once per process.
@@ -675,6 +690,7 @@ impl Default for DetectParams {
             opencv_model: None,
             opencv_score_threshold: None,
             engine: InferenceEngine::default(),
+            sessions: default_yunet_sessions(),
             onnxruntime: None,
             haar_cascade: default_haar_cascade(),
             fallback: DetectFallback::default(),
@@ -786,6 +802,8 @@ impl Topology {
             if let Some(value) = lookup(var).filter(|v| !v.is_empty()) {
                 match *var {
                     "PIPELINE_NATS_URL" => self.nats.url = value,
+                    // Not a number: 0, which validation refuses with the key's name.
+                    "PIPELINE_NATS_REPLICAS" => self.nats.replicas = value.trim().parse().unwrap_or(0),
                     "PIPELINE_OBJECT_STORE_URL" => self.object_store.url = value,
                     "PIPELINE_DATABASE_URL" => self.postgres.url = value,
                     "PIPELINE_DETECT_MODEL" => self.stages.detect.params.model = Some(value.into()),
@@ -816,8 +834,11 @@ impl Topology {
                 reason: reason.to_string(),
             })
         };
-        if self.nats.url.is_empty() {
-            return invalid("nats.url", "must not be empty");
+        if self.nats.servers().is_empty() {
+            return invalid("nats.url", "must name at least one server");
+        }
+        if !(1..=5).contains(&self.nats.replicas) {
+            return invalid("nats.replicas", "must be 1 to 5 (JetStream's limit; 3 or 5 in a cluster)");
         }
         let auth = &self.nats.auth;
         if auth.user.is_some() != auth.password.is_some() {
@@ -892,6 +913,9 @@ impl Topology {
             return invalid("nats.dead_letter_subject", "not a valid NATS subject");
         }
         let d = &self.stages.detect.params;
+        if d.sessions == 0 {
+            return invalid("stages.detect.params.sessions", "must be at least 1");
+        }
         if !(32..=8192).contains(&d.width) {
             return invalid("stages.detect.params.width", "must be in 32..=8192");
         }
@@ -1186,6 +1210,9 @@ fn default_haar_cascade() -> PathBuf {
 fn default_true() -> bool {
     true
 }
+fn default_yunet_sessions() -> usize {
+    1
+}
 fn default_detect_width() -> u32 {
     640
 }
@@ -1385,6 +1412,26 @@ mod tests {
         assert_eq!(t.nats.url, "nats://10.0.0.1:4222");
         assert_eq!(t.postgres.url, "postgres://u:secret@db/x");
         assert!(t.object_store.url.starts_with("file://"));
+    }
+
+    #[test]
+    fn a_cluster_is_a_server_list_with_replicas_from_one_to_five() {
+        let mut t = Topology::parse(&repo_topology()).unwrap();
+        t.apply_env(|k| match k {
+            "PIPELINE_NATS_URL" => Some("nats://127.0.0.1:4222, nats://127.0.0.1:4223,nats://127.0.0.1:4224".into()),
+            "PIPELINE_NATS_REPLICAS" => Some("3".into()),
+            _ => None,
+        });
+        assert_eq!(t.nats.servers(), ["nats://127.0.0.1:4222", "nats://127.0.0.1:4223", "nats://127.0.0.1:4224"]);
+        assert_eq!(t.nats.replicas, 3);
+        t.validate().unwrap();
+        for bad in [0, 6] {
+            t.nats.replicas = bad;
+            assert!(t.validate().unwrap_err().to_string().contains("nats.replicas"), "{bad}");
+        }
+        t.nats.replicas = 1;
+        t.nats.url = " , ".into();
+        assert!(t.validate().unwrap_err().to_string().contains("nats.url"));
     }
 
     #[test]

@@ -15,9 +15,10 @@
 //! crops by the eyes, the landmarks of the faces it will crop are measured again on the
 //! face turned upright ([`detect_faces_for`]), since YuNet's own lag behind a turned face.
 //!
-//! YuNet is built once per worker thread and reused (only its input size changes
-//! between images), since loading the network costs far more than running it on one
-//! image. RetinaFace is loaded once per process and shared (see [`RetinaFace`]).
+//! YuNet on ONNX Runtime and RetinaFace are loaded once per process and shared by
+//! its worker threads ([`Shared`]: `sessions` and `second_pass.sessions` each, one by
+//! default), since a session's working memory is its largest cost; only the input
+//! size changes between images. YuNet on OpenCV and Haar are built once per thread.
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -34,6 +35,7 @@ use facepipe_core::domain::Detector;
 use facepipe_core::messages::{FaceBox, Landmarks};
 use facepipe_core::telemetry::Step;
 use super::retinaface::RetinaFace;
+use super::onnx::Shared;
 use super::yunet::OrtYunet;
 use facepipe_core::topology::{CropAlign, CropParams, DetectFallback, DetectParams, DetectorKind, InferenceEngine};
 
@@ -52,8 +54,8 @@ pub struct Detection {
 
 enum Model {
     YunetOrt {
-        /// The first pass.
-        yunet: Box<OrtYunet>,
+        /// The first pass, shared by the process's threads.
+        yunet: Arc<Shared<OrtYunet>>,
         /// The second pass, shared by the process's threads, when on and loaded.
         second: Option<Arc<RetinaFace>>,
         /// This thread's input buffer for the second pass.
@@ -82,6 +84,17 @@ struct SecondPassKey {
     sessions: usize,
 }
 
+/// What the shared YuNet sessions were loaded from; a live change to any of it loads others.
+#[derive(Debug, Clone, PartialEq)]
+struct YunetKey {
+    model: PathBuf,
+    library: Option<PathBuf>,
+    sessions: usize,
+}
+
+/// The process's YuNet sessions on ONNX Runtime, shared by every worker thread.
+static YUNET: Mutex<Option<(YunetKey, Arc<Shared<OrtYunet>>)>> = Mutex::new(None);
+
 /// The process's RetinaFace, shared by every worker thread.
 static SECOND_PASS: Mutex<Option<(SecondPassKey, Arc<RetinaFace>)>> = Mutex::new(None);
 
@@ -100,7 +113,7 @@ fn load(params: &DetectParams) -> Result<Model, VisionError> {
     let mut attempts = Vec::new();
     if params.engine == InferenceEngine::Onnxruntime {
         match params.model.as_deref() {
-            Some(path) if path.is_file() => match OrtYunet::load(path, params.onnxruntime.as_deref()) {
+            Some(path) if path.is_file() => match shared_yunet(path, params) {
                 Ok(yunet) => {
                     let second = match shared_second_pass(params) {
                         Ok(second) => second,
@@ -109,7 +122,7 @@ fn load(params: &DetectParams) -> Result<Model, VisionError> {
                             None
                         }
                     };
-                    return Ok(Model::YunetOrt { yunet: Box::new(yunet), second, second_input: Vec::new() });
+                    return Ok(Model::YunetOrt { yunet, second, second_input: Vec::new() });
                 }
                 Err(e) => {
                     // Same network, same quality floor, only slower: announced, not refused.
@@ -162,6 +175,22 @@ fn load(params: &DetectParams) -> Result<Model, VisionError> {
             "YuNet does not load: {why} (fix stages.detect.params.model, or name a fallback with stages.detect.params.fallback = \"haar\")"
         ))),
     }
+}
+
+/// The process's YuNet sessions for `model` (loaded on first use).
+fn shared_yunet(model: &Path, params: &DetectParams) -> Result<Arc<Shared<OrtYunet>>, VisionError> {
+    let key = YunetKey { model: model.to_path_buf(), library: params.onnxruntime.clone(), sessions: params.sessions.max(1) };
+    // Held while loading, so threads starting together load them once.
+    let mut shared = YUNET.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((loaded, yunet)) = shared.as_ref() {
+        if *loaded == key {
+            return Ok(yunet.clone());
+        }
+    }
+    let sessions = (0..key.sessions).map(|_| OrtYunet::load(model, params.onnxruntime.as_deref())).collect::<Result<Vec<_>, _>>()?;
+    let yunet = Arc::new(Shared::new(sessions));
+    *shared = Some((key, yunet.clone()));
+    Ok(yunet)
 }
 
 /// The process's RetinaFace for `second_pass` (loaded on first use, after its checksum),
@@ -349,7 +378,7 @@ pub fn detect_decoded(decoded: &Decoded, params: &DetectParams, crop: Option<&Cr
         let raw = match model {
             Model::YunetOrt { yunet, second, second_input } => match (second, params.second_pass.active()) {
                 (Some(retinaface), Some(pass)) => {
-                    let boxes = yunet.detect(&input, params.score_threshold.min(pass.uncertain_from), params.nms_threshold)?;
+                    let boxes = yunet.get().detect(&input, params.score_threshold.min(pass.uncertain_from), params.nms_threshold)?;
                     if boxes.iter().any(|b| pass.is_uncertain(b.score)) {
                         detector = Detector::Retinaface;
                         retinaface.detect(second_input, &input, pass.score_threshold)?
@@ -357,7 +386,7 @@ pub fn detect_decoded(decoded: &Decoded, params: &DetectParams, crop: Option<&Cr
                         boxes.into_iter().filter(|b| b.score >= params.score_threshold).collect()
                     }
                 }
-                _ => yunet.detect(&input, params.score_threshold, params.nms_threshold)?,
+                _ => yunet.get().detect(&input, params.score_threshold, params.nms_threshold)?,
             },
             Model::Yunet(net) => run_yunet(net, &input)?,
             Model::Haar(cascade) => run_haar(cascade, &input)?,
@@ -441,7 +470,7 @@ fn refine_landmarks(model: &mut Model, params: &DetectParams, input: &Mat, face:
                 let threshold = params.second_pass.score_threshold;
                 retinaface.detect(second_input, &region, threshold)?
             }
-            None => yunet.detect(&region, params.score_threshold.min(0.5), params.nms_threshold)?,
+            None => yunet.get().detect(&region, params.score_threshold.min(0.5), params.nms_threshold)?,
         };
         // The face nearest the middle, and not a small one beside it.
         let centre_distance = |f: &FaceBox| ((f.x + f.w / 2.0) as f64 - n / 2.0).hypot((f.y + f.h / 2.0) as f64 - n / 2.0);

@@ -10,12 +10,9 @@
 //! `x1, y1, x2, y2` as fractions of the input, five landmarks (`x, y` fractions, in
 //! YuNet's order: eye on the image's left first), a landmark flag, and the score.
 //!
-//! ONNX Runtime allows concurrent runs on one session, but `ort` takes the
-//! session mutably to run it, so sharing goes through a lock per session.
+//! A process's worker threads share its sessions through [`onnx::Shared`].
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
 
 use opencv::core::Mat;
 use opencv::prelude::*;
@@ -36,9 +33,7 @@ const ROW: usize = 16;
 /// working memory (about 100 MiB at 640 px) is its largest cost, so threads
 /// share sessions rather than each holding its own.
 pub struct RetinaFace {
-    sessions: Vec<Mutex<Session>>,
-    /// Where the next caller starts looking for a free session.
-    next: AtomicUsize,
+    sessions: onnx::Shared<Session>,
 }
 
 impl RetinaFace {
@@ -55,9 +50,9 @@ impl RetinaFace {
                     model.display()
                 )));
             }
-            loaded.push(Mutex::new(session));
+            loaded.push(session);
         }
-        Ok(Self { sessions: loaded, next: AtomicUsize::new(0) })
+        Ok(Self { sessions: onnx::Shared::new(loaded) })
     }
 
     /// Sessions loaded.
@@ -75,7 +70,7 @@ impl RetinaFace {
         let tensor = TensorRef::from_array_view(([1usize, ph, pw, 3], input.as_slice()))
             .map_err(|e| VisionError::Inference(e.to_string()))?;
         let rows = {
-            let mut session = self.free_session();
+            let mut session = self.sessions.get();
             let outputs = session.run(ort::inputs![INPUT => tensor]).map_err(|e| VisionError::Inference(e.to_string()))?;
             let (_, rows) = outputs[OUTPUT].try_extract_tensor::<f32>().map_err(|e| VisionError::Inference(e.to_string()))?;
             rows.to_vec()
@@ -95,19 +90,6 @@ impl RetinaFace {
             })
             .filter(|f| f.w > 0.0 && f.h > 0.0)
             .collect())
-    }
-
-    /// A session no other thread is running, else the next one in turn (waiting for it).
-    fn free_session(&self) -> MutexGuard<'_, Session> {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let n = self.sessions.len();
-        for i in 0..n {
-            if let Ok(session) = self.sessions[(start + i) % n].try_lock() {
-                return session;
-            }
-        }
-        // A panic inside a run leaves the session itself usable.
-        self.sessions[start % n].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

@@ -24,7 +24,8 @@ use super::onnx::{self, non_maximum_suppression};
 use super::VisionError;
 use facepipe_core::messages::{FaceBox, Landmarks};
 
-/// YuNet on ONNX Runtime, for one worker thread.
+/// YuNet on ONNX Runtime: one session and its buffers, run by one thread at a time
+/// (a process shares a few through [`onnx::Shared`]).
 pub struct OrtYunet {
     session: Session,
     /// Which YuNet the file holds: the two releases decode their outputs differently.
