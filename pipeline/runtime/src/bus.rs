@@ -17,6 +17,9 @@ use facepipe_core::redact::redact_url;
 use facepipe_core::topology::{NatsAuth, NatsConfig, StageBand, StageName, StorageKind, Topology};
 
 
+/// How long a readiness check waits for JetStream.
+const JETSTREAM_CHECK: Duration = Duration::from_secs(2);
+
 /// Why a NATS operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -87,10 +90,15 @@ impl Bus {
         use async_nats::ConnectErrorKind as Kind;
         let connect_error = |source: Cause| BusError::Connect { url: redact_url(url), source };
         // async-nats ignores credentials in the URL; take them from there ourselves.
-        let (url, auth) = &credentials_from_url(url, auth);
+        let (servers, auth) = &credentials_from_urls(url, auth);
+        let servers = servers
+            .iter()
+            .map(|s| s.parse::<async_nats::ServerAddr>().map_err(|e| connect_error(format!("{}: {e}", redact_url(s)).into())))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut delay = Duration::from_millis(250);
         loop {
-            match connect_options(auth, name).await.map_err(|e| connect_error(e.into()))?.connect(url.as_str()).await {
+            // Given several servers (a cluster), the client picks one and fails over to the others.
+            match connect_options(auth, name).await.map_err(|e| connect_error(e.into()))?.connect(servers.as_slice()).await {
                 Ok(client) => {
                     let js = jetstream::new(client.clone());
                     return Ok(Self { client, js });
@@ -108,6 +116,27 @@ impl Bus {
     /// True while the client is connected to a server.
     pub fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// `Ok` while connected and JetStream serves `stream` (its leader answers), else
+    /// why not. In a cluster that has lost its quorum the connection stands but
+    /// JetStream cannot serve, and this says so.
+    pub async fn check(&self, stream: &str) -> Result<(), String> {
+        if !self.is_connected() {
+            return Err("not connected to NATS".into());
+        }
+        // Stream info rather than account info: nats-server 2.9's account info does not parse here.
+        let info = async {
+            let mut s = self.js.get_stream(stream).await.map_err(|e| e.to_string())?;
+            s.info().await.map(|_| ()).map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(JETSTREAM_CHECK, info).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("JetStream unavailable for stream {stream}: {e}")),
+            Err(_) => Err(format!(
+                "JetStream unavailable for stream {stream}: no answer within {JETSTREAM_CHECK:?} (a cluster without a quorum?)"
+            )),
+        }
     }
 
     /// Publishes with a `Nats-Msg-Id` and waits for the server's acknowledgement,
@@ -169,6 +198,19 @@ impl Bus {
         }
         Ok(out)
     }
+}
+
+/// The servers of a comma-separated list, each without credentials, and the auth
+/// settings with the first credentials any of them carried (see [`credentials_from_url`]).
+fn credentials_from_urls(urls: &str, auth: &NatsAuth) -> (Vec<String>, NatsAuth) {
+    let mut auth = auth.clone();
+    let mut servers = Vec::new();
+    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let (server, with) = credentials_from_url(url, &auth);
+        servers.push(server);
+        auth = with;
+    }
+    (servers, auth)
 }
 
 /// Moves `user:password@` (or a lone `token@`) from the URL into the auth
@@ -369,6 +411,11 @@ fn is_not_found(e: &impl std::fmt::Display) -> bool {
     e.to_string().to_lowercase().contains("not found")
 }
 
+/// A stream's line in the plan, with its replicas (so a dry run shows them).
+fn stream_target(config: &stream::Config) -> String {
+    format!("stream {} (replicas {})", config.name, config.num_replicas)
+}
+
 /// Compares the streams and consumers a topology describes with the server's.
 pub async fn plan(bus: &Bus, topology: &Topology) -> Result<Vec<PlanItem>, BusError> {
     let mut items = Vec::new();
@@ -376,7 +423,7 @@ pub async fn plan(bus: &Bus, topology: &Topology) -> Result<Vec<PlanItem>, BusEr
         StageName::ALL.iter().map(|s| stage_stream(topology, *s)).collect();
     streams.push(dead_letter_stream(topology));
     for want in &streams {
-        let target = format!("stream {}", want.name);
+        let target = stream_target(want);
         let action = match bus.js.get_stream(&want.name).await {
             Ok(mut s) => {
                 let info = s.info().await.map_err(|e| setup(&target, e))?;
@@ -421,7 +468,7 @@ pub async fn apply(bus: &Bus, topology: &Topology, plan: &[PlanItem]) -> Result<
         StageName::ALL.iter().map(|s| stage_stream(topology, *s)).collect();
     streams.push(dead_letter_stream(topology));
     for want in streams {
-        let target = format!("stream {}", want.name);
+        let target = stream_target(&want);
         match plan.iter().find(|i| i.target == target).map(|i| &i.action) {
             Some(Action::Create) => {
                 bus.js.create_stream(want).await.map_err(|e| setup(&target, e))?;
@@ -475,6 +522,13 @@ mod tests {
         assert_eq!(auth.token.as_deref(), Some("s3cr3t"));
         let (url, auth) = credentials_from_url("nats://host:4222", &NatsAuth::default());
         assert_eq!((url.as_str(), auth), ("nats://host:4222", NatsAuth::default()));
+    }
+
+    #[test]
+    fn a_server_list_gives_every_server_and_the_credentials_once() {
+        let (servers, auth) = credentials_from_urls("nats://u:p@h1:4222, nats://u:p@h2:4223,nats://h3:4224", &NatsAuth::default());
+        assert_eq!(servers, ["nats://h1:4222", "nats://h2:4223", "nats://h3:4224"]);
+        assert_eq!((auth.user.as_deref(), auth.password.as_deref()), (Some("u"), Some("p")));
     }
 
     #[test]

@@ -44,10 +44,11 @@ pub trait Handler: Send + Sync + 'static {
         delivery: Delivery,
     ) -> impl Future<Output = Result<Handled, StageError>> + Send;
 
-    /// True when every service this stage needs is reachable. The default checks
-    /// NATS; stages that use PostgreSQL also ping it.
-    fn ready(&self, ctx: &Ctx) -> impl Future<Output = bool> + Send {
-        async move { ctx.bus.is_connected() }
+    /// `Ok` when every service this stage needs is reachable, else why not (shown
+    /// by `/readyz`). The default checks NATS and JetStream; stages that use
+    /// PostgreSQL also ping it.
+    fn ready(&self, ctx: &Ctx) -> impl Future<Output = Result<(), String>> + Send {
+        async move { ctx.bus.check(&ctx.topology.stream_name(ctx.stage)).await }
     }
 
     /// Records that a message failed for good, after it was dead-lettered and

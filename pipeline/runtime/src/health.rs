@@ -19,6 +19,8 @@ pub struct Health {
     ready: AtomicBool,
     /// Set when the stage refuses to serve at all (its configuration cannot work).
     refused: std::sync::Mutex<Option<String>>,
+    /// Why the stage is not ready for now (a service it needs does not answer).
+    waiting_for: std::sync::Mutex<Option<String>>,
     /// Something the stage serves without, which readiness mentions (a part of its configuration it runs without).
     degraded: std::sync::Mutex<Option<String>>,
 }
@@ -27,6 +29,20 @@ impl Health {
     /// Marks the stage ready (pulling work) or not.
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
+        if ready {
+            *self.waiting_for.lock().expect("health lock") = None;
+        }
+    }
+
+    /// Ready, or not ready because of `why` (a service it waits for), which `/readyz` shows.
+    pub fn set_services(&self, services: Result<(), String>) {
+        match services {
+            Ok(()) => self.set_ready(true),
+            Err(why) => {
+                self.set_ready(false);
+                *self.waiting_for.lock().expect("health lock") = Some(why);
+            }
+        }
     }
 
     /// True while the stage pulls work.
@@ -57,7 +73,10 @@ impl Health {
                 None => (StatusCode::OK, "ready\n".to_string()),
             }
         } else {
-            (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string())
+            match self.waiting_for.lock().expect("health lock").as_ref() {
+                Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: waiting: {why}\n")),
+                None => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string()),
+            }
         }
     }
 }

@@ -69,7 +69,16 @@ pub async fn stored(bus: &Bus, topology: &Topology) -> Result<Option<Topology>, 
 pub async fn publish(bus: &Bus, topology: &Topology) -> Result<u64, BusError> {
     let name = bucket(topology);
     let kv = match bus.js.get_key_value(&name).await {
-        Ok(kv) => kv,
+        Ok(kv) => {
+            // A change of `nats.replicas` applies to the bucket as to the streams, in place.
+            let mut stream = bus.js.get_stream(format!("KV_{name}")).await.map_err(|e| setup(&name, e))?;
+            let config = stream.info().await.map_err(|e| setup(&name, e))?.config.clone();
+            if config.num_replicas != topology.nats.replicas {
+                let config = async_nats::jetstream::stream::Config { num_replicas: topology.nats.replicas, ..config };
+                bus.js.update_stream(config).await.map_err(|e| setup(&name, e))?;
+            }
+            kv
+        }
         Err(_) => {
             // The bucket's stream, made directly with the key-value conventions:
             // `create_key_value` first queries the account, whose answer from

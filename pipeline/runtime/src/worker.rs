@@ -135,6 +135,7 @@ pub async fn run<H: Handler>(
             Ok(messages) => messages,
             Err(e) => {
                 tracing::warn!(error = %e, "pull failed; retrying");
+                ctx.health.set_services(Err(format!("pulling from JetStream failed: {e}")));
                 worker.degraded.store(true, Ordering::SeqCst);
                 tokio::select! {
                     _ = tokio::time::sleep(PULL_EXPIRES) => continue 'pull,
@@ -200,12 +201,12 @@ impl<H: Handler> Worker<H> {
     async fn wait_ready(&self) {
         let mut delay = Duration::from_millis(100);
         let mut warned = false;
-        while !self.handler.ready(&self.ctx).await {
-            self.ctx.health.set_ready(false);
+        while let Err(why) = self.handler.ready(&self.ctx).await {
             if !warned {
-                tracing::warn!(stage = %self.ctx.stage, "a service is unavailable; pausing until it is back");
+                tracing::warn!(stage = %self.ctx.stage, reason = %why, "a service is unavailable; pausing until it is back");
                 warned = true;
             }
+            self.ctx.health.set_services(Err(why));
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(5));
         }
@@ -273,7 +274,7 @@ impl<H: Handler> Worker<H> {
                     // dead letter: wait for the services and try again in place.
                     Err(e) if !e.is_permanent()
                         && i64::from(attempt) >= settings.max_deliver
-                        && !self.handler.ready(ctx).await =>
+                        && self.handler.ready(ctx).await.is_err() =>
                     {
                         tracing::warn!(parent: &span, error = %e, "last attempt failed during an outage; waiting for the service");
                         self.wait_ready().await;
@@ -367,8 +368,8 @@ const READINESS_PROBE: Duration = Duration::from_secs(2);
 async fn probe_readiness<H: Handler>(worker: Arc<Worker<H>>) {
     loop {
         tokio::time::sleep(READINESS_PROBE).await;
-        let ready = worker.handler.ready(&worker.ctx).await;
-        worker.ctx.health.set_ready(ready);
+        let services = worker.handler.ready(&worker.ctx).await;
+        worker.ctx.health.set_services(services);
     }
 }
 

@@ -140,12 +140,13 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
         let child = Command::new(nats_server_bin())
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(self.store_dir.path())
             .args(&self.extra_args)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start nats-server (set NATS_SERVER_BIN)");
         self.child = Some(child);
@@ -156,6 +157,45 @@ impl NatsServer {
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
+    }
+
+    /// Where the server's log goes (beside its store).
+    pub fn log_path(&self) -> PathBuf {
+        self.store_dir.path().join("server.log")
+    }
+
+    /// The server's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Kills the server (SIGKILL), keeping its port and storage for [`NatsServer::start_again`].
+    pub fn kill(&mut self) {
+        self.stop();
+    }
+
+    /// Stops the server as an operator would (SIGTERM: it shuts down in order), keeping
+    /// its port and storage.
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            if wait_exit(&mut child, Duration::from_secs(30)).is_err() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    /// Starts a stopped server again on the same port and storage.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        self.spawn();
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     fn stop(&mut self) {
@@ -170,6 +210,49 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A JetStream cluster of `n` nats-server processes on loopback ports, named `n0`,
+/// `n1`, ..., each with its own store directory, with routes to the others.
+pub fn start_cluster(n: usize) -> Vec<NatsServer> {
+    let route_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    (0..n)
+        .map(|i| {
+            let routes: Vec<String> =
+                route_ports.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, p)| format!("nats://127.0.0.1:{p}")).collect();
+            let (name, listen, routes) = (format!("n{i}"), format!("nats://127.0.0.1:{}", route_ports[i]), routes.join(","));
+            NatsServer::start_with_args(&["--server_name", &name, "--cluster_name", "facepipe", "--cluster", &listen, "--routes", &routes])
+        })
+        .collect()
+}
+
+/// Waits until JetStream answers on `url` (a cluster elects its leader first); false after `timeout`.
+pub async fn wait_for_jetstream(url: &str, timeout: Duration) -> bool {
+    let start = Instant::now();
+    let mut last = String::new();
+    while start.elapsed() < timeout {
+        match tokio::time::timeout(Duration::from_secs(2), async_nats::connect(url)).await {
+            Ok(Ok(client)) => {
+                // The raw API answer, which parses on every server version.
+                match tokio::time::timeout(Duration::from_secs(2), client.request("$JS.API.INFO", "".into())).await {
+                    Ok(Ok(reply)) => {
+                        let answer: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
+                        match answer.get("error") {
+                            None => return true,
+                            Some(e) => last = e.to_string(),
+                        }
+                    }
+                    Ok(Err(e)) => last = e.to_string(),
+                    Err(_) => last = "no answer".into(),
+                }
+            }
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => last = "connect timed out".into(),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("JetStream at {url}: {last}");
+    false
 }
 
 /// A fresh PostgreSQL database, dropped on drop.
@@ -294,6 +377,8 @@ pub struct Deployment {
     pub nats: NatsServer,
     /// Extra environment for stage processes (e.g. fault-injection hooks).
     pub stage_env: Vec<(String, String)>,
+    /// The other nodes when NATS is a cluster ([`Deployment::start_clustered`]); `nats` is the first.
+    pub peers: Vec<NatsServer>,
     spawned: usize,
 }
 
@@ -305,14 +390,44 @@ impl Deployment {
 
     /// Like [`Deployment::start`], with extra environment for the stage processes.
     pub async fn start_with_env(edit: impl FnOnce(&mut Topology), stage_env: Vec<(String, String)>) -> Self {
-        let nats = NatsServer::start();
+        Self::start_on(NatsServer::start(), Vec::new(), edit, stage_env).await
+    }
+
+    /// Like [`Deployment::start`], on a 3-node JetStream cluster: `nats.url` lists all
+    /// three servers and every stream has 3 replicas.
+    pub async fn start_clustered(edit: impl FnOnce(&mut Topology)) -> Self {
+        let mut nodes = start_cluster(3);
+        let first = nodes.remove(0);
+        if !wait_for_jetstream(&first.url, Duration::from_secs(30)).await {
+            let logs: Vec<String> = std::iter::once(&first).chain(&nodes).map(|n| n.log_text()).collect();
+            panic!("the cluster's JetStream is not ready after 30 s:\n{}", logs.join("\n----\n"));
+        }
+        Self::start_on(first, nodes, |t| {
+            t.nats.replicas = 3;
+            edit(t)
+        }, Vec::new())
+        .await
+    }
+
+    /// Node `i` of the cluster (0 is `nats`).
+    pub fn node(&mut self, i: usize) -> &mut NatsServer {
+        if i == 0 { &mut self.nats } else { &mut self.peers[i - 1] }
+    }
+
+    /// Every NATS server URL, comma-separated (one unless clustered).
+    pub fn nats_urls(&self) -> String {
+        std::iter::once(&self.nats).chain(&self.peers).map(|n| n.url.clone()).collect::<Vec<_>>().join(",")
+    }
+
+    async fn start_on(nats: NatsServer, peers: Vec<NatsServer>, edit: impl FnOnce(&mut Topology), stage_env: Vec<(String, String)>) -> Self {
         let db = TestDb::create().await;
         let dir = tempfile::tempdir().unwrap();
-        let mut topology = test_topology(&nats.url, &db.url, &dir.path().join("objects"));
+        let urls = std::iter::once(&nats).chain(&peers).map(|n| n.url.clone()).collect::<Vec<_>>().join(",");
+        let mut topology = test_topology(&urls, &db.url, &dir.path().join("objects"));
         edit(&mut topology);
         let topology_path = dir.path().join("topology.toml");
         std::fs::write(&topology_path, toml::to_string(&topology).unwrap()).unwrap();
-        let mut deployment = Self { stages: Vec::new(), topology, topology_path, dir, db, nats, stage_env, spawned: 0 };
+        let mut deployment = Self { stages: Vec::new(), topology, topology_path, dir, db, nats, stage_env, peers, spawned: 0 };
         let out = deployment.cli(&["apply"]);
         assert!(out.status.success(), "apply failed: {}", String::from_utf8_lossy(&out.stderr));
         for stage in StageName::ALL {

@@ -36,8 +36,9 @@ pub struct Extract {
 impl Handler for Extract {
     type Input = ExtractJob;
 
-    async fn ready(&self, ctx: &Ctx) -> bool {
-        ctx.bus.is_connected() && self.db.ping().await.is_ok()
+    async fn ready(&self, ctx: &Ctx) -> Result<(), String> {
+        ctx.bus.check(&ctx.topology.stream_name(ctx.stage)).await?;
+        self.db.ping().await.map_err(|e| format!("PostgreSQL does not answer: {e}"))
     }
 
     async fn handle(&self, ctx: &Ctx, job: ExtractJob, delivery: Delivery) -> Result<Handled, StageError> {

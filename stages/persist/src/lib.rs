@@ -13,8 +13,9 @@ pub struct Persist {
 impl Handler for Persist {
     type Input = Outcome;
 
-    async fn ready(&self, ctx: &Ctx) -> bool {
-        ctx.bus.is_connected() && self.db.ping().await.is_ok()
+    async fn ready(&self, ctx: &Ctx) -> Result<(), String> {
+        ctx.bus.check(&ctx.topology.stream_name(ctx.stage)).await?;
+        self.db.ping().await.map_err(|e| format!("PostgreSQL does not answer: {e}"))
     }
 
     async fn handle(&self, ctx: &Ctx, outcome: Outcome, _: Delivery) -> Result<Handled, StageError> {
