@@ -259,6 +259,7 @@ fn deployment_files_are_valid() {
     let toml: String = block.lines().map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l))).collect();
     let topology = Topology::parse(&toml).unwrap_or_else(|e| panic!("deploy/kubernetes/topology.yaml: {e}"));
     topology.validate().unwrap();
+    assert_eq!((topology.nats.servers().len(), topology.nats.replicas), (3, 3), "a 3-node JetStream cluster, streams replicated 3x");
     for stage in StageName::ALL {
         assert_eq!(topology.stage(stage).metrics_addr, Some("0.0.0.0:9100"), "{stage} listens where the probes look");
     }
