@@ -158,8 +158,7 @@ async fn extract_job_that_crashes_every_time_fails_its_batch() {
     client.publish("faces.extract", job.into()).await.unwrap();
     client.flush().await.unwrap();
 
-    let (c, conn) = tokio_postgres::connect(&d.db.url, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
+    let c = d.db.client().await;
     let started = Instant::now();
     let (status, error) = loop {
         d.restart_exited();

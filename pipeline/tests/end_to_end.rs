@@ -153,8 +153,7 @@ async fn job_published_by_hand_without_batch_id_makes_exactly_one_batch() {
     let batch = loop {
         let out = d.cli(&["status", "nonexistent"]);
         assert!(!out.status.success(), "unknown batches are an error");
-        let (c, conn) = tokio_postgres::connect(&d.db.url, tokio_postgres::NoTls).await.unwrap();
-        tokio::spawn(conn);
+        let c = d.db.client().await;
         let rows = c.query("SELECT batch_id FROM batches WHERE project_id = 'proj-123'", &[]).await.unwrap();
         if let Some(row) = rows.first() {
             assert_eq!(rows.len(), 1);
@@ -247,8 +246,7 @@ async fn malformed_messages_are_dead_lettered_and_workers_keep_serving() {
     assert!(extract.error.contains("not found"), "{extract:?}");
 
     // The failed extract job is a failed batch with its reason.
-    let (c, conn) = tokio_postgres::connect(&d.db.url, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
+    let c = d.db.client().await;
     let row = c.query_one("SELECT status, error FROM batches WHERE project_id = 'p'", &[]).await.unwrap();
     assert_eq!(row.get::<_, String>(0), "failed");
     assert!(row.get::<_, String>(1).contains("not found"));

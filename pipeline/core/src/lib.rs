@@ -11,12 +11,14 @@
 //! - [`messages`]: the JSON message of each subject.
 //! - [`keys`]: deterministic object keys, ids and `Nats-Msg-Id`s; the one owner of the key layout.
 //! - [`retry`]: transient or permanent, as each error type classifies itself.
+//! - [`postgres_tls`]: `sslmode` and `sslrootcert` in the PostgreSQL URL, read as libpq reads them.
 //! - [`redact`]: hiding credentials in URLs before they are shown.
 //! - [`telemetry`]: metric names and buckets, per-step timing, object bytes.
 
 pub mod domain;
 pub mod keys;
 pub mod messages;
+pub mod postgres_tls;
 pub mod redact;
 pub mod retry;
 pub mod telemetry;

@@ -847,6 +847,10 @@ impl Topology {
         if auth.tls_cert.is_some() != auth.tls_key.is_some() {
             return invalid("nats.auth", "`tls_cert` and `tls_key` go together");
         }
+        // sslmode and sslrootcert, as the processes will read them (the message never holds the URL).
+        if let Err(e) = crate::postgres_tls::PgTls::validate(&self.postgres.url) {
+            return invalid("postgres.url", &e.to_string());
+        }
         if !is_token(&self.nats.stream_prefix) {
             return invalid("nats.stream_prefix", "use letters, digits, '-' or '_'");
         }
@@ -1374,6 +1378,24 @@ mod tests {
         t.validate().unwrap();
         let off = Topology::parse(&repo_topology().replace("\nenabled = true", "\nenabled = false")).unwrap();
         assert!(off.stages.detect.params.second_pass.active().is_none());
+    }
+
+    #[test]
+    fn database_tls_settings_are_checked() {
+        let mut t = Topology::parse(&repo_topology()).unwrap();
+        let err = |t: &Topology| t.validate().unwrap_err().to_string();
+        t.postgres.url = "postgres://u:pg-secret@db/x?sslmode=verify".into();
+        let e = err(&t);
+        assert!(e.starts_with("invalid topology: `postgres.url`: unknown sslmode `verify`"), "{e}");
+        assert!(!e.contains("pg-secret"), "{e}");
+        t.postgres.url = "postgres://u@db/x?sslmode=verify-full".into();
+        assert!(err(&t).contains("sslmode=verify-full verifies the server's certificate and needs sslrootcert"));
+        t.postgres.url = "postgres://u@db/x?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem".into();
+        assert!(err(&t).contains("sslrootcert /nonexistent/ca.pem: cannot read it"));
+        t.postgres.url = "postgres://u@db/x?sslmode=require".into();
+        t.validate().unwrap();
+        t.postgres.url = "postgres://u@db/x?sslmode=verify-full&sslrootcert=system".into();
+        t.validate().unwrap();
     }
 
     #[test]

@@ -5,9 +5,11 @@
 //! move in the same transaction, so redelivered outcomes change nothing, and a
 //! batch flips to `completed` by a conditional update that succeeds only once.
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod};
 use serde::Serialize;
-use tokio_postgres::NoTls;
+
+use crate::postgres_tls::{handshake_failure, HandshakeFailure, Target};
+pub use crate::postgres_tls::TlsSetupError;
 
 use facepipe_core::domain::{BatchStatus, Detector, ImageStatus, Priority, StageName};
 use facepipe_core::messages::{FaceBox, Outcome};
@@ -33,12 +35,34 @@ pub enum DbError {
     /// The URL could not be parsed.
     #[error("invalid database url: {0}")]
     Config(String),
+    /// TLS to the server could not be set up from the URL (`sslmode`, `sslrootcert`).
+    #[error("database TLS settings: {0}")]
+    TlsSetup(#[from] TlsSetupError),
+    /// The server's certificate failed verification (wrong CA, host name, expired...).
+    #[error("TLS to PostgreSQL failed: the server's certificate could not be verified: {reason}")]
+    CertificateNotVerified {
+        /// Why, in words.
+        reason: String,
+        /// tokio-postgres's error.
+        source: tokio_postgres::Error,
+    },
+    /// The URL's `sslmode` requires TLS and the server does not offer it.
+    #[error("TLS to PostgreSQL failed: the server does not support TLS, and the URL's sslmode requires it")]
+    ServerWithoutTls(#[source] tokio_postgres::Error),
+    /// Another TLS failure in the handshake (protocol version, an alert from the server).
+    #[error("TLS to PostgreSQL failed: {reason}")]
+    TlsHandshake {
+        /// Why, in words.
+        reason: String,
+        /// tokio-postgres's error.
+        source: tokio_postgres::Error,
+    },
     /// No connection could be had from the pool.
     #[error("database unavailable: {0}")]
-    Pool(#[from] deadpool_postgres::PoolError),
+    Pool(#[source] PoolError),
     /// A statement failed.
     #[error("database query failed: {0}")]
-    Query(#[from] tokio_postgres::Error),
+    Query(#[source] tokio_postgres::Error),
     /// The schema migrations could not be applied.
     #[error("schema migration failed: {0}")]
     Migration(#[from] refinery::Error),
@@ -62,7 +86,9 @@ impl DbError {
     /// True when retrying cannot help.
     pub fn is_permanent(&self) -> bool {
         match self {
-            Self::Config(_) | Self::UnknownImage { .. } => true,
+            // Refused certificates and servers without TLS stay transient, as refused
+            // passwords do: the server's side may be fixed while the process waits.
+            Self::Config(_) | Self::TlsSetup(_) | Self::UnknownImage { .. } => true,
             // Migrations that disagree with the database's history will not agree later.
             Self::Migration(e) => !matches!(e.kind(), refinery::error::Kind::Connection(..)),
             _ => false,
@@ -81,25 +107,54 @@ impl facepipe_core::retry::Classify for DbError {
     }
 }
 
+/// A TLS failure in words, or the error as it was.
+fn tls_or(e: tokio_postgres::Error, otherwise: impl FnOnce(tokio_postgres::Error) -> DbError) -> DbError {
+    match handshake_failure(&e) {
+        Some(HandshakeFailure::ServerWithoutTls) => DbError::ServerWithoutTls(e),
+        Some(HandshakeFailure::Certificate(reason)) => DbError::CertificateNotVerified { reason, source: e },
+        Some(HandshakeFailure::Other(reason)) => DbError::TlsHandshake { reason, source: e },
+        None => otherwise(e),
+    }
+}
+
+impl From<tokio_postgres::Error> for DbError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        tls_or(e, Self::Query)
+    }
+}
+
+/// A pool whose new connection failed in the TLS handshake says why.
+impl From<PoolError> for DbError {
+    fn from(e: PoolError) -> Self {
+        match e {
+            PoolError::Backend(e) => tls_or(e, |e| Self::Pool(PoolError::Backend(e))),
+            e => Self::Pool(e),
+        }
+    }
+}
+
 /// A pooled connection to the pipeline's database.
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
 }
 
-/// Parses a URL into a tokio-postgres config, without echoing it (it may hold a password).
-fn parse_config(url: &str) -> Result<tokio_postgres::Config, DbError> {
-    url.parse::<tokio_postgres::Config>()
-        .map_err(|e| DbError::Config(e.to_string()))
+/// One connection outside the pool (administration, tests), through the same TLS
+/// connector as the pool's; its connection task runs on the current runtime.
+pub async fn connect_one(url: &str) -> Result<tokio_postgres::Client, DbError> {
+    let target = Target::parse(url)?;
+    let (client, conn) = target.config.connect(target.tls).await?;
+    tokio::spawn(conn);
+    Ok(client)
 }
 
 /// Creates the database named in `url` when it does not exist, via the `postgres` database.
 pub async fn ensure_database(url: &str) -> Result<bool, DbError> {
-    let config = parse_config(url)?;
+    let Target { config, tls } = Target::parse(url)?;
     let name = config.get_dbname().unwrap_or("postgres").to_string();
     let mut admin = config.clone();
     admin.dbname("postgres");
-    let (client, conn) = admin.connect(NoTls).await?;
+    let (client, conn) = admin.connect(tls).await?;
     let conn = tokio::spawn(conn);
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
@@ -242,14 +297,10 @@ pub struct Progress {
 impl Db {
     /// Builds a pool for `url` (connections are opened lazily).
     pub fn connect(url: &str, pool_size: usize) -> Result<Self, DbError> {
-        let mut config = parse_config(url)?;
+        let Target { mut config, tls } = Target::parse(url)?;
         // Fail fast while the server is down, so callers can back off instead of hanging.
         config.connect_timeout(CONNECT_TIMEOUT);
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
-        );
+        let manager = Manager::from_config(config, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(1))
             .runtime(deadpool_postgres::Runtime::Tokio1)

@@ -11,6 +11,7 @@
 //! - [`bus`]: NATS connection, stream/consumer plan and apply, acknowledged publishing.
 //! - [`store`]: the object store (`file://`, `s3://`).
 //! - [`db`]: PostgreSQL pool, migrations (`migrations/`) and the idempotent queries.
+//! - [`postgres_tls`]: the rustls connector every PostgreSQL connection goes through (`sslmode`, `sslrootcert`).
 //! - [`scratch`]: temporary files a restarted process can clean up after a crash.
 //! - [`bands`]: weighted pulling from a stage's priority bands.
 //! - [`live`]: live reconfiguration through a key-value bucket that running stages watch.
@@ -37,6 +38,7 @@ pub mod handler;
 pub mod health;
 pub mod lag;
 pub mod live;
+pub mod postgres_tls;
 pub mod presence;
 pub mod scratch;
 pub mod store;

