@@ -45,9 +45,9 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Handled, StageError>> + Send;
 
     /// True when every service this stage needs is reachable. The default checks
-    /// NATS; stages that use PostgreSQL also ping it.
+    /// NATS and the object store; stages that use PostgreSQL also ping it.
     fn ready(&self, ctx: &Ctx) -> impl Future<Output = bool> + Send {
-        async move { ctx.bus.is_connected() }
+        async move { ctx.bus.is_connected() && ctx.store.ping().await.is_ok() }
     }
 
     /// Records that a message failed for good, after it was dead-lettered and
