@@ -168,7 +168,7 @@ pub async fn run(topology_path: &Path, topology: &Topology, args: BenchArgs) -> 
     let machine_before = machine_cpu_seconds();
 
     let batch_id = keys::derived_batch_id(&["bench", &chrono::Utc::now().to_rfc3339()]);
-    let service = Batches::new(topology.clone(), bus, db.clone(), Store::open(&topology.object_store.url)?);
+    let service = Batches::new(topology.clone(), bus, db.clone(), Store::open(&topology.object_store)?);
     let started = Instant::now();
     service.submit_zip(batch_id.clone(), "bench".into(), Priority::DEFAULT, ZipUpload::File(&zip_path), "bench").await?;
     let status = service.wait(&batch_id, Duration::from_millis(50), Duration::from_secs(3600)).await?;

@@ -214,7 +214,7 @@ async fn serve(topology: Topology, listen: Option<String>) -> anyhow::Result<()>
     // Uploads a crashed server was spooling.
     facepipe_runtime::scratch::sweep(&topology.api.upload_dir.clone().unwrap_or_else(std::env::temp_dir));
     let bus = Bus::connect(&topology.nats, "facepipe-api", true).await?;
-    let store = Store::open(&topology.object_store.url)?;
+    let store = Store::open(&topology.object_store)?;
     let db = database(&topology)?;
     db.ping().await.context("PostgreSQL")?;
     let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("listening on {addr}"))?;
@@ -285,7 +285,7 @@ async fn submit(
     let source = zip.display().to_string();
     let batch_id = Batches::batch_id(batch_id, &project_id, &source)?;
     let bus = Bus::connect(&topology.nats, "facepipe-cli", false).await?;
-    let service = Batches::new(topology.clone(), bus, database(topology)?, Store::open(&topology.object_store.url)?);
+    let service = Batches::new(topology.clone(), bus, database(topology)?, Store::open(&topology.object_store)?);
     let Started { batch_id, bytes } = service.submit_zip(batch_id, project_id, priority, ZipUpload::File(zip), &source).await?;
     eprintln!("submitted {} ({bytes} bytes) as batch {batch_id}", zip.display());
     println!("{batch_id}");

@@ -187,7 +187,7 @@ async fn the_crop_stage_levels_the_eyes_when_the_topology_says_so() {
     assert_eq!((status.status.as_str(), status.failed), ("completed", 0), "{status:?}");
     let results = d.db().await.results(&batch).await.unwrap();
     assert_eq!(results.len(), entries.len());
-    let store = Store::open(&d.topology.object_store.url).unwrap();
+    let store = Store::open(&d.topology.object_store).unwrap();
     for r in &results {
         assert_eq!(r.status, "cropped", "{r:?}");
         assert!(r.faces.iter().all(|f| f.landmarks.is_some()), "landmarks are recorded: {r:?}");

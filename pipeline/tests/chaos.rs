@@ -140,7 +140,7 @@ async fn batch_survives_kills_restarts_and_outages() {
     assert_eq!(failed, PLANTED_BAD.into_iter().collect());
 
     // One crop object per cropped image, none extra, none twice.
-    let store = Store::open(&d.topology.object_store.url).unwrap();
+    let store = Store::open(&d.topology.object_store).unwrap();
     let crops = store.list(&format!("batches/{batch}/crops")).await.unwrap();
     let cropped: Vec<_> = results.iter().filter(|r| r.status == "cropped").collect();
     assert_eq!(crops.len(), cropped.len());

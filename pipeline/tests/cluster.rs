@@ -105,7 +105,7 @@ async fn check_end_state(d: &Deployment, js: &jetstream::Context, batch: &str, e
     let failed: Vec<_> = results.iter().filter(|r| r.status.as_str() == "failed").collect();
     assert!(failed.len() == 1 && failed[0].entry == PLANTED, "{failed:?}");
     let crop_keys: usize = results.iter().map(|r| r.crop_keys.len()).sum();
-    let store = Store::open(&d.topology.object_store.url).unwrap();
+    let store = Store::open(&d.topology.object_store).unwrap();
     let crops = store.list(&format!("batches/{batch}/crops")).await.unwrap();
     assert_eq!(crops.len(), crop_keys, "no crop stored twice or left over");
     let mut dlq = js.get_stream(d.topology.dead_letter_stream()).await.unwrap();

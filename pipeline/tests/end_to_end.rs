@@ -56,7 +56,7 @@ async fn zip_batch_flows_through_all_four_stages() {
     assert!(broken.error.as_deref().unwrap().contains("image"), "{broken:?}");
 
     // Crops exist, one per cropped image (policy `largest`), and are 300x300 JPEGs.
-    let store = Store::open(&d.topology.object_store.url).unwrap();
+    let store = Store::open(&d.topology.object_store).unwrap();
     let crop_objects = store.list(&format!("batches/{batch}/crops")).await.unwrap();
     let cropped: Vec<_> = results.iter().filter(|r| r.status == "cropped").collect();
     assert!(cropped.len() > 100, "most photos hold a face: {}", cropped.len());

@@ -54,7 +54,7 @@ async fn crop_size_changed_mid_batch_applies_to_later_crops_without_restarts() {
     assert_eq!(status.processed, 60, "no message lost");
 
     // Crops made before the change are 300 px, those after 200 px; both exist.
-    let store = Store::open(&d.topology.object_store.url).unwrap();
+    let store = Store::open(&d.topology.object_store).unwrap();
     let (mut before, mut after) = (0, 0);
     for key in store.list(&format!("batches/{batch}/crops")).await.unwrap() {
         let bytes = store.get(&key).await.unwrap();

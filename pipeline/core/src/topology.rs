@@ -14,6 +14,9 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("PIPELINE_NATS_URL", "nats.url"),
     ("PIPELINE_NATS_REPLICAS", "nats.replicas"),
     ("PIPELINE_OBJECT_STORE_URL", "object_store.url"),
+    ("PIPELINE_OBJECT_STORE_ENDPOINT", "object_store.endpoint"),
+    ("PIPELINE_OBJECT_STORE_REGION", "object_store.region"),
+    ("PIPELINE_OBJECT_STORE_ALLOW_HTTP", "object_store.allow_http"),
     ("PIPELINE_DATABASE_URL", "postgres.url"),
     ("PIPELINE_DETECT_MODEL", "stages.detect.params.model"),
     ("PIPELINE_DETECT_OPENCV_MODEL", "stages.detect.params.opencv_model"),
@@ -298,13 +301,42 @@ pub enum StorageKind {
     Memory,
 }
 
-/// Object store location.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// Object store location, and how to reach an S3 server.
+///
+/// The S3 settings (`endpoint`, `region`, `allow_http`) are not secret and live
+/// here; the keys never do: they come from `AWS_ACCESS_KEY_ID` and
+/// `AWS_SECRET_ACCESS_KEY` (or the other sources `object_store` knows: a session
+/// token, a web identity, the instance's metadata). An S3 setting left unset
+/// here falls back to its `AWS_*` variable (`AWS_ENDPOINT`, `AWS_REGION`,
+/// `AWS_ALLOW_HTTP`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ObjectStoreConfig {
     /// `file:///abs/path`, `file://relative/path` (relative to the working directory),
-    /// or `s3://bucket/prefix` (credentials from the usual `AWS_*` variables).
+    /// or `s3://bucket/prefix`.
     pub url: String,
+    /// S3: the server's URL, for an S3-compatible store (`http://minio:9000`); unset:
+    /// `AWS_ENDPOINT`, else Amazon S3 itself. Requests are path-style (`<endpoint>/<bucket>/<key>`).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// S3: the bucket's region, which requests are signed for; unset: `AWS_REGION`, else `us-east-1`.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// S3: allow an `http://` endpoint (no TLS); unset: `AWS_ALLOW_HTTP`, else `false`.
+    #[serde(default)]
+    pub allow_http: Option<bool>,
+}
+
+impl ObjectStoreConfig {
+    /// A store at `url` with every S3 setting left to the environment.
+    pub fn at(url: impl Into<String>) -> Self {
+        Self { url: url.into(), ..Self::default() }
+    }
+
+    /// True for an `s3://` store.
+    pub fn is_s3(&self) -> bool {
+        self.url.starts_with("s3://")
+    }
 }
 
 /// PostgreSQL connection.
@@ -783,7 +815,7 @@ impl Topology {
             },
             other => other,
         })?;
-        topology.apply_env(|k| std::env::var(k).ok());
+        topology.apply_env(|k| std::env::var(k).ok())?;
         topology.validate()?;
         Ok(topology)
     }
@@ -796,8 +828,9 @@ impl Topology {
         })
     }
 
-    /// Applies [`ENV_OVERRIDES`] looked up through `lookup`.
-    pub fn apply_env(&mut self, lookup: impl Fn(&str) -> Option<String>) {
+    /// Applies [`ENV_OVERRIDES`] looked up through `lookup`; fails on a value
+    /// that does not parse (a flag that is neither `true` nor `false`), naming the variable.
+    pub fn apply_env(&mut self, lookup: impl Fn(&str) -> Option<String>) -> Result<(), TopologyError> {
         for (var, _) in ENV_OVERRIDES {
             if let Some(value) = lookup(var).filter(|v| !v.is_empty()) {
                 match *var {
@@ -805,6 +838,14 @@ impl Topology {
                     // Not a number: 0, which validation refuses with the key's name.
                     "PIPELINE_NATS_REPLICAS" => self.nats.replicas = value.trim().parse().unwrap_or(0),
                     "PIPELINE_OBJECT_STORE_URL" => self.object_store.url = value,
+                    "PIPELINE_OBJECT_STORE_ENDPOINT" => self.object_store.endpoint = Some(value),
+                    "PIPELINE_OBJECT_STORE_REGION" => self.object_store.region = Some(value),
+                    "PIPELINE_OBJECT_STORE_ALLOW_HTTP" => {
+                        self.object_store.allow_http = Some(parse_flag(&value).ok_or_else(|| TopologyError::Invalid {
+                            key: var.to_string(),
+                            reason: format!("`{value}` is not a flag: use true or false"),
+                        })?)
+                    }
                     "PIPELINE_DATABASE_URL" => self.postgres.url = value,
                     "PIPELINE_DETECT_MODEL" => self.stages.detect.params.model = Some(value.into()),
                     "PIPELINE_DETECT_OPENCV_MODEL" => self.stages.detect.params.opencv_model = Some(value.into()),
@@ -824,6 +865,7 @@ impl Topology {
                 }
             }
         }
+        Ok(())
     }
 
     /// Checks ranges and that the stages connect extract -> detect -> crop -> persist.
@@ -990,6 +1032,27 @@ impl Topology {
         if e.download_timeout < Duration::from_millis(100) {
             return invalid("stages.extract.params.download_timeout", "must be at least 100ms");
         }
+        let store = &self.object_store;
+        if !["file://", "s3://"].iter().any(|scheme| store.url.starts_with(scheme)) {
+            return invalid("object_store.url", "must be file:///path, file://relative/path or s3://bucket/prefix");
+        }
+        if store.is_s3() && store.url.trim_start_matches("s3://").split('/').next().is_none_or(str::is_empty) {
+            return invalid("object_store.url", "an s3:// URL names its bucket: s3://bucket/prefix");
+        }
+        if let Some(endpoint) = &store.endpoint {
+            let Some((scheme, rest)) = endpoint.split_once("://") else {
+                return invalid("object_store.endpoint", "must be an http:// or https:// URL");
+            };
+            if !["http", "https"].contains(&scheme) || rest.is_empty() {
+                return invalid("object_store.endpoint", "must be an http:// or https:// URL");
+            }
+            if scheme == "http" && store.allow_http == Some(false) {
+                return invalid("object_store.allow_http", "an http:// endpoint needs allow_http = true");
+            }
+        }
+        if store.region.as_deref().is_some_and(str::is_empty) {
+            return invalid("object_store.region", "must not be empty");
+        }
         if self.api.listen.parse::<std::net::SocketAddr>().is_err() {
             return invalid("api.listen", "must be `host:port` with an IP address, e.g. 127.0.0.1:8080");
         }
@@ -1124,6 +1187,15 @@ pub struct StageView<'a> {
     pub max_message_bytes: usize,
     /// Processes `pipeline up` starts.
     pub replicas: usize,
+}
+
+/// `true`/`false` (also `1`/`0`, `yes`/`no`, in any case) as a flag.
+fn parse_flag(value: &str) -> Option<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Some(true),
+        "false" | "0" | "no" => Some(false),
+        _ => None,
+    }
 }
 
 fn is_token(s: &str) -> bool {
@@ -1373,7 +1445,7 @@ mod tests {
         assert!(t.validate().unwrap_err().to_string().contains("second_pass.sessions"));
         t.stages.detect.params.second_pass = SecondPass::off();
         t.validate().unwrap();
-        t.apply_env(|k| (k == "PIPELINE_DETECT_SECOND_PASS_MODEL").then(|| "/m/rf.onnx".to_string()));
+        t.apply_env(|k| (k == "PIPELINE_DETECT_SECOND_PASS_MODEL").then(|| "/m/rf.onnx".to_string())).unwrap();
         assert_eq!(t.stages.detect.params.second_pass, SecondPass::with_model("/m/rf.onnx".into()));
         t.validate().unwrap();
         let off = Topology::parse(&repo_topology().replace("\nenabled = true", "\nenabled = false")).unwrap();
@@ -1430,7 +1502,8 @@ mod tests {
             "PIPELINE_NATS_URL" => Some("nats://10.0.0.1:4222".into()),
             "PIPELINE_DATABASE_URL" => Some("postgres://u:secret@db/x".into()),
             _ => None,
-        });
+        })
+        .unwrap();
         assert_eq!(t.nats.url, "nats://10.0.0.1:4222");
         assert_eq!(t.postgres.url, "postgres://u:secret@db/x");
         assert!(t.object_store.url.starts_with("file://"));
@@ -1443,7 +1516,8 @@ mod tests {
             "PIPELINE_NATS_URL" => Some("nats://127.0.0.1:4222, nats://127.0.0.1:4223,nats://127.0.0.1:4224".into()),
             "PIPELINE_NATS_REPLICAS" => Some("3".into()),
             _ => None,
-        });
+        })
+        .unwrap();
         assert_eq!(t.nats.servers(), ["nats://127.0.0.1:4222", "nats://127.0.0.1:4223", "nats://127.0.0.1:4224"]);
         assert_eq!(t.nats.replicas, 3);
         t.validate().unwrap();
@@ -1454,6 +1528,48 @@ mod tests {
         t.nats.replicas = 1;
         t.nats.url = " , ".into();
         assert!(t.validate().unwrap_err().to_string().contains("nats.url"));
+    }
+
+    #[test]
+    fn s3_settings_come_from_the_file_or_the_environment() {
+        let text = repo_topology().replace(
+            "url = \"file://var/objects\"",
+            "url = \"s3://facepipe/runs\"\nendpoint = \"http://127.0.0.1:9000\"\nregion = \"eu-west-1\"\nallow_http = true",
+        );
+        let t = Topology::parse(&text).unwrap();
+        t.validate().unwrap();
+        assert!(t.object_store.is_s3());
+        assert_eq!(t.object_store.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!((t.object_store.region.as_deref(), t.object_store.allow_http), (Some("eu-west-1"), Some(true)));
+
+        // The repository's file leaves them to the environment, as compose.yaml sets them.
+        let mut t = Topology::parse(&repo_topology()).unwrap();
+        assert_eq!(t.object_store, ObjectStoreConfig::at("file://var/objects"));
+        t.apply_env(|k| match k {
+            "PIPELINE_OBJECT_STORE_URL" => Some("s3://facepipe".into()),
+            "PIPELINE_OBJECT_STORE_ENDPOINT" => Some("http://minio:9000".into()),
+            "PIPELINE_OBJECT_STORE_REGION" => Some("us-east-1".into()),
+            "PIPELINE_OBJECT_STORE_ALLOW_HTTP" => Some("TRUE".into()),
+            _ => None,
+        })
+        .unwrap();
+        t.validate().unwrap();
+        assert_eq!(t.object_store.allow_http, Some(true));
+        let err = t.apply_env(|k| (k == "PIPELINE_OBJECT_STORE_ALLOW_HTTP").then(|| "maybe".into())).unwrap_err();
+        assert!(err.to_string().contains("PIPELINE_OBJECT_STORE_ALLOW_HTTP"), "{err}");
+
+        let refused = |edit: &dyn Fn(&mut ObjectStoreConfig), key: &str| {
+            let mut bad = t.clone();
+            edit(&mut bad.object_store);
+            let err = bad.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        };
+        refused(&|s| s.allow_http = Some(false), "object_store.allow_http");
+        refused(&|s| s.endpoint = Some("minio:9000".into()), "object_store.endpoint");
+        refused(&|s| s.endpoint = Some("ftp://minio".into()), "object_store.endpoint");
+        refused(&|s| s.region = Some(String::new()), "object_store.region");
+        refused(&|s| s.url = "s3://".into(), "object_store.url");
+        refused(&|s| s.url = "gs://bucket".into(), "object_store.url");
     }
 
     #[test]

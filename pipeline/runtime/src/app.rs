@@ -221,7 +221,7 @@ impl Stage {
             bus = Bus::connect(&topology.nats, &client_name, true) => bus?,
             _ = shutdown.cancelled() => return Err(StartError::Stopped),
         };
-        let store = Store::open(&topology.object_store.url)?;
+        let store = Store::open(&topology.object_store)?;
         if metrics_on {
             crate::lag::spawn_lag_poller(bus.clone(), topology.stream_name(stage), telemetry::LAG_INTERVAL, shutdown.clone());
         }

@@ -45,10 +45,13 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Handled, StageError>> + Send;
 
     /// `Ok` when every service this stage needs is reachable, else why not (shown
-    /// by `/readyz`). The default checks NATS and JetStream; stages that use
-    /// PostgreSQL also ping it.
+    /// by `/readyz`). The default checks NATS, JetStream and the object store; stages
+    /// that use PostgreSQL also ping it.
     fn ready(&self, ctx: &Ctx) -> impl Future<Output = Result<(), String>> + Send {
-        async move { ctx.bus.check(&ctx.topology.stream_name(ctx.stage)).await }
+        async move {
+            ctx.bus.check(&ctx.topology.stream_name(ctx.stage)).await?;
+            ctx.store.ping().await.map_err(|e| format!("the object store does not answer: {e}"))
+        }
     }
 
     /// Records that a message failed for good, after it was dead-lettered and

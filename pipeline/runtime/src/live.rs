@@ -216,8 +216,7 @@ pub async fn watch(bus: Bus, stage: StageName, tx: watch::Sender<Arc<Topology>>)
         let current = tx.borrow().clone();
         let mut merged = merge_live(&current, &incoming);
         // This process's own overrides (e.g. PIPELINE_DETECT_MODEL) still win.
-        merged.apply_env(|k| std::env::var(k).ok());
-        if let Err(e) = merged.validate() {
+        if let Err(e) = merged.apply_env(|k| std::env::var(k).ok()).and_then(|()| merged.validate()) {
             tracing::warn!(revision = entry.revision, error = %e, "stored topology is invalid; ignored");
             continue;
         }

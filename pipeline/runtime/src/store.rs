@@ -1,15 +1,40 @@
 //! The object store holding originals and crops (`file://` or `s3://`).
+//!
+//! An `s3://bucket/prefix` store takes its endpoint, region and `allow_http`
+//! from the topology's `[object_store]` (each falling back to its `AWS_*`
+//! variable) and its keys from the environment only. Requests that fail on the
+//! way (connection refused, reset, 5xx) are retried in place with a short
+//! capped backoff for up to [`S3_RETRY_TIMEOUT`], so a brief outage of the
+//! server costs time, not deliveries; past that the error reaches the stage,
+//! which Naks the message and pauses while [`Store::ping`] fails.
+//!
+//! Large objects are read in place: [`Store::reader`] gives a `Read + Seek`
+//! over a local file, or over ranged GETs of a remote object holding one
+//! window of [`RANGE_BYTES`] at a time ([`RangedReader`]).
 
-use std::path::{Path as FsPath, PathBuf};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
-use object_store::{ObjectStore, PutPayload};
+use object_store::{BackoffConfig, ClientConfigKey, ObjectStore, PutPayload, RetryConfig};
 use tokio::io::AsyncWriteExt;
 
 use facepipe_core::telemetry::{self, Step};
+use facepipe_core::topology::ObjectStoreConfig;
+
+/// Bytes one ranged GET of [`RangedReader`] fetches: the most of a remote archive held at once.
+pub const RANGE_BYTES: u64 = 8 << 20;
+
+/// How long an S3 request is retried in place (connection errors, timeouts, 5xx) before it fails.
+pub const S3_RETRY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Longest pause between two in-place retries: a server back from an outage is used within it.
+pub const S3_MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Why an object-store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -46,57 +71,75 @@ impl facepipe_core::retry::Classify for StoreError {
 #[derive(Clone, Debug)]
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
+    /// The same store answering at once: no retries, short timeouts (readiness probes).
+    probe: Arc<dyn ObjectStore>,
     /// Filesystem root when the store is local, so large objects can be read in place.
     local_root: Option<PathBuf>,
     /// Key prefix inside the bucket (`s3://bucket/prefix`).
     prefix: Path,
 }
 
-/// A file on local disk holding an object; a downloaded copy is deleted on drop.
-#[derive(Debug)]
-pub enum LocalCopy {
-    /// The object itself, in a `file://` store (or a local path that was never in the store).
-    InPlace(PathBuf),
-    /// A temporary download of a remote object.
-    Temporary(tempfile::NamedTempFile),
-}
-
-impl LocalCopy {
-    /// Path of the local file.
-    pub fn path(&self) -> &FsPath {
-        match self {
-            Self::InPlace(p) => p,
-            Self::Temporary(t) => t.path(),
-        }
+/// An S3 client for `config`: the `AWS_*` variables first, then the topology's settings over them.
+fn s3_client(config: &ObjectStoreConfig, retry: RetryConfig, timeouts: &[(ClientConfigKey, &str)]) -> Result<Arc<dyn ObjectStore>, StoreError> {
+    let mut builder = AmazonS3Builder::from_env().with_url(&config.url).with_retry(retry);
+    if let Some(endpoint) = &config.endpoint {
+        builder = builder.with_endpoint(endpoint);
     }
+    if let Some(region) = &config.region {
+        builder = builder.with_region(region);
+    }
+    if let Some(allow_http) = config.allow_http {
+        builder = builder.with_allow_http(allow_http);
+    }
+    for (key, value) in timeouts {
+        builder = builder.with_config(AmazonS3ConfigKey::Client(*key), *value);
+    }
+    Ok(Arc::new(builder.build()?))
 }
 
 impl Store {
-    /// Opens `file:///abs`, `file://relative` (from the working directory) or `s3://bucket/prefix`.
-    /// S3 credentials and endpoint come from the `AWS_*` environment variables.
-    pub fn open(url: &str) -> Result<Self, StoreError> {
+    /// Opens `file:///abs`, `file://relative` (from the working directory) or
+    /// `s3://bucket/prefix` as `config` describes it. S3 keys come from the environment.
+    pub fn open(config: &ObjectStoreConfig) -> Result<Self, StoreError> {
+        let url = config.url.as_str();
         if let Some(path) = url.strip_prefix("file://") {
             let root = std::path::absolute(if path.is_empty() { "." } else { path })?;
             std::fs::create_dir_all(&root)?;
-            let fs = LocalFileSystem::new_with_prefix(&root)?;
-            return Ok(Self { inner: Arc::new(fs), local_root: Some(root), prefix: Path::default() });
+            let fs: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(&root)?);
+            return Ok(Self { inner: fs.clone(), probe: fs, local_root: Some(root), prefix: Path::default() });
         }
-        if url.starts_with("s3://") {
+        if config.is_s3() {
             let parsed = url::Url::parse(url).map_err(|_| StoreError::BadUrl(url.to_string()))?;
-            // Credentials, region and endpoint (for S3-compatible stores) come from AWS_* variables.
-            let store = object_store::aws::AmazonS3Builder::from_env().with_url(url).build()?;
             let prefix = Path::parse(parsed.path().trim_matches('/')).map_err(|_| StoreError::BadUrl(url.to_string()))?;
-            return Ok(Self { inner: Arc::new(store), local_root: None, prefix });
+            let retry = RetryConfig {
+                backoff: BackoffConfig { init_backoff: Duration::from_millis(100), max_backoff: S3_MAX_BACKOFF, base: 2.0 },
+                max_retries: usize::MAX,
+                retry_timeout: S3_RETRY_TIMEOUT,
+            };
+            let inner = s3_client(config, retry, &[])?;
+            let answer_now = RetryConfig { max_retries: 0, retry_timeout: Duration::ZERO, ..RetryConfig::default() };
+            let probe = s3_client(config, answer_now, &[(ClientConfigKey::ConnectTimeout, "1s"), (ClientConfigKey::Timeout, "2s")])?;
+            return Ok(Self { inner, probe, local_root: None, prefix });
         }
         Err(StoreError::BadUrl(url.to_string()))
     }
 
     /// An in-memory store, for unit tests only.
     pub fn in_memory() -> Self {
-        Self {
-            inner: Arc::new(object_store::memory::InMemory::new()),
-            local_root: None,
-            prefix: Path::default(),
+        let memory: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        Self { inner: memory.clone(), probe: memory, local_root: None, prefix: Path::default() }
+    }
+
+    /// True when the store answers now: a local root that exists, or a server
+    /// that answers a HEAD (a missing object is an answer). Never retries.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        if let Some(root) = &self.local_root {
+            return if root.is_dir() { Ok(()) } else { Err(StoreError::NotFound(root.display().to_string())) };
+        }
+        let path = self.path(".facepipe-probe")?;
+        match self.probe.head(&path).await {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(StoreError::Backend(e)),
         }
     }
 
@@ -164,7 +207,7 @@ impl Store {
     }
 
     /// Streams a local file into the store without holding it in memory.
-    pub async fn put_file(&self, key: &str, file: &FsPath) -> Result<u64, StoreError> {
+    pub async fn put_file(&self, key: &str, file: &std::path::Path) -> Result<u64, StoreError> {
         let path = self.path(key)?;
         let _timer = Step::Store.start();
         let mut reader = tokio::fs::File::open(file).await?;
@@ -202,31 +245,160 @@ impl Store {
         self.put_file(key, spooled.path()).await
     }
 
-    /// A local file holding the object: the file itself for `file://` stores,
-    /// otherwise a streamed download into a temporary file.
-    pub async fn local_copy(&self, key: &str) -> Result<LocalCopy, StoreError> {
+    /// Reads an object in place, with bounded memory: the file itself in a
+    /// `file://` store, otherwise ranged GETs of [`RANGE_BYTES`] at a time. Call
+    /// from async code; read the result on a blocking thread (it blocks on the
+    /// runtime for each GET).
+    pub async fn reader(&self, key: &str) -> Result<ObjectReader, StoreError> {
         let path = self.path(key)?;
         if let Some(root) = &self.local_root {
-            let file = root.join(key);
-            return if file.is_file() {
-                Ok(LocalCopy::InPlace(file))
-            } else {
-                Err(StoreError::NotFound(key.to_string()))
+            return match std::fs::File::open(root.join(key)) {
+                Ok(file) if file.metadata()?.is_file() => Ok(ObjectReader::File(io::BufReader::new(file))),
+                Ok(_) => Err(StoreError::NotFound(key.to_string())),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StoreError::NotFound(key.to_string())),
+                Err(e) => Err(StoreError::Io(e)),
             };
         }
-        // Only a download is a fetch: an in-place file is read by the caller.
-        let _timer = Step::Fetch.start();
-        use futures::StreamExt;
-        let mut stream = self.inner.get(&path).await.map_err(|e| Self::map_err(key, e))?.into_stream();
-        let temp = crate::scratch::file_in(&std::env::temp_dir(), "download")?;
-        let mut out = tokio::fs::File::from_std(temp.reopen()?);
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| Self::map_err(key, e))?;
-            out.write_all(&chunk).await?;
-            telemetry::object_read(chunk.len() as u64);
+        let meta = self.inner.head(&path).await.map_err(|e| Self::map_err(key, e))?;
+        Ok(ObjectReader::Remote(RangedReader {
+            store: self.inner.clone(),
+            path,
+            size: meta.size,
+            pos: 0,
+            window_start: 0,
+            window: Bytes::new(),
+            runtime: tokio::runtime::Handle::current(),
+            requests: 0,
+        }))
+    }
+}
+
+/// An object read in place: a local file, or a remote object read by ranges.
+#[derive(Debug)]
+pub enum ObjectReader {
+    /// A file on this machine (`file://` stores, or a path given directly).
+    File(io::BufReader<std::fs::File>),
+    /// A remote object.
+    Remote(RangedReader),
+}
+
+impl ObjectReader {
+    /// A local file, read in place.
+    pub fn file(path: &std::path::Path) -> io::Result<Self> {
+        Ok(Self::File(io::BufReader::new(std::fs::File::open(path)?)))
+    }
+}
+
+impl Read for ObjectReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::File(f) => f.read(buf),
+            Self::Remote(r) => r.read(buf),
         }
-        out.flush().await?;
-        Ok(LocalCopy::Temporary(temp))
+    }
+}
+
+impl Seek for ObjectReader {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        match self {
+            Self::File(f) => f.seek(pos),
+            Self::Remote(r) => r.seek(pos),
+        }
+    }
+}
+
+/// `Read + Seek` over ranged GETs of one remote object, for readers (a ZIP's)
+/// that seek. It holds one window of at most [`RANGE_BYTES`]: a read inside the
+/// window is a copy, a read outside it fetches the window starting there. A
+/// seek is free, and keeps the window (the ZIP reader asks for its position and
+/// seeks to each entry, mostly inside the window it already has), unlike
+/// `object_store::buffered::BufReader`, which drops its buffer on every seek.
+///
+/// Each GET blocks on the runtime it was made in, so it is read on a blocking
+/// thread. A failed GET (after the store's own retries) is an I/O error of
+/// kind `Other` whose source is the [`StoreError`].
+pub struct RangedReader {
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    size: u64,
+    pos: u64,
+    window_start: u64,
+    window: Bytes,
+    runtime: tokio::runtime::Handle,
+    requests: u64,
+}
+
+impl std::fmt::Debug for RangedReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RangedReader")
+            .field("path", &self.path)
+            .field("size", &self.size)
+            .field("pos", &self.pos)
+            .field("requests", &self.requests)
+            .finish()
+    }
+}
+
+impl RangedReader {
+    /// The object's size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Ranged GETs made so far.
+    pub fn requests(&self) -> u64 {
+        self.requests
+    }
+
+    fn in_window(&self) -> bool {
+        self.pos >= self.window_start && self.pos < self.window_start + self.window.len() as u64
+    }
+
+    /// Replaces the window with the one starting at the current position.
+    fn fill(&mut self) -> io::Result<()> {
+        // Dropped first, so at most one window is held.
+        self.window = Bytes::new();
+        let range = self.pos..self.size.min(self.pos.saturating_add(RANGE_BYTES));
+        let _timer = Step::Fetch.start();
+        let fetched = self.runtime.block_on(self.store.get_range(&self.path, range.clone()));
+        self.requests += 1;
+        let bytes = fetched.map_err(|e| io::Error::other(StoreError::Backend(e)))?;
+        if bytes.len() as u64 != range.end - range.start {
+            let message = format!("asked for bytes {range:?} of `{}`, got {}", self.path, bytes.len());
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, message));
+        }
+        telemetry::object_read(bytes.len() as u64);
+        self.window_start = range.start;
+        self.window = bytes;
+        Ok(())
+    }
+}
+
+impl Read for RangedReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() || self.pos >= self.size {
+            return Ok(0);
+        }
+        if !self.in_window() {
+            self.fill()?;
+        }
+        let offset = (self.pos - self.window_start) as usize;
+        let n = buf.len().min(self.window.len() - offset);
+        buf[..n].copy_from_slice(&self.window[offset..offset + n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for RangedReader {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        let target = match pos {
+            SeekFrom::Start(n) => Some(n),
+            SeekFrom::End(d) => self.size.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos = target.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start of the object"))?;
+        Ok(self.pos)
     }
 }
 
@@ -237,39 +409,82 @@ mod tests {
     #[tokio::test]
     async fn local_store_round_trip_and_key_checks() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&format!("file://{}", dir.path().display())).unwrap();
+        let store = Store::open(&ObjectStoreConfig::at(format!("file://{}", dir.path().display()))).unwrap();
         store.put("batches/b/originals/1.jpg", Bytes::from_static(b"abc")).await.unwrap();
         assert_eq!(store.get("batches/b/originals/1.jpg").await.unwrap(), Bytes::from_static(b"abc"));
         assert!(dir.path().join("batches/b/originals/1.jpg").is_file());
         assert!(matches!(store.get("batches/b/missing").await, Err(StoreError::NotFound(_))));
         assert!(matches!(store.put("../escape", Bytes::new()).await, Err(StoreError::InvalidKey(_))));
         assert_eq!(store.list("batches/b").await.unwrap(), vec!["batches/b/originals/1.jpg"]);
-        let copy = store.local_copy("batches/b/originals/1.jpg").await.unwrap();
-        assert!(matches!(copy, LocalCopy::InPlace(_)));
+        let mut reader = store.reader("batches/b/originals/1.jpg").await.unwrap();
+        assert!(matches!(reader, ObjectReader::File(_)));
+        let mut text = String::new();
+        reader.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "abc");
+        assert!(matches!(store.reader("batches/b/missing").await, Err(StoreError::NotFound(_))));
+        store.ping().await.unwrap();
     }
 
+    /// A remote object read through ranged GETs gives the same bytes as the
+    /// object, whatever the seeks; reads inside the window fetch nothing.
     #[tokio::test]
-    async fn remote_style_store_downloads_to_a_temp_file() {
+    async fn ranged_reads_of_a_remote_object() {
         let store = Store::in_memory();
+        let size = 2 * RANGE_BYTES as usize + 12_345;
+        let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
         let src = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(src.path(), vec![7u8; 100_000]).unwrap();
-        assert_eq!(store.put_file("uploads/x.zip", src.path()).await.unwrap(), 100_000);
-        let copy = store.local_copy("uploads/x.zip").await.unwrap();
-        assert_eq!(std::fs::read(copy.path()).unwrap(), vec![7u8; 100_000]);
-        let temp_path = copy.path().to_owned();
-        drop(copy);
-        assert!(!temp_path.exists(), "temporary download is removed");
+        std::fs::write(src.path(), &data).unwrap();
+        assert_eq!(store.put_file("uploads/x.zip", src.path()).await.unwrap(), size as u64);
+        assert!(matches!(store.reader("uploads/missing.zip").await, Err(StoreError::NotFound(_))));
+        let ObjectReader::Remote(mut reader) = store.reader("uploads/x.zip").await.unwrap() else {
+            panic!("an in-memory store is read remotely")
+        };
+        let data = Arc::new(data);
+        let expected = data.clone();
+        tokio::task::spawn_blocking(move || {
+            assert_eq!(reader.size(), size as u64);
+            // From the end, as a ZIP reader starts, then back to the beginning.
+            let mut tail = [0u8; 100];
+            reader.seek(SeekFrom::End(-100)).unwrap();
+            reader.read_exact(&mut tail).unwrap();
+            assert_eq!(&tail[..], &expected[size - 100..]);
+            assert_eq!(reader.read(&mut tail).unwrap(), 0, "end of the object");
+            reader.seek(SeekFrom::Start(0)).unwrap();
+            let mut head = vec![0u8; 1000];
+            reader.read_exact(&mut head).unwrap();
+            let before = reader.requests();
+            assert_eq!(reader.stream_position().unwrap(), 1000);
+            reader.seek(SeekFrom::Current(-500)).unwrap();
+            reader.read_exact(&mut head[..500]).unwrap();
+            assert_eq!(&head[..500], &expected[500..1000]);
+            assert_eq!(reader.requests(), before, "seeks and reads inside the window fetch nothing");
+            // The whole object, sequentially: one GET per window after the first, which it holds.
+            reader.seek(SeekFrom::Start(0)).unwrap();
+            let mut all = Vec::new();
+            reader.read_to_end(&mut all).unwrap();
+            assert!(all == *expected, "same bytes");
+            assert_eq!(reader.requests(), before + 2);
+            assert!(reader.seek(SeekFrom::Current(-(size as i64) - 1)).is_err());
+        })
+        .await
+        .unwrap();
     }
 
     #[test]
     fn opens_s3_urls_with_a_key_prefix() {
-        let store = Store::open("s3://bucket/some/prefix").unwrap();
+        let config = ObjectStoreConfig {
+            endpoint: Some("http://127.0.0.1:9".into()),
+            region: Some("eu-west-1".into()),
+            allow_http: Some(true),
+            ..ObjectStoreConfig::at("s3://bucket/some/prefix")
+        };
+        let store = Store::open(&config).unwrap();
         assert_eq!(store.path("a/b.jpg").unwrap().as_ref(), "some/prefix/a/b.jpg");
         assert!(store.local_root.is_none());
     }
 
     #[test]
     fn rejects_unknown_schemes() {
-        assert!(matches!(Store::open("ftp://x"), Err(StoreError::BadUrl(_))));
+        assert!(matches!(Store::open(&ObjectStoreConfig::at("ftp://x")), Err(StoreError::BadUrl(_))));
     }
 }

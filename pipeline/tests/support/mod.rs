@@ -7,6 +7,9 @@
 //!   names a server where the harness may create and drop databases. Its `sslmode` and
 //!   `sslrootcert` apply: every connection goes through the pipeline's own connector.
 //! - Photos and models: `$PIPELINE_SHARED_DIR`, default `../shared` beside the repository.
+//! - S3 (the tests of `s3://` stores): `$S3S_FS_BIN`, else `target/tools/s3s-fs/bin/s3s-fs`,
+//!   which `scripts/setup --test` installs (crates.io's `s3s-fs`). Each test starts its own
+//!   on a free loopback port, with its objects in a directory that outlives its restarts.
 #![allow(dead_code)]
 
 use std::net::TcpListener;
@@ -381,6 +384,10 @@ pub struct Deployment {
     pub stage_env: Vec<(String, String)>,
     /// The other nodes when NATS is a cluster ([`Deployment::start_clustered`]); `nats` is the first.
     pub peers: Vec<NatsServer>,
+    /// Environment of every process: stages, `apply`, `submit`, `serve` (e.g. the S3 settings and keys).
+    pub service_env: Vec<(String, String)>,
+    /// The metrics port of each stage process started with metrics, by start order.
+    pub metrics_ports: Vec<(StageName, u16)>,
     spawned: usize,
 }
 
@@ -392,7 +399,7 @@ impl Deployment {
 
     /// Like [`Deployment::start`], with extra environment for the stage processes.
     pub async fn start_with_env(edit: impl FnOnce(&mut Topology), stage_env: Vec<(String, String)>) -> Self {
-        Self::start_on(NatsServer::start(), Vec::new(), edit, stage_env).await
+        Self::start_with(edit, stage_env, Vec::new(), false).await
     }
 
     /// Like [`Deployment::start`], on a 3-node JetStream cluster: `nats.url` lists all
@@ -404,11 +411,11 @@ impl Deployment {
             let logs: Vec<String> = std::iter::once(&first).chain(&nodes).map(|n| n.log_text()).collect();
             panic!("the cluster's JetStream is not ready after 30 s:\n{}", logs.join("\n----\n"));
         }
-        Self::start_on(first, nodes, |t| {
+        let edit = |t: &mut Topology| {
             t.nats.replicas = 3;
             edit(t)
-        }, Vec::new())
-        .await
+        };
+        Self::start_on(first, nodes, edit, Vec::new(), Vec::new(), false, &StageName::ALL).await
     }
 
     /// Node `i` of the cluster (0 is `nats`).
@@ -421,7 +428,38 @@ impl Deployment {
         std::iter::once(&self.nats).chain(&self.peers).map(|n| n.url.clone()).collect::<Vec<_>>().join(",")
     }
 
-    async fn start_on(nats: NatsServer, peers: Vec<NatsServer>, edit: impl FnOnce(&mut Topology), stage_env: Vec<(String, String)>) -> Self {
+    /// Services, `pipeline apply`, one process per stage: every process gets
+    /// `service_env`, stages also `stage_env`; with `metrics`, each stage serves
+    /// its metrics and health endpoints on a free port ([`Deployment::metrics_ports`]).
+    pub async fn start_with(
+        edit: impl FnOnce(&mut Topology),
+        stage_env: Vec<(String, String)>,
+        service_env: Vec<(String, String)>,
+        metrics: bool,
+    ) -> Self {
+        Self::start_stages(edit, stage_env, service_env, metrics, &StageName::ALL).await
+    }
+
+    /// Like [`Deployment::start_with`], starting only the processes of `stages`.
+    pub async fn start_stages(
+        edit: impl FnOnce(&mut Topology),
+        stage_env: Vec<(String, String)>,
+        service_env: Vec<(String, String)>,
+        metrics: bool,
+        stages: &[StageName],
+    ) -> Self {
+        Self::start_on(NatsServer::start(), Vec::new(), edit, stage_env, service_env, metrics, stages).await
+    }
+
+    async fn start_on(
+        nats: NatsServer,
+        peers: Vec<NatsServer>,
+        edit: impl FnOnce(&mut Topology),
+        stage_env: Vec<(String, String)>,
+        service_env: Vec<(String, String)>,
+        metrics: bool,
+        stages: &[StageName],
+    ) -> Self {
         let db = TestDb::create().await;
         let dir = tempfile::tempdir().unwrap();
         let urls = std::iter::once(&nats).chain(&peers).map(|n| n.url.clone()).collect::<Vec<_>>().join(",");
@@ -429,13 +467,39 @@ impl Deployment {
         edit(&mut topology);
         let topology_path = dir.path().join("topology.toml");
         std::fs::write(&topology_path, toml::to_string(&topology).unwrap()).unwrap();
-        let mut deployment = Self { stages: Vec::new(), topology, topology_path, dir, db, nats, stage_env, peers, spawned: 0 };
+        let mut deployment = Self {
+            stages: Vec::new(),
+            topology,
+            topology_path,
+            dir,
+            db,
+            nats,
+            stage_env,
+            peers,
+            service_env,
+            metrics_ports: Vec::new(),
+            spawned: 0,
+        };
         let out = deployment.cli(&["apply"]);
         assert!(out.status.success(), "apply failed: {}", String::from_utf8_lossy(&out.stderr));
-        for stage in StageName::ALL {
-            deployment.start_stage(stage);
+        for &stage in stages {
+            if metrics {
+                deployment.start_stage_with_metrics(stage);
+            } else {
+                deployment.start_stage(stage);
+            }
         }
         deployment
+    }
+
+    /// The metrics port of the first process of `stage` started with metrics.
+    pub fn metrics_port(&self, stage: StageName) -> u16 {
+        self.metrics_ports.iter().find(|(s, _)| *s == stage).map(|(_, p)| *p).expect("a stage started with metrics")
+    }
+
+    /// A counter summed over every stage process started with metrics (see [`prometheus_counter`]).
+    pub fn counter(&self, name: &str, labels: &[&str]) -> f64 {
+        self.metrics_ports.iter().map(|(_, port)| prometheus_counter(*port, name, labels)).sum()
     }
 
     /// Starts one more process of `stage`; its log goes to `<dir>/<stage>-<n>.log`.
@@ -449,6 +513,7 @@ impl Deployment {
         let port = free_port();
         let child = self.spawn_stage(stage, &[("PIPELINE_METRICS_ADDR".into(), format!("127.0.0.1:{port}"))]);
         self.stages.push((stage, child));
+        self.metrics_ports.push((stage, port));
         port
     }
 
@@ -501,6 +566,14 @@ impl Deployment {
         for var in ["PIPELINE_NATS_URL", "PIPELINE_OBJECT_STORE_URL", "PIPELINE_DATABASE_URL", "PIPELINE_DETECT_MODEL", "PIPELINE_TOPOLOGY", "PIPELINE_METRICS_ADDR"] {
             cmd.env_remove(var);
         }
+        // Only what the test gives: no object-store setting or key of the machine's own.
+        for (var, _) in std::env::vars_os() {
+            let name = var.to_string_lossy();
+            if name.starts_with("AWS_") || name.starts_with("PIPELINE_OBJECT_STORE_") {
+                cmd.env_remove(&var);
+            }
+        }
+        cmd.envs(self.service_env.iter().map(|(k, v)| (k, v)));
         cmd.env("RUST_LOG", "info");
         cmd
     }
@@ -664,5 +737,159 @@ impl PgProxy {
         let (scheme_user, rest) = url.split_once('@').unwrap();
         let db = rest.split_once('/').unwrap().1;
         format!("{scheme_user}@127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+
+/// The access key of the tests' S3 servers: the one compose.yaml gives MinIO and the stages.
+pub const S3_ACCESS_KEY: &str = "facepipe";
+/// The secret key of the tests' S3 servers, as in compose.yaml.
+pub const S3_SECRET_KEY: &str = "facepipe-secret";
+/// The region requests are signed for, as in compose.yaml.
+pub const S3_REGION: &str = "us-east-1";
+
+fn s3_server_bin() -> PathBuf {
+    let path = std::env::var_os("S3S_FS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/tools/s3s-fs/bin/s3s-fs"));
+    assert!(path.is_file(), "{} missing: run `scripts/setup --test` (it installs crates.io's s3s-fs), or set S3S_FS_BIN", path.display());
+    path
+}
+
+/// An S3 server (s3s-fs) on a free loopback port, requiring SigV4 with
+/// [`S3_ACCESS_KEY`] and [`S3_SECRET_KEY`]. Its objects are files under a
+/// directory of the test, so they survive [`S3Server::kill`] and
+/// [`S3Server::start_again`] on the same port. Killed (by its PID) on drop.
+pub struct S3Server {
+    child: Option<Child>,
+    /// Port it listens on.
+    pub port: u16,
+    /// `http://127.0.0.1:<port>`.
+    pub endpoint: String,
+    root: tempfile::TempDir,
+    logs: tempfile::TempDir,
+    starts: usize,
+}
+
+impl S3Server {
+    /// Starts a server with no bucket and waits until it accepts connections.
+    pub fn start() -> Self {
+        let port = free_port();
+        let mut server = Self {
+            child: None,
+            port,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            root: tempfile::tempdir().unwrap(),
+            logs: tempfile::tempdir().unwrap(),
+            starts: 0,
+        };
+        server.start_again();
+        server
+    }
+
+    /// Starts the server (again) on its port, over the same stored objects.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the S3 server is running");
+        self.starts += 1;
+        let log = std::fs::File::create(self.logs.path().join(format!("s3s-fs-{}.log", self.starts))).unwrap();
+        let child = Command::new(s3_server_bin())
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+            .arg(self.root.path())
+            .env("RUST_LOG", "warn")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start s3s-fs");
+        self.child = Some(child);
+        wait_for_port(self.port, Duration::from_secs(10));
+    }
+
+    /// Kills the server (SIGKILL, by its PID), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The running server's PID.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Creates a bucket through the S3 API (CreateBucket, signed with SigV4 by curl).
+    pub fn create_bucket(&self, bucket: &str) {
+        // The SHA-256 of the empty body, which S3 servers want declared.
+        const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let out = Command::new("curl")
+            .args(["-sS", "-w", "\n%{http_code}", "-X", "PUT"])
+            .args(["-H", &format!("x-amz-content-sha256: {EMPTY_SHA256}")])
+            .args(["--aws-sigv4", &format!("aws:amz:{S3_REGION}:s3")])
+            .args(["--user", &format!("{S3_ACCESS_KEY}:{S3_SECRET_KEY}")])
+            .arg(format!("{}/{bucket}", self.endpoint))
+            .output()
+            .expect("curl runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.ends_with("\n200"), "CreateBucket {bucket}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(self.object_path(bucket, "").is_dir());
+    }
+
+    /// Where the server keeps `key` of `bucket` on disk (s3s-fs stores an object as a file).
+    pub fn object_path(&self, bucket: &str, key: &str) -> PathBuf {
+        self.root.path().join(bucket).join(key)
+    }
+
+    /// Keys of the objects under `prefix` of `bucket`, read from the server's disk, sorted.
+    pub fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        fn walk(dir: &Path, base: &Path, out: &mut Vec<String>) {
+            let Ok(entries) = std::fs::read_dir(dir) else { return };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(&path, base, out);
+                } else {
+                    out.push(path.strip_prefix(base).unwrap().to_string_lossy().into_owned());
+                }
+            }
+        }
+        let base = self.object_path(bucket, "");
+        let mut out = Vec::new();
+        walk(&base.join(prefix), &base, &mut out);
+        out.sort();
+        out
+    }
+
+    /// The keys every process needs, as a deployment gives them: in the environment.
+    pub fn key_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID".into(), S3_ACCESS_KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), S3_SECRET_KEY.into()),
+        ]
+    }
+
+    /// Points `topology` at `s3://<bucket>/<prefix>` on this server, through the typed settings.
+    pub fn configure(&self, topology: &mut Topology, bucket: &str, prefix: &str) {
+        topology.object_store = facepipe_core::topology::ObjectStoreConfig {
+            url: format!("s3://{bucket}/{prefix}"),
+            endpoint: Some(self.endpoint.clone()),
+            region: Some(S3_REGION.into()),
+            allow_http: Some(true),
+        };
+    }
+
+    /// The server's log so far, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for n in 1..=self.starts {
+            out += &std::fs::read_to_string(self.logs.path().join(format!("s3s-fs-{n}.log"))).unwrap_or_default();
+        }
+        out
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

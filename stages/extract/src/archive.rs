@@ -1,13 +1,21 @@
 //! Reading a ZIP entry by entry with bounded memory.
 //!
 //! Only the central directory and one entry at a time are held in memory, so
-//! an archive of any size unpacks in constant memory per entry. Each entry
-//! becomes an [`Entry`]: an image to process, a non-image to skip, or an image
-//! that cannot be read (recorded as that image's failure, not the batch's).
+//! an archive of any size unpacks in constant memory per entry. The archive is
+//! any `Read + Seek`: a local file, or a remote object read by ranged GETs
+//! ([`facepipe_runtime::store::RangedReader`]), never downloaded whole. Each
+//! entry becomes an [`Entry`]: an image to process, a non-image to skip, or an
+//! image that cannot be read (recorded as that image's failure, not the batch's).
+//!
+//! A failure to read the archive itself (a local I/O error, an object store
+//! that stopped answering) is never blamed on the entry being read: it ends the
+//! whole read with [`ArchiveError::Io`], a transient error, so the job is tried
+//! again instead of recording good images as failed.
 
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use facepipe_core::keys;
 use facepipe_core::topology::ExtractParams;
@@ -63,19 +71,24 @@ pub struct Summary {
     pub skipped: Vec<String>,
 }
 
-/// Reads `path` entry by entry, handing each to `sink`; stops early when `sink` returns false.
-pub fn read_entries(
-    path: &Path,
+/// Reads the archive entry by entry, handing each to `sink`; stops early when `sink` returns false.
+pub fn read_entries<R: Read + Seek>(
+    source: R,
     params: &ExtractParams,
     mut sink: impl FnMut(Entry) -> bool,
 ) -> Result<Summary, ArchiveError> {
-    let mut archive = open_checked(path, params)?;
+    let (source, fault) = Watched::new(source);
+    let mut archive = open_checked(source, params).map_err(|e| fault.take().map_or(e, ArchiveError::Io))?;
     let mut summary = Summary::default();
     for i in 0..archive.len() {
         let read = match archive.by_index(i) {
             Ok(entry) => Ok(read_entry(entry, summary.images, params)),
             Err(e) => Err(e),
         };
+        // The source failed under this entry: the archive is unreadable for now, not the entry.
+        if let Some(e) = fault.take() {
+            return Err(ArchiveError::Io(e));
+        }
         let entry = match read {
             Ok(entry) => entry,
             Err(e) => {
@@ -99,17 +112,22 @@ pub fn read_entries(
     Ok(summary)
 }
 
+/// Reads the ZIP file at `path` entry by entry (see [`read_entries`]).
+pub fn read_file_entries(path: &Path, params: &ExtractParams, sink: impl FnMut(Entry) -> bool) -> Result<Summary, ArchiveError> {
+    read_entries(BufReader::new(File::open(path)?), params, sink)
+}
+
 /// Counts the image entries of `path` from its central directory alone (no entry
 /// is decompressed): the batch's image count as extract will find it.
 pub fn count_images(path: &Path, params: &ExtractParams) -> Result<usize, ArchiveError> {
-    let archive = open_checked(path, params)?;
+    let archive = open_checked(BufReader::new(File::open(path)?), params)?;
     Ok(archive.file_names().filter(|name| !name.ends_with('/') && is_image_name(name, params)).count())
 }
 
 /// Opens an archive and applies the caps on the archive as a whole, from its
 /// central directory, before any entry is read.
-fn open_checked(path: &Path, params: &ExtractParams) -> Result<zip::ZipArchive<BufReader<File>>, ArchiveError> {
-    let archive = zip::ZipArchive::new(BufReader::new(File::open(path)?))?;
+fn open_checked<R: Read + Seek>(source: R, params: &ExtractParams) -> Result<zip::ZipArchive<R>, ArchiveError> {
+    let archive = zip::ZipArchive::new(source)?;
     if archive.len() > params.max_entries {
         return Err(ArchiveError::TooLarge(format!(
             "{} entries, more than max_entries = {}",
@@ -124,6 +142,78 @@ fn open_checked(path: &Path, params: &ExtractParams) -> Result<zip::ZipArchive<B
         )));
     }
     Ok(archive)
+}
+
+/// The archive's source, keeping the first error it returns, so that a failure
+/// of the source is told apart from corrupt entry data (which the decompressors
+/// report above it).
+struct Watched<R> {
+    inner: R,
+    fault: Fault,
+}
+
+/// The first error of a [`Watched`] source, until taken.
+#[derive(Clone, Default)]
+struct Fault(Arc<Mutex<Option<io::Error>>>);
+
+impl Fault {
+    fn record(&self, e: &io::Error) {
+        // A seek the reader itself got wrong (before the start) is no failure of the source.
+        if e.kind() == io::ErrorKind::InvalidInput {
+            return;
+        }
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            // io::Error is not Clone: keep its kind and its whole message.
+            *slot = Some(io::Error::new(e.kind(), chain(e)));
+        }
+    }
+
+    fn take(&self) -> Option<io::Error> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// An error and its sources, `a: b: c`, leaving out a source whose text its parent already shows.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(source) = next {
+        let part = source.to_string();
+        if !text.contains(&part) {
+            text = format!("{text}: {part}");
+        }
+        next = source.source();
+    }
+    text
+}
+
+impl<R> Watched<R> {
+    fn new(inner: R) -> (Self, Fault) {
+        let fault = Fault::default();
+        (Self { inner, fault: fault.clone() }, fault)
+    }
+
+    fn watch<T>(&self, result: io::Result<T>) -> io::Result<T> {
+        if let Err(e) = &result {
+            self.fault.record(e);
+        }
+        result
+    }
+}
+
+impl<R: Read> Read for Watched<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let result = self.inner.read(buf);
+        self.watch(result)
+    }
+}
+
+impl<R: Seek> Seek for Watched<R> {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        let result = self.inner.seek(pos);
+        self.watch(result)
+    }
 }
 
 fn is_image_name(name: &str, params: &ExtractParams) -> bool {
@@ -199,7 +289,7 @@ mod tests {
             ("photos/B.PNG", b"bbbb"),
         ]);
         let mut seen = Vec::new();
-        let summary = read_entries(zip.path(), &ExtractParams::default(), |e| {
+        let summary = read_file_entries(zip.path(), &ExtractParams::default(), |e| {
             seen.push(match e {
                 Entry::Image { index, name, bytes } => format!("image {index} {name} {}", bytes.len()),
                 Entry::Unreadable { index, name, .. } => format!("bad {index} {name}"),
@@ -217,7 +307,7 @@ mod tests {
         let zip = zip_with(&[("big.jpg", &[0u8; 2048]), ("ok.jpg", b"x")]);
         let params = ExtractParams { max_entry_bytes: 1024, ..ExtractParams::default() };
         let mut kinds = Vec::new();
-        read_entries(zip.path(), &params, |e| {
+        read_file_entries(zip.path(), &params, |e| {
             kinds.push(matches!(e, Entry::Unreadable { .. }));
             true
         })
@@ -227,7 +317,7 @@ mod tests {
 
     fn kinds(zip: &Path, params: &ExtractParams) -> Vec<String> {
         let mut out = Vec::new();
-        read_entries(zip, params, |e| {
+        read_file_entries(zip, params, |e| {
             out.push(match e {
                 Entry::Image { name, .. } => format!("image {name}"),
                 Entry::Unreadable { name, reason, .. } => format!("bad {name}: {reason}"),
@@ -273,26 +363,99 @@ mod tests {
     fn archive_caps_refuse_the_whole_archive() {
         let zip = zip_with(&[("a.jpg", b"a"), ("b.jpg", b"b"), ("c.jpg", b"c")]);
         let few = ExtractParams { max_entries: 2, ..ExtractParams::default() };
-        let err = read_entries(zip.path(), &few, |_| true).unwrap_err().to_string();
+        let err = read_file_entries(zip.path(), &few, |_| true).unwrap_err().to_string();
         assert!(err.contains("3 entries, more than max_entries = 2"), "{err}");
         let small = ExtractParams { max_total_bytes: 2, ..ExtractParams::default() };
-        let err = read_entries(zip.path(), &small, |_| true).unwrap_err().to_string();
+        let err = read_file_entries(zip.path(), &small, |_| true).unwrap_err().to_string();
         assert!(err.contains("max_total_bytes"), "{err}");
+    }
+
+    /// A source that fails after `budget` bytes, as an object store that stops answering.
+    struct FailingAfter {
+        inner: std::io::Cursor<Vec<u8>>,
+        budget: usize,
+    }
+
+    impl Read for FailingAfter {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.budget == 0 {
+                return Err(io::Error::other("object store: connection refused"));
+            }
+            let n = buf.len().min(self.budget);
+            let n = self.inner.read(&mut buf[..n])?;
+            self.budget -= n;
+            Ok(n)
+        }
+    }
+
+    impl Seek for FailingAfter {
+        fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+            self.inner.seek(pos)
+        }
+    }
+
+    #[test]
+    fn a_failing_source_fails_the_read_not_the_entry() {
+        // Bytes that do not deflate, as a JPEG's.
+        let mut state = 12345u32;
+        let mut noise = |n: usize| -> Vec<u8> {
+            (0..n).map(|_| { state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345); (state >> 16) as u8 }).collect()
+        };
+        let photos: Vec<(String, Vec<u8>)> = (0..5).map(|i| (format!("p{i}.jpg"), noise(10_000))).collect();
+        let entries: Vec<(&str, &[u8])> = photos.iter().map(|(n, d)| (n.as_str(), d.as_slice())).collect();
+        let zip = std::fs::read(zip_with(&entries).path()).unwrap();
+        // Enough for the central directory and two entries, not for the rest.
+        let source = FailingAfter { inner: std::io::Cursor::new(zip.clone()), budget: 25_000 };
+        let mut seen = Vec::new();
+        let err = read_entries(source, &ExtractParams::default(), |e| {
+            seen.push(matches!(e, Entry::Image { .. }));
+            true
+        })
+        .unwrap_err();
+        assert!(matches!(&err, ArchiveError::Io(e) if e.to_string().contains("connection refused")), "{err}");
+        assert!(!seen.is_empty() && seen.iter().all(|ok| *ok), "entries before the failure are whole images: {seen:?}");
+        // Failing while the central directory is read is the same error.
+        let source = FailingAfter { inner: std::io::Cursor::new(zip), budget: 10 };
+        assert!(matches!(read_entries(source, &ExtractParams::default(), |_| true), Err(ArchiveError::Io(_))));
+    }
+
+    /// The archive in a remote store, read through ranged GETs.
+    #[tokio::test]
+    async fn reads_an_archive_from_a_remote_store_in_place() {
+        let zip = zip_with(&[("a.jpg", b"aaa"), ("notes.txt", b"hello"), ("b.jpg", &[7u8; 50_000])]);
+        let store = facepipe_runtime::store::Store::in_memory();
+        store.put_file("uploads/b.zip", zip.path()).await.unwrap();
+        let reader = store.reader("uploads/b.zip").await.unwrap();
+        assert!(matches!(reader, facepipe_runtime::store::ObjectReader::Remote(_)));
+        let (summary, sizes) = tokio::task::spawn_blocking(move || {
+            let mut sizes = Vec::new();
+            let summary = read_entries(reader, &ExtractParams::default(), |e| {
+                if let Entry::Image { bytes, .. } = e {
+                    sizes.push(bytes.len());
+                }
+                true
+            });
+            (summary, sizes)
+        })
+        .await
+        .unwrap();
+        assert_eq!(summary.unwrap(), Summary { images: 2, skipped: vec!["notes.txt".into()] });
+        assert_eq!(sizes, vec![3, 50_000]);
     }
 
     #[test]
     fn empty_archive_has_no_images() {
         let zip = zip_with(&[]);
-        assert_eq!(read_entries(zip.path(), &ExtractParams::default(), |_| true).unwrap(), Summary::default());
+        assert_eq!(read_file_entries(zip.path(), &ExtractParams::default(), |_| true).unwrap(), Summary::default());
     }
 
     #[test]
     fn not_a_zip_is_an_archive_error() {
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), b"this is not a zip").unwrap();
-        assert!(matches!(read_entries(file.path(), &ExtractParams::default(), |_| true), Err(ArchiveError::Invalid(_))));
+        assert!(matches!(read_file_entries(file.path(), &ExtractParams::default(), |_| true), Err(ArchiveError::Invalid(_))));
         assert!(matches!(
-            read_entries(Path::new("/nonexistent/x.zip"), &ExtractParams::default(), |_| true),
+            read_file_entries(Path::new("/nonexistent/x.zip"), &ExtractParams::default(), |_| true),
             Err(ArchiveError::Io(_))
         ));
     }

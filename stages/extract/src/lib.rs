@@ -20,7 +20,7 @@ use facepipe_core::keys;
 use facepipe_core::domain::{Priority, StageName};
 use facepipe_core::messages::{self, DetectJob, ExtractJob, ExtractSource, ImageRef, Outcome, RemoteImage};
 use facepipe_runtime::db::{Db, NewImage};
-use facepipe_runtime::store::LocalCopy;
+use facepipe_runtime::store::ObjectReader;
 use facepipe_runtime::{Ctx, Delivery, Failed, Handled, Handler, StageError};
 use futures::StreamExt;
 
@@ -38,7 +38,8 @@ impl Handler for Extract {
 
     async fn ready(&self, ctx: &Ctx) -> Result<(), String> {
         ctx.bus.check(&ctx.topology.stream_name(ctx.stage)).await?;
-        self.db.ping().await.map_err(|e| format!("PostgreSQL does not answer: {e}"))
+        self.db.ping().await.map_err(|e| format!("PostgreSQL does not answer: {e}"))?;
+        ctx.store.ping().await.map_err(|e| format!("the object store does not answer: {e}"))
     }
 
     async fn handle(&self, ctx: &Ctx, job: ExtractJob, delivery: Delivery) -> Result<Handled, StageError> {
@@ -79,7 +80,7 @@ impl Extract {
         let parallelism = params.parallelism;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Entry>(parallelism);
         let reader = tokio::task::spawn_blocking(move || {
-            archive::read_entries(zip.path(), &params, |entry| tx.blocking_send(entry).is_ok())
+            archive::read_entries(zip, &params, |entry| tx.blocking_send(entry).is_ok())
         });
 
         let entries = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
@@ -213,19 +214,20 @@ fn original_key(batch_id: &str, image_id: &str, name: &str, from_url: bool) -> S
     keys::original_key(batch_id, image_id, path)
 }
 
-/// Finds the ZIP: a local path (`/x.zip`, `file:///x.zip`) or an object-store key.
-async fn locate(ctx: &Ctx, zip: &str) -> Result<LocalCopy, StageError> {
+/// Opens the ZIP where it is: a local path (`/x.zip`, `file:///x.zip`), or an
+/// object-store key (read in place: the file of a `file://` store, ranged GETs
+/// of a remote one; never downloaded whole).
+async fn locate(ctx: &Ctx, zip: &str) -> Result<ObjectReader, StageError> {
     let local = zip.strip_prefix("file://").or_else(|| zip.starts_with('/').then_some(zip));
     match local {
         Some(path) => {
             let path = PathBuf::from(path);
             if path.is_file() {
-                Ok(LocalCopy::InPlace(path))
+                ObjectReader::file(&path).map_err(StageError::transient)
             } else {
                 Err(StageError::permanent(format!("ZIP `{}` not found on this host", path.display())))
             }
         }
-        None => Ok(ctx.store.local_copy(zip).await?),
+        None => Ok(ctx.store.reader(zip).await?),
     }
 }
-

@@ -7,7 +7,8 @@ use facepipe_runtime::app::Stage;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     Ok(Stage::main(StageName::Extract, async |stage| {
-        // Downloads of remote ZIPs that a crashed extract left behind.
+        // Temporary files of crashed processes: the API's spooled uploads, and the downloads
+        // of remote ZIPs that extract made before it read them in place.
         facepipe_runtime::scratch::sweep(&std::env::temp_dir());
         Ok(Extract { db: stage.database().await? })
     })
