@@ -8,7 +8,7 @@
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod};
 use serde::Serialize;
 
-use crate::postgres_tls::{handshake_failure, HandshakeFailure, Target};
+use crate::postgres_tls::{handshake_failure, HandshakeFailure, Target, TargetError};
 pub use crate::postgres_tls::TlsSetupError;
 
 use facepipe_core::domain::{BatchStatus, Detector, ImageStatus, Priority, StageName};
@@ -103,6 +103,16 @@ impl facepipe_core::retry::Classify for DbError {
             facepipe_core::retry::ErrorKind::Permanent
         } else {
             facepipe_core::retry::ErrorKind::Transient
+        }
+    }
+}
+
+/// A URL that cannot be made ready to connect: its configuration or its TLS settings.
+impl From<TargetError> for DbError {
+    fn from(e: TargetError) -> Self {
+        match e {
+            TargetError::Config(reason) => Self::Config(reason),
+            TargetError::Tls(e) => Self::TlsSetup(e),
         }
     }
 }
@@ -624,4 +634,15 @@ async fn try_complete(tx: &deadpool_postgres::Transaction<'_>, batch_id: &str) -
         )
         .await?;
     Ok(flipped == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unusable_tls_settings_are_permanent() {
+        let e = Db::connect("postgres://u:p@h/db?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem", 1).err().unwrap();
+        assert!(matches!(e, DbError::TlsSetup(_)) && e.is_permanent(), "{e:?}");
+    }
 }

@@ -43,6 +43,17 @@ pub enum TlsSetupError {
     Rustls(#[from] rustls::Error),
 }
 
+/// Why a database URL cannot be made ready to connect.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TargetError {
+    /// tokio-postgres does not accept the rest of the URL.
+    #[error("{0}")]
+    Config(String),
+    /// The TLS settings cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
+}
+
 /// A database URL made ready to connect.
 pub(crate) struct Target {
     /// tokio-postgres's configuration, without the TLS parameters it does not know.
@@ -55,15 +66,15 @@ pub(crate) struct Target {
 impl Target {
     /// Parses `url`, and builds the connector (reading `sslrootcert`). Errors never echo
     /// the URL: it may hold a password.
-    pub fn parse(url: &str) -> Result<Self, crate::db::DbError> {
+    pub fn parse(url: &str) -> Result<Self, TargetError> {
         let (settings, rest) = PgTls::split(url).map_err(TlsSetupError::from)?;
-        let mut config = rest.parse::<tokio_postgres::Config>().map_err(|e| crate::db::DbError::Config(describe(&e)))?;
+        let mut config = rest.parse::<tokio_postgres::Config>().map_err(|e| TargetError::Config(describe(&e)))?;
         config.ssl_mode(match settings.mode {
             SslMode::Disable => tokio_postgres::config::SslMode::Disable,
             SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
             SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => tokio_postgres::config::SslMode::Require,
         });
-        let tls = MakeRustlsConnect::new(client_config(&settings)?);
+        let tls = MakeRustlsConnect::new(client_config(&settings).map_err(TargetError::Tls)?);
         Ok(Self { config, tls })
     }
 }
@@ -228,10 +239,9 @@ fn certificate_reason(reason: &rustls::CertificateError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::DbError;
     use tokio_postgres::config::SslMode as Wire;
 
-    fn parse(url: &str) -> Result<Target, DbError> {
+    fn parse(url: &str) -> Result<Target, TargetError> {
         Target::parse(url)
     }
 
@@ -256,7 +266,7 @@ mod tests {
     #[test]
     fn unusable_settings_are_permanent_errors_that_never_show_the_password() {
         let e = parse("postgres://u:hunter2@h/db?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem").err().unwrap();
-        assert!(matches!(e, DbError::TlsSetup(_)) && e.is_permanent(), "{e:?}");
+        assert!(matches!(e, TargetError::Tls(_)), "{e:?}");
         assert!(e.to_string().contains("sslrootcert /nonexistent/ca.pem: cannot read it"), "{e}");
         let e = parse("postgres://u:hunter2@h/db?sslmode=verify-full").err().unwrap();
         assert!(e.to_string().contains("needs sslrootcert") && !e.to_string().contains("hunter2"), "{e}");
@@ -271,7 +281,7 @@ mod tests {
         let pem = dir.path().join("ca.pem");
         std::fs::write(&pem, "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n").unwrap();
         let e = parse(&format!("host=h sslmode=verify-ca sslrootcert={}", pem.display())).err().unwrap();
-        assert!(matches!(e, DbError::TlsSetup(TlsSetupError::RootCertRejected { .. })), "{e:?}");
+        assert!(matches!(e, TargetError::Tls(TlsSetupError::RootCertRejected { .. })), "{e:?}");
         assert!(e.to_string().contains("not a usable CA certificate"), "{e}");
     }
 
@@ -279,7 +289,7 @@ mod tests {
     fn system_roots_load_where_the_platform_has_them() {
         match parse("postgres://h/db?sslmode=verify-full&sslrootcert=system") {
             Ok(target) => assert_eq!(target.config.get_ssl_mode(), Wire::Require),
-            Err(DbError::TlsSetup(TlsSetupError::NoSystemRoots(_))) => {
+            Err(TargetError::Tls(TlsSetupError::NoSystemRoots(_))) => {
                 assert!(!Path::new("/etc/ssl/certs/ca-certificates.crt").exists(), "the roots are there but did not load")
             }
             Err(e) => panic!("{e}"),
