@@ -98,8 +98,13 @@ async fn resumed_after(d: &Deployment, batch: &str, before: i32, since: Instant)
 /// redeliveries and duplicates prevented along the way.
 async fn check_end_state(d: &Deployment, js: &jetstream::Context, batch: &str, entries: usize) {
     let status = d.wait_for_batch(batch, BATCH_TIMEOUT).await;
-    assert_eq!((status.status.as_str(), status.failed), ("completed", 1), "only the planted entry fails: {status:?}");
     let results = d.db().await.results(batch).await.unwrap();
+    let failures: Vec<String> = results
+        .iter()
+        .filter(|r| r.status.as_str() == "failed")
+        .map(|r| format!("{} at {:?}: {}", r.entry, r.failed_stage, r.error.as_deref().unwrap_or("")))
+        .collect();
+    assert_eq!((status.status.as_str(), status.failed), ("completed", 1), "only the planted entry fails: {status:?}\n{failures:#?}");
     assert_eq!(results.len(), entries, "every entry recorded exactly once");
     assert_eq!(status.processed as usize, entries, "the counters count each once: {status:?}");
     let failed: Vec<_> = results.iter().filter(|r| r.status.as_str() == "failed").collect();

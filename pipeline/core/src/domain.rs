@@ -22,6 +22,16 @@ impl StageName {
     /// All stages in flow order.
     pub const ALL: [StageName; 4] = [Self::Extract, Self::Detect, Self::Crop, Self::Persist];
 
+    /// The stage this one's output goes to; none after persist.
+    pub fn next(self) -> Option<StageName> {
+        match self {
+            Self::Extract => Some(Self::Detect),
+            Self::Detect => Some(Self::Crop),
+            Self::Crop => Some(Self::Persist),
+            Self::Persist => None,
+        }
+    }
+
     /// Lower-case name, as in the topology and the binary's name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -263,6 +273,8 @@ mod tests {
             assert_eq!(d.as_str().parse::<Detector>().unwrap(), d);
             assert_eq!(serde_json::to_value(d).unwrap(), d.as_str());
         }
+        let flow: Vec<_> = std::iter::successors(Some(StageName::Extract), |s| s.next()).collect();
+        assert_eq!(flow, StageName::ALL, "next() walks the stages in flow order");
         for s in StageName::ALL {
             assert_eq!(s.as_str().parse::<StageName>().unwrap(), s);
         }

@@ -51,6 +51,16 @@ impl Ctx {
         &self.cpu
     }
 
+    /// `Ok` while JetStream serves this stage's own stream and the next stage's, where
+    /// its output goes (a message whose output cannot be stored cannot be done), else why not.
+    pub async fn check_streams(&self) -> Result<(), String> {
+        self.bus.check(&self.topology.stream_name(self.stage)).await?;
+        match self.stage.next() {
+            Some(next) => self.bus.check(&self.topology.stream_name(next)).await,
+            None => Ok(()),
+        }
+    }
+
     /// The topology with the live changes applied so far: read it per message
     /// for parameters, concurrency and retry policy.
     pub fn current(&self) -> Arc<Topology> {

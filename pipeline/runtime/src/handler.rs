@@ -45,11 +45,12 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Handled, StageError>> + Send;
 
     /// `Ok` when every service this stage needs is reachable, else why not (shown
-    /// by `/readyz`). The default checks NATS, JetStream and the object store; stages
+    /// by `/readyz`). The default checks NATS, JetStream (this stage's stream and the
+    /// next one's) and the object store; stages
     /// that use PostgreSQL also ping it.
     fn ready(&self, ctx: &Ctx) -> impl Future<Output = Result<(), String>> + Send {
         async move {
-            ctx.bus.check(&ctx.topology.stream_name(ctx.stage)).await?;
+            ctx.check_streams().await?;
             ctx.store.ping().await.map_err(|e| format!("the object store does not answer: {e}"))
         }
     }

@@ -37,7 +37,7 @@ impl Handler for Extract {
     type Input = ExtractJob;
 
     async fn ready(&self, ctx: &Ctx) -> Result<(), String> {
-        ctx.bus.check(&ctx.topology.stream_name(ctx.stage)).await?;
+        ctx.check_streams().await?;
         self.db.ping().await.map_err(|e| format!("PostgreSQL does not answer: {e}"))?;
         ctx.store.ping().await.map_err(|e| format!("the object store does not answer: {e}"))
     }

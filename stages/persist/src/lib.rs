@@ -14,7 +14,7 @@ impl Handler for Persist {
     type Input = Outcome;
 
     async fn ready(&self, ctx: &Ctx) -> Result<(), String> {
-        ctx.bus.check(&ctx.topology.stream_name(ctx.stage)).await?;
+        ctx.check_streams().await?;
         self.db.ping().await.map_err(|e| format!("PostgreSQL does not answer: {e}"))
     }
 
