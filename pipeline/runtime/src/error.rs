@@ -47,20 +47,25 @@ impl StageError {
         self.kind == ErrorKind::Permanent
     }
 
-    /// The cause and its sources, `a: b: c`, leaving out a source whose text its
-    /// parent already shows.
+    /// The cause and its sources, `a: b: c` (see [`chain`]).
     pub fn message(&self) -> String {
-        let mut text = self.cause.to_string();
-        let mut next = self.cause.source();
-        while let Some(source) = next {
-            let part = source.to_string();
-            if !text.contains(&part) {
-                text = format!("{text}: {part}");
-            }
-            next = source.source();
-        }
-        text
+        chain(&*self.cause)
     }
+}
+
+/// An error and its sources, `a: b: c`, leaving out a source whose text its parent
+/// already shows.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(source) = next {
+        let part = source.to_string();
+        if !text.contains(&part) {
+            text = format!("{text}: {part}");
+        }
+        next = source.source();
+    }
+    text
 }
 
 impl fmt::Display for StageError {

@@ -165,27 +165,13 @@ impl Fault {
         let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
             // io::Error is not Clone: keep its kind and its whole message.
-            *slot = Some(io::Error::new(e.kind(), chain(e)));
+            *slot = Some(io::Error::new(e.kind(), facepipe_runtime::error::chain(e)));
         }
     }
 
     fn take(&self) -> Option<io::Error> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
-}
-
-/// An error and its sources, `a: b: c`, leaving out a source whose text its parent already shows.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut next = e.source();
-    while let Some(source) = next {
-        let part = source.to_string();
-        if !text.contains(&part) {
-            text = format!("{text}: {part}");
-        }
-        next = source.source();
-    }
-    text
 }
 
 impl<R> Watched<R> {
