@@ -2,7 +2,8 @@
 //!
 //! `apply` sets up streams, consumers and the database; `submit` starts a
 //! batch; `status` and `results` read PostgreSQL; `dead-letters` lists and
-//! replays failures; `up` runs every stage on this machine as child processes.
+//! replays failures; `sweep` applies the retention policy; `up` runs every
+//! stage on this machine as child processes.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -92,6 +93,13 @@ enum Command {
         /// Batch id.
         batch: String,
     },
+    /// Delete what `[retention]` says has expired (uploads, originals, crops of
+    /// completed batches; staging files of interrupted writes), once.
+    Sweep {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// List or replay messages that failed for good.
     DeadLetters {
         #[command(subcommand)]
@@ -134,11 +142,17 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DeadLetterCommand {
-    /// Show dead letters, oldest first.
+    /// Show dead letters, oldest first (read a page at a time, however many there are).
     List {
         /// Only those of this batch.
         #[arg(long)]
         batch: Option<String>,
+        /// Start after this id (the last id of a previous listing).
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// Show at most this many.
+        #[arg(long)]
+        limit: Option<usize>,
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
@@ -204,6 +218,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Bench(args) => bench::run(&cli.topology, &topology, args).await,
         Command::DeadLetters { command } => dead_letters(&topology, command).await,
+        Command::Sweep { json } => sweep(&topology, json).await,
         Command::Up { replicas } => up(&cli.topology, &topology, replicas.into_iter().collect()).await,
         Command::Serve { listen } => serve(topology, listen).await,
     }
@@ -219,8 +234,43 @@ async fn serve(topology: Topology, listen: Option<String>) -> anyhow::Result<()>
     db.ping().await.context("PostgreSQL")?;
     let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("listening on {addr}"))?;
     eprintln!("serving the HTTP API on http://{} (OpenAPI document at /openapi.json)", listener.local_addr()?);
+    if topology.retention.is_set() {
+        tokio::spawn(sweep_every(db.clone(), store.clone(), topology.clone()));
+    }
     let state = std::sync::Arc::new(facepipe_api::ApiState::new(topology, bus, store, db));
     facepipe_api::serve(listener, state, facepipe_runtime::worker::shutdown_signal()).await?;
+    Ok(())
+}
+
+/// `pipeline serve`'s sweeper: one sweep every `retention.sweep_every`, for as long as it serves.
+async fn sweep_every(db: Db, store: Store, topology: Topology) {
+    let mut every = tokio::time::interval(topology.retention.sweep_every);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        match facepipe_control::retention::sweep(&db, &store, &topology).await {
+            Ok(r) if r.ran => tracing::info!(uploads = r.uploads, originals = r.originals, crops = r.crops, staging_files = r.staging_files, "retention sweep done"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %facepipe_runtime::error::chain(&e), "retention sweep failed; trying again at the next one"),
+        }
+    }
+}
+
+async fn sweep(topology: &Topology, json: bool) -> anyhow::Result<()> {
+    if !topology.retention.is_set() {
+        eprintln!("no retention period is set in [retention]: only staging files can expire");
+    }
+    let report = facepipe_control::retention::sweep(&database(topology)?, &Store::open(&topology.object_store)?, topology).await?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else if !report.ran {
+        println!("another sweeper is running; nothing done");
+    } else {
+        println!(
+            "deleted {} upload(s), {} original(s), {} crop(s), {} staging file(s)",
+            report.uploads, report.originals, report.crops, report.staging_files
+        );
+    }
     Ok(())
 }
 
@@ -433,10 +483,13 @@ async fn results(topology: &Topology, batch_id: &str) -> anyhow::Result<()> {
     }
     use std::io::Write;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    for row in db.results(batch_id).await? {
+    // Streamed from a server-side cursor: a million rows take no more memory than a thousand.
+    db.for_each_result(batch_id, |row| -> anyhow::Result<()> {
         serde_json::to_writer(&mut out, &row)?;
         writeln!(out)?;
-    }
+        Ok(())
+    })
+    .await?;
     out.flush()?;
     Ok(())
 }
@@ -496,43 +549,60 @@ async fn eval(
 async fn dead_letters(topology: &Topology, command: DeadLetterCommand) -> anyhow::Result<()> {
     let bus = Bus::connect(&topology.nats, "facepipe-cli", false).await?;
     match command {
-        DeadLetterCommand::List { batch, json } => {
-            let letters = deadletters::list(&bus, topology, batch.as_deref()).await?;
-            for stored in &letters {
-                if json {
-                    println!("{}", serde_json::to_string(stored)?);
-                } else {
-                    let l = &stored.letter;
-                    println!(
-                        "{:>6}  {}  {:<7}  batch={} image={} attempts={}  {}",
-                        stored.id,
-                        l.time.format("%Y-%m-%d %H:%M:%S"),
-                        l.stage,
-                        l.batch_id.as_deref().unwrap_or("-"),
-                        l.image_id.as_deref().unwrap_or("-"),
-                        l.attempts,
-                        l.error
-                    );
+        DeadLetterCommand::List { batch, after, limit, json } => {
+            let (mut after, mut left, mut shown) = (after, limit.unwrap_or(usize::MAX), 0);
+            let mut out = std::io::stdout().lock();
+            while left > 0 {
+                let filter = deadletters::Filter { batch: batch.as_deref(), after, limit: left.min(1000) };
+                let page = deadletters::list(&bus, topology, &filter).await?;
+                for stored in &page.letters {
+                    print_dead_letter(&mut out, stored, json)?;
+                }
+                (shown, left) = (shown + page.letters.len(), left - page.letters.len());
+                match page.next_after {
+                    Some(next) => after = next,
+                    None => break,
                 }
             }
             if !json {
-                eprintln!("{} dead letter(s)", letters.len());
+                eprintln!("{shown} dead letter(s)");
             }
         }
         DeadLetterCommand::Replay { batch, id, all } => {
-            if batch.is_none() && id.is_empty() && !all {
-                bail!("say which: --batch B, --id ID..., or --all");
-            }
-            let mut letters = deadletters::list(&bus, topology, batch.as_deref()).await?;
-            if !id.is_empty() {
-                letters.retain(|l| id.contains(&l.id));
+            let db = database(topology)?;
+            let n = if !id.is_empty() {
+                let letters = deadletters::get(&bus, topology, &id).await?;
                 if letters.len() != id.len() {
                     bail!("no dead letter with some of the ids {id:?}");
                 }
-            }
-            let n = deadletters::replay(&bus, &database(topology)?, topology, &letters).await?;
+                deadletters::replay(&bus, &db, topology, &letters).await?
+            } else if batch.is_some() || all {
+                deadletters::replay_all(&bus, &db, topology, batch.as_deref()).await?
+            } else {
+                bail!("say which: --batch B, --id ID..., or --all");
+            };
             println!("replayed {n} dead letter(s)");
         }
+    }
+    Ok(())
+}
+
+fn print_dead_letter(out: &mut impl std::io::Write, stored: &deadletters::Stored, json: bool) -> anyhow::Result<()> {
+    if json {
+        writeln!(out, "{}", serde_json::to_string(stored)?)?;
+    } else {
+        let l = &stored.letter;
+        writeln!(
+            out,
+            "{:>6}  {}  {:<7}  batch={} image={} attempts={}  {}",
+            stored.id,
+            l.time.format("%Y-%m-%d %H:%M:%S"),
+            l.stage,
+            l.batch_id.as_deref().unwrap_or("-"),
+            l.image_id.as_deref().unwrap_or("-"),
+            l.attempts,
+            l.error
+        )?;
     }
     Ok(())
 }

@@ -108,9 +108,9 @@ async fn concurrent_migrators_apply_each_migration_once() {
     let runs = futures::future::join_all((0..4).map(|_| db.migrate())).await;
     let mut applied: Vec<i32> = runs.into_iter().flat_map(|r| r.unwrap()).collect();
     applied.sort();
-    assert_eq!(applied, [1, 2], "every migration once, whichever process ran it");
+    assert_eq!(applied, [1, 2, 3], "every migration once, whichever process ran it");
     let history = test_db.client().await.query("SELECT version FROM refinery_schema_history ORDER BY version", &[]).await.unwrap();
-    assert_eq!(history.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(history.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>(), [1, 2, 3]);
 }
 
 #[tokio::test]
@@ -130,11 +130,101 @@ async fn a_database_migrated_by_the_earlier_runner_is_adopted_without_running_an
         .unwrap();
 
     let db = Db::connect(&test_db.url, 2).unwrap();
-    assert!(db.migrate().await.unwrap().is_empty(), "an adopted migration does not run again");
+    // The two it had are adopted, not run again; only the later one runs.
+    assert_eq!(db.migrate().await.unwrap(), [3], "an adopted migration does not run again");
     assert!(db.migrate().await.unwrap().is_empty());
     let legacy = client.query_one("SELECT to_regclass('schema_migrations') IS NULL", &[]).await.unwrap();
     assert!(legacy.get::<_, bool>(0), "the old table is gone once adopted");
     let history = client.query("SELECT version FROM refinery_schema_history ORDER BY version", &[]).await.unwrap();
-    assert_eq!(history.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(history.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>(), [1, 2, 3]);
     assert!(db.batch_status("kept").await.unwrap().is_some(), "the data is untouched");
+}
+
+#[tokio::test]
+async fn results_page_by_number_and_by_key_and_stream_past_a_chunk() {
+    let test_db = TestDb::create().await;
+    let db = test_db.pool().await;
+    db.insert_batch("b-1", "proj", Priority::DEFAULT, "uploads/b-1.zip").await.unwrap();
+    // More than one streaming chunk (1,000 rows), and a second batch that must not leak in.
+    let ids: Vec<String> = (0..2345).map(facepipe_core::keys::image_id).collect();
+    let images: Vec<NewImage> = ids.iter().map(|id| image(id)).collect();
+    db.insert_images("b-1", &images).await.unwrap();
+    db.insert_batch("b-2", "proj", Priority::DEFAULT, "uploads/b-2.zip").await.unwrap();
+    db.insert_images("b-2", &images[..10]).await.unwrap();
+
+    use facepipe_runtime::db::PageStart;
+    let by_number = db.results_page("b-1", &PageStart::Offset(2300), 100).await.unwrap();
+    assert_eq!(by_number.iter().map(|r| r.image_id.as_str()).collect::<Vec<_>>(), ids[2300..].iter().map(String::as_str).collect::<Vec<_>>());
+    let by_key = db.results_page("b-1", &PageStart::After(ids[2299].clone()), 100).await.unwrap();
+    assert_eq!(by_key, by_number);
+    assert!(db.results_page("b-1", &PageStart::Offset(2345), 100).await.unwrap().is_empty());
+    assert!(db.results_page("b-1", &PageStart::After(ids[2344].clone()), 100).await.unwrap().is_empty());
+    assert_eq!(db.results_page("b-1", &PageStart::Offset(0), 3).await.unwrap()[2].image_id, ids[2]);
+
+    // Walking by key visits every image once, in order.
+    let (mut walked, mut start) = (Vec::new(), PageStart::Offset(0));
+    loop {
+        let page = db.results_page("b-1", &start, 1000).await.unwrap();
+        let Some(last) = page.last() else { break };
+        start = PageStart::After(last.image_id.clone());
+        walked.extend(page.into_iter().map(|r| r.image_id));
+    }
+    assert_eq!(walked, ids);
+
+    let mut streamed = Vec::new();
+    db.for_each_result("b-1", |r| {
+        streamed.push(r.image_id);
+        Ok::<_, facepipe_runtime::db::DbError>(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(streamed, ids);
+    // The callback's error stops the stream and comes back as it was.
+    let stopped = db.for_each_result("b-1", |_| Err(facepipe_runtime::db::DbError::Config("stop".into()))).await;
+    assert!(matches!(stopped, Err(facepipe_runtime::db::DbError::Config(m)) if m == "stop"));
+}
+
+#[tokio::test]
+async fn the_sweeper_sees_only_completed_batches_and_final_originals() {
+    use facepipe_runtime::db::ObjectKind;
+    let test_db = TestDb::create().await;
+    let db = test_db.pool().await;
+    db.insert_batch("b-1", "proj", Priority::DEFAULT, "uploads/b-1.zip").await.unwrap();
+    db.insert_images("b-1", &[image("0000000"), image("0000001"), image("0000002")]).await.unwrap();
+    db.finish_ingest("b-1", 3, &[]).await.unwrap();
+    db.record_outcome(&outcome("0000000", ImageStatus::Cropped)).await.unwrap();
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    assert!(db.batches_to_sweep(ObjectKind::Originals, later, 10).await.unwrap().is_empty(), "in flight");
+    db.record_outcome(&outcome("0000001", ImageStatus::NoFace)).await.unwrap();
+    let failed = Outcome::failed(outcome("0000002", ImageStatus::Failed).image, StageName::Detect, "bad".into(), 1);
+    assert!(db.record_outcome(&failed).await.unwrap().completed_batch);
+
+    let now = chrono::Utc::now();
+    assert!(db.batches_to_sweep(ObjectKind::Originals, now - chrono::Duration::hours(1), 10).await.unwrap().is_empty(), "not old enough");
+    assert_eq!(db.batches_to_sweep(ObjectKind::Originals, later, 10).await.unwrap(), ["b-1"]);
+    let finals = db.final_originals("b-1", "", 10).await.unwrap();
+    assert_eq!(finals.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), ["0000000", "0000001"], "the failed image's original stays");
+    assert_eq!(db.final_originals("b-1", "0000000", 10).await.unwrap().len(), 1);
+
+    db.mark_swept("b-1", ObjectKind::Originals, chrono::Utc::now()).await.unwrap();
+    assert!(db.batches_to_sweep(ObjectKind::Originals, later, 10).await.unwrap().is_empty(), "swept");
+    assert_eq!(db.batches_to_sweep(ObjectKind::Crops, later, 10).await.unwrap(), ["b-1"], "each kind on its own");
+    // A replay reopens and completes the batch again: it is due for another sweep.
+    assert!(db.reopen_image("b-1", "0000002").await.unwrap());
+    assert!(db.record_outcome(&outcome("0000002", ImageStatus::NoFace)).await.unwrap().completed_batch);
+    assert_eq!(db.batches_to_sweep(ObjectKind::Originals, later, 10).await.unwrap(), ["b-1"]);
+
+    // One sweeper at a time.
+    let lock = db.try_sweep_lock().await.unwrap().expect("free");
+    assert!(db.try_sweep_lock().await.unwrap().is_none());
+    drop(lock);
+    let mut again = None;
+    for _ in 0..50 {
+        again = db.try_sweep_lock().await.unwrap();
+        if again.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(again.is_some(), "released when its holder drops it");
 }

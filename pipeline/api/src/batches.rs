@@ -16,7 +16,7 @@ use super::{ApiError, ApiState};
 use crate::wire::{AddImages, BatchStarted, ImageView, PriorityInput, RecordId, ResultsPage, StatusAnswer, UploadZipForm};
 use extract::archive;
 use facepipe_core::domain::Priority;
-use facepipe_runtime::db::BatchSummary;
+use facepipe_runtime::db::{BatchSummary, PageStart};
 use facepipe_core::keys;
 use facepipe_control::batches::{BatchError, ZipUpload};
 use facepipe_core::messages::RemoteImage;
@@ -284,6 +284,10 @@ pub struct Page {
     #[serde(default = "default_page_size")]
     #[param(minimum = 1, maximum = 1000, default = 100)]
     page_size: i64,
+    /// Start after this image id: the `nextAfter` of the previous page. Faster than
+    /// `page` deep into a large batch; `page` is ignored when it is given.
+    #[serde(default)]
+    after: Option<String>,
 }
 
 fn first_page() -> i64 {
@@ -295,7 +299,8 @@ fn default_page_size() -> i64 {
 
 /// Per-image outcomes, paged, in image order.
 ///
-/// `GET /api/batch/{batchId}/results?page=1&pageSize=100`.
+/// `GET /api/batch/{batchId}/results?page=1&pageSize=100`, or by key:
+/// `?after=<nextAfter of the previous page>`.
 #[utoipa::path(
     get,
     path = "/api/batch/{batchId}/results",
@@ -320,13 +325,18 @@ pub async fn results(
         return Err(ApiError::bad_request("`page` must be at least 1 and `pageSize` 1-1000"));
     }
     let b = batch_or_404(&state, &batch_id).await?;
-    let offset = (page.page - 1).saturating_mul(page.page_size);
+    let start = match page.after {
+        Some(after) => PageStart::After(after),
+        None => PageStart::Offset((page.page - 1).saturating_mul(page.page_size)),
+    };
     let rows = state
         .db
-        .results_page(&batch_id, offset, page.page_size)
+        .results_page(&batch_id, &start, page.page_size)
         .await
         .map_err(|e| ApiError::unavailable("PostgreSQL", e))?;
+    let next_after = (rows.len() as i64 == page.page_size).then(|| rows.last().map(|r| r.image_id.clone())).flatten();
     Ok(Json(ResultsPage {
+        next_after,
         success: true,
         status: b.status,
         page: page.page,

@@ -234,6 +234,8 @@ pub struct ResultsPage {
     pub page_size: i64,
     /// Images in the batch (null while ingesting).
     pub total: Option<i32>,
+    /// Pass as `after` to get the next page; null on the last page.
+    pub next_after: Option<String>,
     /// The outcomes, in image order.
     pub results: Vec<ImageView>,
 }

@@ -4,6 +4,8 @@
 //! replayed. A replay first reopens what the failure recorded (the image back
 //! to `pending`, a failed batch back to `ingesting`), then publishes the
 //! original payload on its original subject, and only then deletes the letter.
+//! Lists are pages (ids are the letters' stream sequences, so a page ends on a
+//! cursor), never the whole stream at once.
 
 use std::time::Duration;
 
@@ -43,17 +45,44 @@ fn read_err(e: impl std::fmt::Display) -> DeadLetterError {
     DeadLetterError::Read(e.to_string())
 }
 
-/// Every dead letter, oldest first, optionally only those of one batch.
-pub async fn list(bus: &Bus, topology: &Topology, batch: Option<&str>) -> Result<Vec<Stored>, DeadLetterError> {
+/// Which dead letters to read: those after id `after`, at most `limit`,
+/// optionally only one batch's.
+#[derive(Debug, Clone)]
+pub struct Filter<'a> {
+    /// Only the letters of this batch.
+    pub batch: Option<&'a str>,
+    /// Start after this id (0: from the oldest).
+    pub after: u64,
+    /// Most letters in the page.
+    pub limit: usize,
+}
+
+/// One page of dead letters, oldest first.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Page {
+    /// The letters.
+    pub letters: Vec<Stored>,
+    /// Pass as `after` for the next page; none when this page reached the end.
+    pub next_after: Option<u64>,
+}
+
+fn matches(letter: &DeadLetter, batch: Option<&str>) -> bool {
+    batch.is_none() || letter.batch_id.as_deref() == batch || job_batch(letter).as_deref() == batch
+}
+
+/// One page of dead letters: reads the stream from `filter.after` on and stops
+/// at `filter.limit` matches, so a page costs the same however many letters
+/// there are (with a batch filter, plus the other batches' letters it skips).
+pub async fn list(bus: &Bus, topology: &Topology, filter: &Filter<'_>) -> Result<Page, DeadLetterError> {
     let mut stream = bus.js.get_stream(topology.dead_letter_stream()).await.map_err(read_err)?;
-    let count = stream.info().await.map_err(read_err)?.state.messages;
-    let mut letters = Vec::new();
-    if count == 0 {
-        return Ok(letters);
+    let state = stream.info().await.map_err(read_err)?.state.clone();
+    let mut page = Page { letters: Vec::new(), next_after: None };
+    if state.messages == 0 || state.last_sequence <= filter.after || filter.limit == 0 {
+        return Ok(page);
     }
     let reader = stream
         .create_consumer(consumer::pull::OrderedConfig {
-            deliver_policy: consumer::DeliverPolicy::All,
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: filter.after + 1 },
             ..Default::default()
         })
         .await
@@ -65,18 +94,55 @@ pub async fn list(bus: &Bus, topology: &Topology, batch: Option<&str>) -> Result
         let info = msg.info().map_err(read_err)?;
         let (id, pending) = (info.stream_sequence, info.pending);
         match messages::decode::<DeadLetter>(&msg.payload) {
-            Ok(letter) if batch.is_none() || letter.batch_id.as_deref() == batch || job_batch(&letter).as_deref() == batch => {
-                letters.push(Stored { id, letter })
-            }
+            Ok(letter) if matches(&letter, filter.batch) => page.letters.push(Stored { id, letter }),
             Ok(_) => {}
             Err(e) => tracing::warn!(id, error = %e, "unreadable dead letter"),
         }
         if pending == 0 {
             break;
         }
+        if page.letters.len() == filter.limit {
+            page.next_after = Some(id);
+            break;
+        }
     }
-    Ok(letters)
+    Ok(page)
 }
+
+/// The dead letters with these ids, read directly by sequence; an id that is not
+/// (or no longer) a dead letter is left out.
+pub async fn get(bus: &Bus, topology: &Topology, ids: &[u64]) -> Result<Vec<Stored>, DeadLetterError> {
+    let stream = bus.js.get_stream(topology.dead_letter_stream()).await.map_err(read_err)?;
+    let mut found = Vec::new();
+    for &id in ids {
+        match stream.get_raw_message(id).await {
+            Ok(msg) => match messages::decode::<DeadLetter>(&msg.payload) {
+                Ok(letter) => found.push(Stored { id, letter }),
+                Err(e) => tracing::warn!(id, error = %e, "unreadable dead letter"),
+            },
+            Err(e) if e.kind() == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound => {}
+            Err(e) => return Err(read_err(e)),
+        }
+    }
+    Ok(found)
+}
+
+/// Replays every dead letter (of one batch, or all), a page at a time, so
+/// memory stays bounded however many there are; returns how many were replayed.
+pub async fn replay_all(bus: &Bus, db: &Db, topology: &Topology, batch: Option<&str>) -> Result<usize, DeadLetterError> {
+    let (mut after, mut total) = (0, 0);
+    loop {
+        let page = list(bus, topology, &Filter { batch, after, limit: REPLAY_PAGE }).await?;
+        total += replay(bus, db, topology, &page.letters).await?;
+        match page.next_after {
+            Some(next) => after = next,
+            None => return Ok(total),
+        }
+    }
+}
+
+/// Letters replayed per page by [`replay_all`].
+const REPLAY_PAGE: usize = 1000;
 
 /// The batch id named inside an extract job's payload, if any.
 fn job_batch(letter: &DeadLetter) -> Option<String> {

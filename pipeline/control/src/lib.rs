@@ -6,8 +6,10 @@
 //! ## Layout
 //! - [`batches`]: starting a batch (ZIP or URL list) and waiting for it.
 //! - [`stats`]: each stage's queue and replicas.
-//! - [`deadletters`]: listing and replaying dead letters.
+//! - [`deadletters`]: listing and replaying dead letters, a page at a time.
+//! - [`retention`]: deleting a completed batch's objects once `[retention]` says they expired.
 
 pub mod batches;
 pub mod deadletters;
+pub mod retention;
 pub mod stats;

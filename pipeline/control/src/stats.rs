@@ -27,10 +27,27 @@ pub struct QueueStats {
     pub replicas: usize,
 }
 
-/// Queue statistics of every stage, in flow order (takes half a second: the
-/// replica count waits for the stage processes' presence answers).
+/// Queue statistics of every stage, in flow order. The replica count waits for
+/// the stage processes' presence answers, while the streams are read: until
+/// answers stop for [`PRESENCE_QUIET`] (half a second at most, when none answer).
 pub async fn queue_stats(bus: &Bus, topology: &Topology) -> Result<Vec<QueueStats>, BusError> {
-    let present = facepipe_runtime::presence::ping(bus, topology, Duration::from_millis(500)).await?;
+    let (present, queues) = tokio::join!(
+        facepipe_runtime::presence::ping(bus, topology, Duration::from_millis(500), PRESENCE_QUIET),
+        queues(bus, topology),
+    );
+    let present = present?;
+    let mut queues = queues?;
+    for q in &mut queues {
+        q.replicas = present.iter().filter(|p| p.stage == q.stage).count();
+    }
+    Ok(queues)
+}
+
+/// How long the replica count waits after the last presence answer for another:
+/// every process answers at once, so a gap this long means all have answered.
+pub const PRESENCE_QUIET: Duration = Duration::from_millis(100);
+
+async fn queues(bus: &Bus, topology: &Topology) -> Result<Vec<QueueStats>, BusError> {
     let mut out = Vec::new();
     for stage in StageName::ALL {
         let name = topology.stream_name(stage);
@@ -44,7 +61,7 @@ pub async fn queue_stats(bus: &Bus, topology: &Topology) -> Result<Vec<QueueStat
             completed: state.last_sequence.saturating_sub(state.messages),
             idle_pullers: 0,
             waiting_by_band: std::collections::BTreeMap::new(),
-            replicas: present.iter().filter(|p| p.stage == stage.as_str()).count(),
+            replicas: 0,
         };
         for band in topology.stage_bands(stage) {
             let info = stream.consumer_info(&band.durable).await.map_err(|e| bus::setup(&band.durable, e))?;

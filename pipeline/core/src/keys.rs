@@ -29,6 +29,11 @@ pub fn crop_key(batch_id: &str, image_id: &str, face: usize) -> String {
     format!("batches/{batch_id}/crops/{image_id}-{face}.jpg")
 }
 
+/// Prefix of a batch's crops.
+pub fn crops_prefix(batch_id: &str) -> String {
+    format!("{}crops/", batch_prefix(batch_id))
+}
+
 /// Where an uploaded ZIP waits for extract: `uploads/<batch>.zip`.
 pub fn upload_key(batch_id: &str) -> String {
     format!("uploads/{batch_id}.zip")

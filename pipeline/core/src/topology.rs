@@ -83,6 +83,54 @@ pub struct Topology {
     /// Priority bands: how priorities 1-10 share each stage's workers.
     #[serde(default)]
     pub priority: PriorityConfig,
+    /// How long a batch's objects are kept once it completes.
+    #[serde(default)]
+    pub retention: RetentionConfig,
+}
+
+/// How long a completed batch's objects are kept, and how often they are swept
+/// (`pipeline sweep`, and `pipeline serve` every `sweep_every`). Unset keeps
+/// forever, as before retention existed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Keep `uploads/<batch>.zip` this long after the batch completes; unset: forever.
+    #[serde(default, with = "humantime_serde")]
+    pub uploads: Option<Duration>,
+    /// Keep the originals of images with a final outcome (cropped, no face) this long
+    /// after their batch completes; `"0s"`: delete them once it completes; unset:
+    /// forever. Originals of failed images stay, for replays.
+    #[serde(default, with = "humantime_serde")]
+    pub originals: Option<Duration>,
+    /// Keep crops this long after their batch completes; unset: forever.
+    #[serde(default, with = "humantime_serde")]
+    pub crops: Option<Duration>,
+    /// How often `pipeline serve` sweeps, when anything above is set.
+    #[serde(default = "default_sweep_every", with = "humantime_serde")]
+    pub sweep_every: Duration,
+    /// A local store's staging files (`<key>#<n>`, left by a crash mid-write) older than this are deleted.
+    #[serde(default = "default_staging_age", with = "humantime_serde")]
+    pub staging_age: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self { uploads: None, originals: None, crops: None, sweep_every: default_sweep_every(), staging_age: default_staging_age() }
+    }
+}
+
+impl RetentionConfig {
+    /// True when some object kind has a retention period, so sweeping deletes something.
+    pub fn is_set(&self) -> bool {
+        self.uploads.is_some() || self.originals.is_some() || self.crops.is_some()
+    }
+}
+
+fn default_sweep_every() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_staging_age() -> Duration {
+    Duration::from_secs(3600)
 }
 
 
@@ -1059,27 +1107,30 @@ impl Topology {
         if self.api.max_upload_bytes == 0 || self.api.max_request_bytes == 0 || self.api.max_images_per_request == 0 {
             return invalid("api", "size limits must be positive");
         }
+        if self.retention.sweep_every < Duration::from_secs(1) {
+            return invalid("retention.sweep_every", "must be at least 1s");
+        }
         Ok(())
     }
 
     /// Longest time from a message's first delivery to its last retry, over all
     /// stages: `max_deliver` ack waits plus the Nak delays between attempts.
     pub fn retry_horizon(&self) -> Duration {
-        StageName::ALL
-            .iter()
-            .map(|name| {
-                let s = self.stage(*name);
-                let attempts = s.max_deliver.max(1) as u32;
-                let delays: f64 = (1..attempts as u64)
-                    .map(|n| {
-                        let raw = self.retry.base.as_secs_f64() * self.retry.factor.powi((n - 1) as i32);
-                        raw.min(self.retry.max.as_secs_f64()) * (1.0 + self.retry.jitter)
-                    })
-                    .sum();
-                s.ack_wait * attempts + Duration::from_secs_f64(delays)
+        StageName::ALL.iter().map(|name| self.retry_horizon_of(*name)).max().unwrap_or_default()
+    }
+
+    /// Longest time from a message's first delivery to its last retry at one
+    /// stage: past it, no message that stage was given can come back.
+    pub fn retry_horizon_of(&self, name: StageName) -> Duration {
+        let s = self.stage(name);
+        let attempts = s.max_deliver.max(1) as u32;
+        let delays: f64 = (1..attempts as u64)
+            .map(|n| {
+                let raw = self.retry.base.as_secs_f64() * self.retry.factor.powi((n - 1) as i32);
+                raw.min(self.retry.max.as_secs_f64()) * (1.0 + self.retry.jitter)
             })
-            .max()
-            .unwrap_or_default()
+            .sum();
+        s.ack_wait * attempts + Duration::from_secs_f64(delays)
     }
 
     /// The settings common to every stage, by name.

@@ -12,7 +12,13 @@ use crate::postgres_tls::{handshake_failure, HandshakeFailure, Target, TargetErr
 pub use crate::postgres_tls::TlsSetupError;
 
 use facepipe_core::domain::{BatchStatus, Detector, ImageStatus, Priority, StageName};
-use facepipe_core::messages::{FaceBox, Outcome};
+use facepipe_core::messages::Outcome;
+
+mod results;
+mod retention;
+
+pub use results::{ImageResult, PageStart};
+pub use retention::{ObjectKind, SweepLock};
 
 /// The schema migrations in `migrations/` (`V<n>__<name>.sql`), embedded at build
 /// time and run by refinery, which records them in `refinery_schema_history`.
@@ -232,37 +238,6 @@ pub struct BatchSummary {
     pub completed_at: Option<chrono::DateTime<chrono::Utc>>,
     /// When its row last changed (an outcome recorded, a state change).
     pub updated_at: chrono::DateTime<chrono::Utc>,
-}
-
-/// One image's recorded outcome, as `pipeline results` prints it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct ImageResult {
-    /// Image id.
-    pub image_id: String,
-    /// Name of the ZIP entry, or the image's URL.
-    pub entry: String,
-    /// The caller's id for an image given by URL.
-    pub record_id: Option<String>,
-    /// `pending` until its outcome is recorded.
-    pub status: ImageStatus,
-    /// Upright original width.
-    pub width: Option<i32>,
-    /// Upright original height.
-    pub height: Option<i32>,
-    /// Face boxes in original pixels.
-    pub faces: Vec<FaceBox>,
-    /// Crop object keys.
-    pub crop_keys: Vec<String>,
-    /// Original object key.
-    pub original_key: Option<String>,
-    /// Detector used.
-    pub detector: Option<Detector>,
-    /// Failure reason.
-    pub error: Option<String>,
-    /// Stage that failed.
-    pub failed_stage: Option<StageName>,
-    /// Delivery attempts.
-    pub attempts: i32,
 }
 
 /// A newly registered image.
@@ -584,43 +559,6 @@ impl Db {
             )
             .await?;
         Ok(rows.into_iter().map(|r| r.get(0)).collect())
-    }
-
-    /// Every image of a batch with its outcome, in image-id order.
-    pub async fn results(&self, batch_id: &str) -> Result<Vec<ImageResult>, DbError> {
-        self.results_page(batch_id, 0, i64::MAX).await
-    }
-
-    /// At most `limit` images of a batch from the `offset`-th on, in image-id order.
-    pub async fn results_page(&self, batch_id: &str, offset: i64, limit: i64) -> Result<Vec<ImageResult>, DbError> {
-        let client = self.pool.get().await?;
-        let rows = client
-            .query(
-                "SELECT image_id, entry_name, status, width, height, faces, crop_keys, original_key,
-                        detector, error, failed_stage, attempts, record_id
-                 FROM images WHERE batch_id = $1 ORDER BY image_id OFFSET $2 LIMIT $3",
-                &[&batch_id, &offset, &limit],
-            )
-            .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(ImageResult {
-                image_id: r.get(0),
-                entry: r.get(1),
-                status: r.get::<_, &str>(2).parse()?,
-                width: r.get(3),
-                height: r.get(4),
-                faces: serde_json::from_value(r.get(5)).unwrap_or_default(),
-                crop_keys: r.get(6),
-                original_key: r.get(7),
-                detector: r.get::<_, Option<&str>>(8).map(str::parse).transpose()?,
-                error: r.get(9),
-                failed_stage: r.get::<_, Option<&str>>(10).map(str::parse).transpose()?,
-                attempts: r.get(11),
-                record_id: r.get(12),
-                })
-            })
-            .collect()
     }
 }
 

@@ -57,8 +57,9 @@ pub async fn answer(ctx: Arc<Ctx>, slots: Arc<Semaphore>) {
     }
 }
 
-/// Pings every stage process and collects the answers that arrive within `wait`.
-pub async fn ping(bus: &Bus, topology: &Topology, wait: Duration) -> Result<Vec<Presence>, BusError> {
+/// Pings every stage process and collects the answers that arrive within `wait`,
+/// stopping early once `quiet` passes after an answer without another one.
+pub async fn ping(bus: &Bus, topology: &Topology, wait: Duration, quiet: Duration) -> Result<Vec<Presence>, BusError> {
     let err = |e: crate::error::Cause| BusError::Setup { what: "presence ping".into(), source: e };
     let inbox = bus.client.new_inbox();
     let mut answers = bus.client.subscribe(inbox.clone()).await.map_err(|e| err(e.into()))?;
@@ -66,10 +67,12 @@ pub async fn ping(bus: &Bus, topology: &Topology, wait: Duration) -> Result<Vec<
     bus.client.flush().await.map_err(|e| err(e.into()))?;
     let deadline = tokio::time::Instant::now() + wait;
     let mut found = Vec::new();
-    while let Ok(Some(answer)) = tokio::time::timeout_at(deadline, answers.next()).await {
+    let mut until = deadline;
+    while let Ok(Some(answer)) = tokio::time::timeout_at(until, answers.next()).await {
         if let Ok(presence) = serde_json::from_slice::<Presence>(&answer.payload) {
             found.push(presence);
         }
+        until = deadline.min(tokio::time::Instant::now() + quiet);
     }
     Ok(found)
 }

@@ -67,6 +67,9 @@ impl facepipe_core::retry::Classify for StoreError {
     }
 }
 
+/// Objects listed and deleted per round when a prefix is deleted.
+const DELETE_PAGE: usize = 1000;
+
 /// A handle on the configured object store; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -105,7 +108,8 @@ impl Store {
         if let Some(path) = url.strip_prefix("file://") {
             let root = std::path::absolute(if path.is_empty() { "." } else { path })?;
             std::fs::create_dir_all(&root)?;
-            let fs: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(&root)?);
+            // Deleting a batch's last object removes its emptied folders too.
+            let fs: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(&root)?.with_automatic_cleanup(true));
             return Ok(Self { inner: fs.clone(), probe: fs, local_root: Some(root), prefix: Path::default() });
         }
         if config.is_s3() {
@@ -204,6 +208,68 @@ impl Store {
             .await?;
         keys.sort();
         Ok(keys)
+    }
+
+    /// Deletes objects (a missing one is no error), many per request where the
+    /// backend allows it (S3 deletes up to 1,000 keys a request); returns how many were asked.
+    pub async fn delete_many(&self, keys: &[String]) -> Result<usize, StoreError> {
+        use futures::StreamExt;
+        let paths: Vec<Path> = keys.iter().map(|k| self.path(k)).collect::<Result<_, _>>()?;
+        let mut deleted = self.inner.delete_stream(futures::stream::iter(paths.into_iter().map(Ok)).boxed());
+        while let Some(result) = deleted.next().await {
+            match result {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(StoreError::Backend(e)),
+            }
+        }
+        Ok(keys.len())
+    }
+
+    /// Deletes every object under `prefix`; returns how many there were.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<usize, StoreError> {
+        let mut total = 0;
+        // In pages, so a prefix of a million objects is never listed into memory at once.
+        loop {
+            use futures::{StreamExt, TryStreamExt};
+            let path = self.path(prefix.trim_end_matches('/'))?;
+            let strip = self.prefix.parts().count();
+            let page: Vec<String> = self
+                .inner
+                .list(Some(&path))
+                .map_ok(|meta| meta.location.parts().skip(strip).map(|p| p.as_ref().to_string()).collect::<Vec<_>>().join("/"))
+                .take(DELETE_PAGE)
+                .try_collect()
+                .await?;
+            if page.is_empty() {
+                return Ok(total);
+            }
+            total += self.delete_many(&page).await?;
+        }
+    }
+
+    /// In a local store, deletes staging files (`<key>#<n>`: a write that a crash
+    /// interrupted before its rename) last modified more than `age` ago; returns how
+    /// many. A store elsewhere has none: S3 writes are atomic.
+    pub fn sweep_staging(&self, age: Duration) -> Result<usize, StoreError> {
+        let Some(root) = &self.local_root else { return Ok(0) };
+        let cutoff = std::time::SystemTime::now() - age;
+        let mut removed = 0;
+        for entry in walkdir::WalkDir::new(root).into_iter().filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy();
+            let staging = name.rsplit_once('#').is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            if !staging || !entry.file_type().is_file() {
+                continue;
+            }
+            let old = entry.metadata().ok().and_then(|m| m.modified().ok()).is_some_and(|t| t < cutoff);
+            if old {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(StoreError::Io(e)),
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// Streams a local file into the store without holding it in memory.

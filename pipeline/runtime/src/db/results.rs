@@ -1,0 +1,159 @@
+//! Reading a batch's per-image outcomes: pages by key, and a stream over a
+//! server-side cursor, so neither costs more as a batch grows to millions of
+//! images.
+
+use futures::{pin_mut, TryStreamExt};
+use serde::Serialize;
+
+use facepipe_core::domain::{Detector, ImageStatus, StageName};
+use facepipe_core::messages::FaceBox;
+
+use super::{Db, DbError};
+
+/// One image's recorded outcome, as `pipeline results` prints it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ImageResult {
+    /// Image id.
+    pub image_id: String,
+    /// Name of the ZIP entry, or the image's URL.
+    pub entry: String,
+    /// The caller's id for an image given by URL.
+    pub record_id: Option<String>,
+    /// `pending` until its outcome is recorded.
+    pub status: ImageStatus,
+    /// Upright original width.
+    pub width: Option<i32>,
+    /// Upright original height.
+    pub height: Option<i32>,
+    /// Face boxes in original pixels.
+    pub faces: Vec<FaceBox>,
+    /// Crop object keys.
+    pub crop_keys: Vec<String>,
+    /// Original object key.
+    pub original_key: Option<String>,
+    /// Detector used.
+    pub detector: Option<Detector>,
+    /// Failure reason.
+    pub error: Option<String>,
+    /// Stage that failed.
+    pub failed_stage: Option<StageName>,
+    /// Delivery attempts.
+    pub attempts: i32,
+}
+
+/// Where a page of results starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PageStart {
+    /// After this many images, in image-id order (page numbers). The start key is
+    /// found on the primary key's index alone, so a late page reads no rows it skips.
+    Offset(i64),
+    /// After this image id: the cursor a previous page ended on (an index seek).
+    After(String),
+}
+
+const COLUMNS: &str = "image_id, entry_name, status, width, height, faces, crop_keys, original_key,
+                       detector, error, failed_stage, attempts, record_id";
+
+/// Rows fetched per round trip when streaming: bounded memory, few round trips.
+const STREAM_CHUNK: i32 = 1000;
+
+fn image_result(r: &tokio_postgres::Row) -> Result<ImageResult, DbError> {
+    Ok(ImageResult {
+        image_id: r.get(0),
+        entry: r.get(1),
+        status: r.get::<_, &str>(2).parse()?,
+        width: r.get(3),
+        height: r.get(4),
+        faces: serde_json::from_value(r.get(5)).unwrap_or_default(),
+        crop_keys: r.get(6),
+        original_key: r.get(7),
+        detector: r.get::<_, Option<&str>>(8).map(str::parse).transpose()?,
+        error: r.get(9),
+        failed_stage: r.get::<_, Option<&str>>(10).map(str::parse).transpose()?,
+        attempts: r.get(11),
+        record_id: r.get(12),
+    })
+}
+
+impl Db {
+    /// Every image of a batch with its outcome, in image-id order, in memory
+    /// (tests and small batches; [`Db::for_each_result`] streams).
+    pub async fn results(&self, batch_id: &str) -> Result<Vec<ImageResult>, DbError> {
+        let mut all = Vec::new();
+        self.for_each_result(batch_id, |r| {
+            all.push(r);
+            Ok::<_, DbError>(())
+        })
+        .await?;
+        Ok(all)
+    }
+
+    /// At most `limit` images of a batch from `start` on, in image-id order.
+    pub async fn results_page(&self, batch_id: &str, start: &PageStart, limit: i64) -> Result<Vec<ImageResult>, DbError> {
+        let client = self.pool.get().await?;
+        let first_key: Option<String> = match start {
+            PageStart::Offset(0) => None,
+            PageStart::Offset(skip) => {
+                // Only the key column: PostgreSQL skips on the index without visiting the rows.
+                let row = client
+                    .query_opt(
+                        "SELECT image_id FROM images WHERE batch_id = $1 ORDER BY image_id OFFSET $2 LIMIT 1",
+                        &[&batch_id, skip],
+                    )
+                    .await?;
+                match row {
+                    Some(r) => Some(r.get(0)),
+                    None => return Ok(Vec::new()),
+                }
+            }
+            PageStart::After(key) => {
+                let rows = client
+                    .query(
+                        &format!("SELECT {COLUMNS} FROM images WHERE batch_id = $1 AND image_id > $2 ORDER BY image_id LIMIT $3"),
+                        &[&batch_id, key, &limit],
+                    )
+                    .await?;
+                return rows.iter().map(image_result).collect();
+            }
+        };
+        let rows = client
+            .query(
+                &format!("SELECT {COLUMNS} FROM images WHERE batch_id = $1 AND image_id >= $2 ORDER BY image_id LIMIT $3"),
+                &[&batch_id, &first_key.unwrap_or_default(), &limit],
+            )
+            .await?;
+        rows.iter().map(image_result).collect()
+    }
+
+    /// Calls `f` on every image of a batch, in image-id order, reading
+    /// [`STREAM_CHUNK`] rows at a time from a server-side cursor: memory stays
+    /// the same whatever the batch's size. The rows are one consistent snapshot.
+    pub async fn for_each_result<E: From<DbError>>(
+        &self,
+        batch_id: &str,
+        mut f: impl FnMut(ImageResult) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut client = self.pool.get().await.map_err(DbError::from)?;
+        // A portal (a cursor) lives in a transaction; read-only, it holds no locks that matter.
+        let tx = client.build_transaction().read_only(true).start().await.map_err(DbError::from)?;
+        let statement = tx
+            .prepare(&format!("SELECT {COLUMNS} FROM images WHERE batch_id = $1 ORDER BY image_id"))
+            .await
+            .map_err(DbError::from)?;
+        let portal = tx.bind(&statement, &[&batch_id]).await.map_err(DbError::from)?;
+        loop {
+            let rows = tx.query_portal_raw(&portal, STREAM_CHUNK).await.map_err(DbError::from)?;
+            pin_mut!(rows);
+            let mut n = 0;
+            while let Some(row) = rows.try_next().await.map_err(DbError::from)? {
+                n += 1;
+                f(image_result(&row)?)?;
+            }
+            if n < STREAM_CHUNK {
+                break;
+            }
+        }
+        tx.commit().await.map_err(DbError::from)?;
+        Ok(())
+    }
+}
