@@ -113,3 +113,108 @@ async fn pipeline_up_starts_the_topology_replicas_unless_a_flag_overrides_them()
     unsafe { libc::kill(up.id() as i32, libc::SIGTERM) };
     assert_eq!(support::wait_exit(&mut up, std::time::Duration::from_secs(30)), Ok(Some(0)));
 }
+
+/// A tiny JPEG (48x36), one of 64 patterns: many entries, little detection work.
+fn tiny_jpeg(pattern: usize) -> Vec<u8> {
+    let (w, h) = (48u16, 36u16);
+    let mut rgb = Vec::with_capacity(w as usize * h as usize * 3);
+    for y in 0..h as usize {
+        for x in 0..w as usize {
+            let v = (x * (pattern % 8 + 1) + y * (pattern / 8 + 1)) as u8;
+            rgb.extend_from_slice(&[v, v.wrapping_mul(3), 255 - v]);
+        }
+    }
+    let mut out = Vec::new();
+    jpeg_encoder::Encoder::new(&mut out, 80).encode(&rgb, w, h, jpeg_encoder::ColorType::Rgb).unwrap();
+    out
+}
+
+/// The CI-sized scale run: a batch of 20,000 entries completes with every outcome
+/// recorded exactly once, its results stream, its dead letters page, and
+/// retention sweeps its originals. Detection is kept cheap (48x36 photos, the
+/// detector at width 64 without upscaling, no second pass): this asserts
+/// behaviour at size, not speed (`scripts/bench --scale` measures that).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_of_20000_entries_records_each_outcome_once_streams_pages_and_sweeps() {
+    const N: usize = 20_000;
+    const BROKEN: [usize; 5] = [0, 4_999, 9_999, 14_999, 19_999];
+    let d = Deployment::start(|t| {
+        let p = &mut t.stages.detect.params;
+        (p.width, p.upscale, p.second_pass.enabled) = (64, false, false);
+        t.stages.detect.concurrency = 4;
+        t.retention.uploads = Some(std::time::Duration::ZERO);
+        t.retention.originals = Some(std::time::Duration::ZERO);
+        for s in [&mut t.stages.extract.ack_wait, &mut t.stages.detect.ack_wait, &mut t.stages.crop.ack_wait] {
+            *s = std::time::Duration::from_secs(2);
+        }
+        (t.stages.extract.max_deliver, t.stages.detect.max_deliver, t.stages.crop.max_deliver) = (3, 3, 3);
+    })
+    .await;
+    let patterns: Vec<Vec<u8>> = (0..64).map(tiny_jpeg).collect();
+    let mut entries: Vec<(String, Vec<u8>)> = (0..N)
+        .map(|i| {
+            if BROKEN.contains(&i) {
+                (format!("broken-{i}.jpg"), b"\xff\xd8\xff\xe0 not a jpeg".to_vec())
+            } else {
+                (format!("p/{i:05}.jpg"), patterns[i % patterns.len()].clone())
+            }
+        })
+        .collect();
+    entries.push(("notes.txt".into(), b"not an image".to_vec()));
+    let zip = d.dir.path().join("big.zip");
+    write_zip(&zip, &entries);
+    d.cli_ok(&["submit", zip.to_str().unwrap(), "--batch-id", "big"]);
+    let status = d.wait_for_batch("big", std::time::Duration::from_secs(1500)).await;
+    assert_eq!(
+        (status.status.as_str(), status.image_count, status.processed, status.failed, status.skipped),
+        ("completed", Some(N as i32), N as i32, BROKEN.len() as i32, 1)
+    );
+
+    // Every image has exactly one outcome, and the counters match the rows.
+    let client = d.db.client().await;
+    let rows = client
+        .query("SELECT status, count(*) FROM images WHERE batch_id = 'big' GROUP BY status ORDER BY status", &[])
+        .await
+        .unwrap();
+    let by_status: BTreeMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(by_status.get("pending"), None, "{by_status:?}");
+    assert_eq!(by_status.values().sum::<i64>(), N as i64, "{by_status:?}");
+    assert_eq!(by_status["failed"], BROKEN.len() as i64);
+
+    // `pipeline results` streams them all, once each, in order.
+    let out = d.cli_ok(&["results", "big"]);
+    let ids: Vec<String> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["image_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), N);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "in image order, no repeats");
+
+    // Dead letters in pages: a limit, a cursor, and a replay by id.
+    let list = |args: &[&str]| -> Vec<serde_json::Value> {
+        let mut all = vec!["dead-letters", "list", "--batch", "big", "--json"];
+        all.extend_from_slice(args);
+        d.cli_ok(&all).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let letters = list(&[]);
+    assert_eq!(letters.len(), BROKEN.len());
+    let first_two = list(&["--limit", "2"]);
+    assert_eq!(first_two, letters[..2]);
+    let after = letters[1]["id"].to_string();
+    assert_eq!(list(&["--after", &after, "--limit", "2"]), letters[2..4]);
+    let last = letters[4]["id"].to_string();
+    assert!(d.cli_ok(&["dead-letters", "replay", "--id", &last]).contains("replayed 1"));
+    let status = d.wait_for_batch("big", std::time::Duration::from_secs(120)).await;
+    assert_eq!((status.processed, status.failed), (N as i32, BROKEN.len() as i32), "the replay failed again, counted once");
+
+    // Retention: once past the readers' retry horizon, a sweep deletes every original
+    // but the failed images', and the upload.
+    tokio::time::sleep(std::time::Duration::from_secs(8)).await;
+    let report: serde_json::Value = serde_json::from_str(&d.cli_ok(&["sweep", "--json"])).unwrap();
+    assert_eq!((report["ran"].as_bool(), report["uploads"].as_u64()), (Some(true), Some(1)), "{report}");
+    assert_eq!(report["originals"], N - BROKEN.len(), "{report}");
+    let objects = d.dir.path().join("objects");
+    let left = std::fs::read_dir(objects.join("batches/big/originals")).unwrap().count();
+    assert_eq!(left, BROKEN.len());
+    assert!(!objects.join("uploads/big.zip").exists());
+}
