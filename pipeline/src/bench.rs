@@ -34,6 +34,9 @@ pub struct BenchArgs {
     /// Skip the in-process floor.
     #[arg(long)]
     pub no_floor: bool,
+    /// A scale run instead (`--scale N`).
+    #[command(flatten)]
+    pub scale: crate::scale::ScaleArgs,
 }
 
 fn cpu_seconds_of_this_process() -> f64 {
@@ -125,6 +128,9 @@ fn write_stored_zip(files: &[PathBuf], out: &Path) -> anyhow::Result<()> {
 /// Runs the benchmark and prints its figures.
 pub async fn run(topology_path: &Path, topology: &Topology, args: BenchArgs) -> anyhow::Result<()> {
     let files = corpus_files(&args.corpus)?;
+    if args.scale.scale.is_some() {
+        return crate::scale::run(topology_path, topology, &files, &args.scale).await;
+    }
     let n = files.len();
     let photos: Vec<Vec<u8>> = files.iter().map(std::fs::read).collect::<Result<_, _>>()?;
     let mb = photos.iter().map(Vec::len).sum::<usize>() as f64 / 1e6;

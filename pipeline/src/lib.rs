@@ -2,12 +2,14 @@
 //!
 //! The `pipeline` binary (`src/main.rs`) is what an operator runs: `apply`,
 //! `validate`, `submit`, `status`, `results`, `stats`, `dead-letters`,
-//! `serve`, `up`, `eval` and `bench`. This library holds the parts of it that
+//! `sweep`, `serve`, `up`, `eval` and `bench`. This library holds the parts of it that
 //! tests call directly.
 //!
 //! ## Layout
 //! - `src/main.rs`: the commands and their arguments.
 //! - `src/bench.rs`: `pipeline bench`, the in-process floor and the end-to-end run.
+//! - `src/scale.rs`: `pipeline bench --scale N`, one large batch watched per tenth, and the
+//!   timing of operators' reads against it.
 //! - `src/processes.rs`: starting and measuring stage processes (`up`, bench).
 //! - [`eval`]: detection quality on labelled photos (`pipeline eval`).
 //! - `tests/`: the integration tests, against a real nats-server and PostgreSQL.

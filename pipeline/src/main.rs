@@ -23,6 +23,7 @@ use facepipe_core::topology::{StageName, Topology, TOPOLOGY_ENV};
 mod bench;
 
 mod processes;
+mod scale;
 
 use processes::StageGroup;
 

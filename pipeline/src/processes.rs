@@ -25,6 +25,27 @@ pub struct Usage {
     pub peak_rss_mib: f64,
 }
 
+impl Usage {
+    /// CPU time and peak memory of process `pid`, from `/proc`; with
+    /// `with_children`, its exited children's CPU too (PostgreSQL's backends).
+    pub fn of(pid: u32, with_children: bool) -> Self {
+        let ticks = 100.0; // USER_HZ on Linux
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the parenthesised command name; utime and stime are the 12th and 13th of them.
+        let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+        let cpu = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let hwm_kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        // cutime and cstime follow: the CPU of its children that have exited.
+        let children = if with_children { cpu(13) + cpu(14) } else { 0.0 };
+        Usage { cpu_seconds: (cpu(11) + cpu(12) + children) / ticks, peak_rss_mib: hwm_kib / 1024.0 }
+    }
+}
+
 /// The stage processes of one machine.
 pub struct StageGroup {
     processes: Vec<StageProcess>,
@@ -92,19 +113,7 @@ impl StageGroup {
 
     /// CPU time and peak memory of a running process.
     pub fn usage(p: &StageProcess) -> Usage {
-        let Some(pid) = p.child.id() else { return Usage::default() };
-        let ticks = 100.0; // USER_HZ on Linux
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // Fields after the parenthesised command name; utime and stime are the 12th and 13th of them.
-        let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-        let cpu = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let hwm_kib = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            .unwrap_or(0.0);
-        Usage { cpu_seconds: (cpu(11) + cpu(12)) / ticks, peak_rss_mib: hwm_kib / 1024.0 }
+        p.child.id().map(|pid| Usage::of(pid, false)).unwrap_or_default()
     }
 
     /// Sends SIGTERM to every process and waits for each to exit.

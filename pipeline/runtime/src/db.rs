@@ -548,6 +548,12 @@ impl Db {
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
+    /// Size of the database on disk, tables and indexes (`pg_database_size`).
+    pub async fn database_bytes(&self) -> Result<i64, DbError> {
+        let client = self.pool.get().await?;
+        Ok(client.query_one("SELECT pg_database_size(current_database())", &[]).await?.get(0))
+    }
+
     /// Seconds from each image's registration by extract to its recorded outcome, sorted.
     pub async fn latencies(&self, batch_id: &str) -> Result<Vec<f64>, DbError> {
         let client = self.pool.get().await?;
