@@ -366,13 +366,13 @@ async fn queries(topology_path: &Path, topology: &Topology, db: &Db, bus: &Bus, 
     let page = 9000.min(last_page);
     let skip = (page - 1) * 100;
     let after = keys::image_id((skip as usize).saturating_sub(1));
-    let status_url = format!("{base}/api/batch/{batch_id}/status");
+    let status_url = format!("{base}/api/batch/status/{batch_id}");
     let page_url = format!("{base}/api/batch/{batch_id}/results?page={page}&pageSize=100");
     let after_url = format!("{base}/api/batch/{batch_id}/results?after={after}&pageSize=100");
     let row = |what: &str, ms: f64, note: &str| println!("  {what:<46} {ms:>9.1} ms  {note}");
 
     row("status (query)", median_ms(5, || async { Ok(db.batch_status(batch_id).await?) }).await?, "target < 20 ms");
-    row("status (HTTP GET /api/batch/{id}/status)", median_ms(5, || get(&http, &status_url)).await?, "target < 20 ms");
+    row("status (HTTP GET /api/batch/status/{id})", median_ms(5, || get(&http, &status_url)).await?, "target < 20 ms");
     row("status (`pipeline status`, a whole process)", median_cli(topology_path, &["status", batch_id], 5)?.0, "");
     row(
         "stats (queues, replicas, failures)",
