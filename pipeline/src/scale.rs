@@ -287,23 +287,29 @@ where
 }
 
 /// Runs this binary with `args`, its output thrown away; returns (wall ms, peak RSS MiB).
+/// The peak is the child's own `VmHWM`, read while it runs: `wait4`'s `ru_maxrss`
+/// would also count this process's memory, which the child's fork copied.
 fn cli(topology_path: &Path, args: &[&str]) -> anyhow::Result<(f64, f64)> {
     let started = Instant::now();
-    let child = std::process::Command::new(std::env::current_exe()?)
+    let mut child = std::process::Command::new(std::env::current_exe()?)
         .arg("--topology")
         .arg(topology_path)
         .args(args)
         .stdout(std::process::Stdio::null())
         .spawn()?;
-    let mut status = 0;
-    // SAFETY: wait4 on our own child, with a zeroed rusage it fills.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    let mut peak: f64 = 0.0;
+    let status = loop {
+        peak = peak.max(Usage::of(child.id(), false).peak_rss_mib);
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
     let wall = started.elapsed().as_secs_f64() * 1000.0;
-    if pid < 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-        bail!("pipeline {args:?} failed");
+    if !status.success() {
+        bail!("pipeline {args:?} failed: {status}");
     }
-    Ok((wall, usage.ru_maxrss as f64 / 1024.0))
+    Ok((wall, peak))
 }
 
 fn median_cli(topology_path: &Path, args: &[&str], runs: usize) -> anyhow::Result<(f64, f64)> {

@@ -170,6 +170,18 @@ async fn upload_zip_then_status_results_crops_and_queue_stats() {
     sorted.sort();
     sorted.dedup();
     assert_eq!(ids, sorted);
+    // The same pages by key: each full page names where the next starts; the last names none.
+    let (mut by_key, mut after) = (Vec::new(), String::new());
+    loop {
+        let (code, body) = api.json(api.get(&format!("/api/batch/{batch}/results?after={after}&pageSize=3"))).await;
+        assert_eq!(code, 200, "{body}");
+        by_key.extend(body["results"].as_array().unwrap().iter().map(|r| r["imageId"].as_str().unwrap().to_string()));
+        match body["nextAfter"].as_str() {
+            Some(next) => after = next.to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(by_key, ids);
     let broken = seen.iter().find(|r| r["entry"] == "broken.jpg").unwrap();
     assert_eq!(broken["status"], "failed");
     assert_eq!(broken["failedStage"], "detect");

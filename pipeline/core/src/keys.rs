@@ -13,7 +13,10 @@
 
 use sha2::{Digest, Sha256};
 
-/// Image id of the `index`-th entry of a ZIP (0-based, in central-directory order).
+/// Image id of the `index`-th image of a batch (0-based): the `index`-th image entry
+/// of a ZIP in central-directory order (other entries are skipped and not counted),
+/// or the `index`-th URL of a list. A batch's ids are therefore dense, `image_id(0)`
+/// to `image_id(count - 1)`, which lets a results page find its start by key.
 pub fn image_id(index: usize) -> String {
     format!("{index:07}")
 }

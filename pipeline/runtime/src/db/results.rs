@@ -6,6 +6,7 @@ use futures::{pin_mut, TryStreamExt};
 use serde::Serialize;
 
 use facepipe_core::domain::{Detector, ImageStatus, StageName};
+use facepipe_core::keys;
 use facepipe_core::messages::FaceBox;
 
 use super::{Db, DbError};
@@ -44,8 +45,8 @@ pub struct ImageResult {
 /// Where a page of results starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PageStart {
-    /// After this many images, in image-id order (page numbers). The start key is
-    /// found on the primary key's index alone, so a late page reads no rows it skips.
+    /// After this many images, in image-id order (page numbers). Image ids are
+    /// dense, so this is as cheap as a key: the start is `keys::image_id(n)`.
     Offset(i64),
     /// After this image id: the cursor a previous page ended on (an index seek).
     After(String),
@@ -88,38 +89,20 @@ impl Db {
         Ok(all)
     }
 
-    /// At most `limit` images of a batch from `start` on, in image-id order.
+    /// At most `limit` images of a batch from `start` on, in image-id order: one
+    /// index seek, wherever the page is.
     pub async fn results_page(&self, batch_id: &str, start: &PageStart, limit: i64) -> Result<Vec<ImageResult>, DbError> {
         let client = self.pool.get().await?;
-        let first_key: Option<String> = match start {
-            PageStart::Offset(0) => None,
-            PageStart::Offset(skip) => {
-                // Only the key column: PostgreSQL skips on the index without visiting the rows.
-                let row = client
-                    .query_opt(
-                        "SELECT image_id FROM images WHERE batch_id = $1 ORDER BY image_id OFFSET $2 LIMIT 1",
-                        &[&batch_id, skip],
-                    )
-                    .await?;
-                match row {
-                    Some(r) => Some(r.get(0)),
-                    None => return Ok(Vec::new()),
-                }
-            }
-            PageStart::After(key) => {
-                let rows = client
-                    .query(
-                        &format!("SELECT {COLUMNS} FROM images WHERE batch_id = $1 AND image_id > $2 ORDER BY image_id LIMIT $3"),
-                        &[&batch_id, key, &limit],
-                    )
-                    .await?;
-                return rows.iter().map(image_result).collect();
-            }
+        let (op, key) = match start {
+            // Image ids are dense (the n-th image is `keys::image_id(n)`), so the n-th
+            // image's key is known without counting the n before it.
+            PageStart::Offset(skip) => (">=", keys::image_id(usize::try_from(*skip).unwrap_or(0))),
+            PageStart::After(key) => (">", key.clone()),
         };
         let rows = client
             .query(
-                &format!("SELECT {COLUMNS} FROM images WHERE batch_id = $1 AND image_id >= $2 ORDER BY image_id LIMIT $3"),
-                &[&batch_id, &first_key.unwrap_or_default(), &limit],
+                &format!("SELECT {COLUMNS} FROM images WHERE batch_id = $1 AND image_id {op} $2 ORDER BY image_id LIMIT $3"),
+                &[&batch_id, &key, &limit],
             )
             .await?;
         rows.iter().map(image_result).collect()
