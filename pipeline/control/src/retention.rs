@@ -71,7 +71,10 @@ pub async fn sweep(db: &Db, store: &Store, topology: &Topology) -> Result<SweepR
     for kind in ObjectKind::ALL {
         let Some(delay) = delay(topology, kind) else { continue };
         let started = chrono::Utc::now();
-        let completed_before = started - chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+        // A period too long to subtract from now keeps everything, as no period does.
+        let Some(completed_before) = chrono::Duration::from_std(delay).ok().and_then(|d| started.checked_sub_signed(d)) else {
+            continue;
+        };
         loop {
             let batches = db.batches_to_sweep(kind, completed_before, BATCHES_PER_ROUND).await?;
             for batch in &batches {
