@@ -76,20 +76,28 @@ pub struct Summary {
 }
 
 /// Reads the archive entry by entry, handing each to `sink`; stops early when `sink` returns false.
+///
+/// `directory` and `bodies` are two readers of the same archive: one walks the
+/// central directory, the other the entries' data, so each reads in order. (One
+/// reader for both would jump between the end of the archive and each entry: a
+/// ranged reader would fetch a window again on every jump.)
 pub fn read_entries<R: Read + Seek>(
-    source: R,
+    directory: R,
+    bodies: R,
     params: &ExtractParams,
     mut sink: impl FnMut(Entry) -> bool,
 ) -> Result<Summary, ArchiveError> {
-    let (source, fault) = Watched::new(source);
-    let mut archive = open_checked(source, params).map_err(|e| fault.take().map_or(e, ArchiveError::Io))?;
+    let fault = Fault::default();
+    let directory = Watched { inner: directory, fault: fault.clone() };
+    let mut bodies = Watched { inner: bodies, fault: fault.clone() };
+    let mut archive = open_checked(directory, params).map_err(|e| fault.take().map_or(e, ArchiveError::Io))?;
     let mut summary = Summary::default();
     let files = archive.files()?;
     while let Some(record) = files.next() {
         // A central-directory record that does not parse ends the walk: the directory is corrupt.
         let record = record.map_err(|e| fault.take().map_or(ArchiveError::Invalid(e), ArchiveError::Io))?;
         let name = record.name().map(|n| n.into_owned()).unwrap_or_else(|_| String::from_utf8_lossy(record.name_raw()).into_owned());
-        let opened = record.with_reader(files.reader_mut(), zip::ZipReadOptions::new());
+        let opened = record.with_reader(&mut bodies, zip::ZipReadOptions::new());
         let read = opened.map(|entry| read_entry(entry, &name, summary.images, params));
         // The source failed under this entry: the archive is unreadable for now, not the entry.
         if let Some(e) = fault.take() {
@@ -114,7 +122,7 @@ pub fn read_entries<R: Read + Seek>(
 
 /// Reads the ZIP file at `path` entry by entry (see [`read_entries`]).
 pub fn read_file_entries(path: &Path, params: &ExtractParams, sink: impl FnMut(Entry) -> bool) -> Result<Summary, ArchiveError> {
-    read_entries(BufReader::new(File::open(path)?), params, sink)
+    read_entries(BufReader::new(File::open(path)?), BufReader::new(File::open(path)?), params, sink)
 }
 
 /// Counts the image entries of `path` from its central directory alone (no entry
@@ -188,11 +196,6 @@ impl Fault {
 }
 
 impl<R> Watched<R> {
-    fn new(inner: R) -> (Self, Fault) {
-        let fault = Fault::default();
-        (Self { inner, fault: fault.clone() }, fault)
-    }
-
     fn watch<T>(&self, result: io::Result<T>) -> io::Result<T> {
         if let Err(e) = &result {
             self.fault.record(e);
@@ -403,10 +406,11 @@ mod tests {
         let photos: Vec<(String, Vec<u8>)> = (0..5).map(|i| (format!("p{i}.jpg"), noise(10_000))).collect();
         let entries: Vec<(&str, &[u8])> = photos.iter().map(|(n, d)| (n.as_str(), d.as_slice())).collect();
         let zip = std::fs::read(zip_with(&entries).path()).unwrap();
-        // Enough for the central directory and two entries, not for the rest.
-        let source = FailingAfter { inner: std::io::Cursor::new(zip.clone()), budget: 25_000 };
+        // The entries' reader fails after two entries' worth.
+        let directory = FailingAfter { inner: std::io::Cursor::new(zip.clone()), budget: usize::MAX };
+        let bodies = FailingAfter { inner: std::io::Cursor::new(zip.clone()), budget: 25_000 };
         let mut seen = Vec::new();
-        let err = read_entries(source, &ExtractParams::default(), |e| {
+        let err = read_entries(directory, bodies, &ExtractParams::default(), |e| {
             seen.push(matches!(e, Entry::Image { .. }));
             true
         })
@@ -414,8 +418,9 @@ mod tests {
         assert!(matches!(&err, ArchiveError::Io(e) if e.to_string().contains("connection refused")), "{err}");
         assert!(!seen.is_empty() && seen.iter().all(|ok| *ok), "entries before the failure are whole images: {seen:?}");
         // Failing while the central directory is read is the same error.
-        let source = FailingAfter { inner: std::io::Cursor::new(zip), budget: 10 };
-        assert!(matches!(read_entries(source, &ExtractParams::default(), |_| true), Err(ArchiveError::Io(_))));
+        let directory = FailingAfter { inner: std::io::Cursor::new(zip.clone()), budget: 10 };
+        let bodies = FailingAfter { inner: std::io::Cursor::new(zip), budget: usize::MAX };
+        assert!(matches!(read_entries(directory, bodies, &ExtractParams::default(), |_| true), Err(ArchiveError::Io(_))));
     }
 
     /// The archive in a remote store, read through ranged GETs.
@@ -426,9 +431,10 @@ mod tests {
         store.put_file("uploads/b.zip", zip.path()).await.unwrap();
         let reader = store.reader("uploads/b.zip").await.unwrap();
         assert!(matches!(reader, facepipe_runtime::store::ObjectReader::Remote(_)));
+        let bodies = store.reader("uploads/b.zip").await.unwrap();
         let (summary, sizes) = tokio::task::spawn_blocking(move || {
             let mut sizes = Vec::new();
-            let summary = read_entries(reader, &ExtractParams::default(), |e| {
+            let summary = read_entries(reader, bodies, &ExtractParams::default(), |e| {
                 if let Entry::Image { bytes, .. } = e {
                     sizes.push(bytes.len());
                 }

@@ -75,12 +75,13 @@ fn batch_id(job: &ExtractJob, stream_sequence: u64, published: &str) -> Result<S
 
 impl Extract {
     async fn unpack(&self, ctx: &Ctx, zip: &str, batch_id: &str, priority: Priority) -> Result<(), StageError> {
-        let zip = locate(ctx, zip).await?;
+        // Two readers of the archive: its central directory and its entries, each read in order.
+        let (directory, bodies) = (locate(ctx, zip).await?, locate(ctx, zip).await?);
         let params = ctx.current().stages.extract.params.clone();
         let parallelism = params.parallelism;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Entry>(parallelism);
         let reader = tokio::task::spawn_blocking(move || {
-            archive::read_entries(zip, &params, |entry| tx.blocking_send(entry).is_ok())
+            archive::read_entries(directory, bodies, &params, |entry| tx.blocking_send(entry).is_ok())
         });
 
         let entries = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
