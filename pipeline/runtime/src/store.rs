@@ -195,17 +195,21 @@ impl Store {
         }
     }
 
-    /// Keys of all objects under a prefix, sorted.
-    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+    /// Keys of the objects under a prefix, in the backend's order, as they are listed.
+    fn keys_under(&self, prefix: &str) -> Result<impl futures::Stream<Item = Result<String, object_store::Error>>, StoreError> {
         use futures::TryStreamExt;
         let path = self.path(prefix.trim_end_matches('/'))?;
         let strip = self.prefix.parts().count();
-        let mut keys: Vec<String> = self
+        Ok(self
             .inner
             .list(Some(&path))
-            .map_ok(|meta| meta.location.parts().skip(strip).map(|p| p.as_ref().to_string()).collect::<Vec<_>>().join("/"))
-            .try_collect()
-            .await?;
+            .map_ok(move |meta| meta.location.parts().skip(strip).map(|p| p.as_ref().to_string()).collect::<Vec<_>>().join("/")))
+    }
+
+    /// Keys of all objects under a prefix, sorted.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        use futures::TryStreamExt;
+        let mut keys: Vec<String> = self.keys_under(prefix)?.try_collect().await?;
         keys.sort();
         Ok(keys)
     }
@@ -231,15 +235,7 @@ impl Store {
         // In pages, so a prefix of a million objects is never listed into memory at once.
         loop {
             use futures::{StreamExt, TryStreamExt};
-            let path = self.path(prefix.trim_end_matches('/'))?;
-            let strip = self.prefix.parts().count();
-            let page: Vec<String> = self
-                .inner
-                .list(Some(&path))
-                .map_ok(|meta| meta.location.parts().skip(strip).map(|p| p.as_ref().to_string()).collect::<Vec<_>>().join("/"))
-                .take(DELETE_PAGE)
-                .try_collect()
-                .await?;
+            let page: Vec<String> = self.keys_under(prefix)?.take(DELETE_PAGE).try_collect().await?;
             if page.is_empty() {
                 return Ok(total);
             }
@@ -471,6 +467,21 @@ impl Seek for RangedReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn delete_prefix_deletes_only_under_it_in_pages() {
+        let store = Store::in_memory();
+        let crops: Vec<String> = (0..DELETE_PAGE + 5).map(|i| format!("batches/b/crops/{i:07}-0.jpg")).collect();
+        for key in crops.iter().chain([&"batches/b/originals/0000000.jpg".to_string(), &"batches/bb/crops/x.jpg".to_string()]) {
+            store.put(key, Bytes::from_static(b"x")).await.unwrap();
+        }
+        assert_eq!(store.delete_prefix("batches/b/crops/").await.unwrap(), crops.len());
+        assert_eq!(store.list("batches").await.unwrap(), ["batches/b/originals/0000000.jpg", "batches/bb/crops/x.jpg"]);
+        assert_eq!(store.delete_prefix("batches/b/crops/").await.unwrap(), 0);
+        // A missing key among others is no error.
+        assert_eq!(store.delete_many(&["batches/bb/crops/x.jpg".into(), "nothing/here".into()]).await.unwrap(), 2);
+        assert_eq!(store.list("batches").await.unwrap(), ["batches/b/originals/0000000.jpg"]);
+    }
 
     #[tokio::test]
     async fn local_store_round_trip_and_key_checks() {
