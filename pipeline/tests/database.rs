@@ -228,3 +228,37 @@ async fn the_sweeper_sees_only_completed_batches_and_final_originals() {
     }
     assert!(again.is_some(), "released when its holder drops it");
 }
+
+#[tokio::test]
+async fn concurrent_outcomes_and_their_redeliveries_complete_the_batch_exactly_once() {
+    let test_db = TestDb::create().await;
+    let db = test_db.pool().await;
+    let ids: Vec<String> = (0..200).map(|n| format!("{n:07}")).collect();
+    db.insert_batch("b-1", "proj", Priority::DEFAULT, "x.zip").await.unwrap();
+    db.insert_images("b-1", &ids.iter().map(|id| image(id)).collect::<Vec<_>>()).await.unwrap();
+    assert!(!db.finish_ingest("b-1", ids.len(), &[]).await.unwrap());
+    // Every outcome twice, as two workers holding a redelivered message would, all at once.
+    let tasks: Vec<_> = ids
+        .iter()
+        .chain(ids.iter().rev())
+        .enumerate()
+        .map(|(n, id)| {
+            let (db, id) = (db.clone(), id.clone());
+            let status = if n % 10 == 3 { ImageStatus::NoFace } else { ImageStatus::Cropped };
+            tokio::spawn(async move { db.record_outcome(&outcome(&id, status)).await.unwrap() })
+        })
+        .collect();
+    let mut recorded = Vec::new();
+    for t in tasks {
+        recorded.push(t.await.unwrap());
+    }
+    assert_eq!(recorded.iter().filter(|r| r.first).count(), ids.len(), "each image counted once");
+    assert_eq!(recorded.iter().filter(|r| r.completed_batch).count(), 1, "completed exactly once");
+    let last = recorded.iter().find(|r| r.completed_batch).unwrap().progress.clone().unwrap();
+    assert_eq!((last.processed, last.image_count, last.completed), (200, Some(200), true));
+    let mut seen: Vec<i32> = recorded.iter().filter_map(|r| r.progress.as_ref().map(|p| p.processed)).collect();
+    seen.sort();
+    assert_eq!(seen, (1..=200).collect::<Vec<i32>>(), "every count from 1 to 200 reported once");
+    let s = db.batch_status("b-1").await.unwrap().unwrap();
+    assert_eq!((s.status.as_str(), s.processed, s.failed, s.faces), ("completed", 200, 0, 200));
+}

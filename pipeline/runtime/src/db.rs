@@ -394,15 +394,43 @@ impl Db {
 
     /// Records an image's outcome. Only the first outcome for an image counts.
     pub async fn record_outcome(&self, outcome: &Outcome) -> Result<Recorded, DbError> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
+        // One statement, so one round trip and one implicit transaction instead of
+        // five: the image's row is claimed (only while pending, so a redelivery
+        // changes nothing), and only then the batch's counters move and, when this
+        // was its last image, the batch completes. The batch's row lock orders
+        // outcomes of one batch, so exactly one of them sees the count reach
+        // `image_count` in a `processing` batch: that one completes it.
+        let client = self.pool.get().await?;
         let image = &outcome.image;
         let faces = serde_json::to_value(&outcome.faces).expect("faces serialize");
-        let updated = tx
-            .execute(
-                "UPDATE images SET status = $3, width = $4, height = $5, faces = $6, crop_keys = $7,
-                        detector = $8, error = $9, failed_stage = $10, attempts = $11, updated_at = now()
-                 WHERE batch_id = $1 AND image_id = $2 AND status = 'pending'",
+        // Prepared once per connection: a parse is a round trip of its own.
+        let statement = client
+            .prepare_cached(
+                "WITH claimed AS (
+                     UPDATE images SET status = $3, width = $4, height = $5, faces = $6, crop_keys = $7,
+                            detector = $8, error = $9, failed_stage = $10, attempts = $11, updated_at = now()
+                     WHERE batch_id = $1 AND image_id = $2 AND status = 'pending'
+                     RETURNING 1
+                 ), counted AS (
+                     UPDATE batches SET processed = processed + 1, failed = failed + $12, faces = faces + $13,
+                            updated_at = now(),
+                            completed_at = CASE WHEN status = 'processing' AND processed + 1 >= image_count
+                                                THEN now() ELSE completed_at END,
+                            status = CASE WHEN status = 'processing' AND processed + 1 >= image_count
+                                          THEN 'completed' ELSE status END
+                     WHERE batch_id = $1 AND EXISTS (SELECT 1 FROM claimed)
+                     RETURNING processed, failed, image_count,
+                               COALESCE(status = 'completed' AND processed = image_count, false)
+                 )
+                 SELECT EXISTS (SELECT 1 FROM claimed),
+                        EXISTS (SELECT 1 FROM images WHERE batch_id = $1 AND image_id = $2),
+                        counted.*
+                 FROM (SELECT 1) AS one LEFT JOIN counted ON true",
+            )
+            .await?;
+        let row = client
+            .query_one(
+                &statement,
                 &[
                     &image.batch_id,
                     &image.image_id,
@@ -415,44 +443,29 @@ impl Db {
                     &outcome.error,
                     &outcome.failed_stage.map(StageName::as_str),
                     &(outcome.attempts as i32),
+                    &i32::from(outcome.status == ImageStatus::Failed),
+                    &(outcome.faces.len() as i32),
                 ],
             )
             .await?;
-        if updated == 0 {
-            let exists = tx
-                .query_opt(
-                    "SELECT 1 FROM images WHERE batch_id = $1 AND image_id = $2",
-                    &[&image.batch_id, &image.image_id],
-                )
-                .await?
-                .is_some();
-            tx.commit().await?;
+        let (claimed, exists): (bool, bool) = (row.get(0), row.get(1));
+        if !claimed {
             return if exists {
                 Ok(Recorded { first: false, completed_batch: false, progress: None })
             } else {
-                Err(DbError::UnknownImage {
-                    batch_id: image.batch_id.clone(),
-                    image_id: image.image_id.clone(),
-                })
+                Err(DbError::UnknownImage { batch_id: image.batch_id.clone(), image_id: image.image_id.clone() })
             };
         }
-        let failed = i32::from(outcome.status == ImageStatus::Failed);
-        let row = tx
-            .query_one(
-                "UPDATE batches SET processed = processed + 1, failed = failed + $2,
-                        faces = faces + $3, updated_at = now()
-                 WHERE batch_id = $1
-                 RETURNING processed, failed, image_count",
-                &[&image.batch_id, &failed, &(outcome.faces.len() as i32)],
-            )
-            .await?;
-        let completed_batch = try_complete(&tx, &image.batch_id).await?;
-        tx.commit().await?;
+        // Claimed but no batch row: the batch was deleted under it; nothing to count.
+        let Some(processed) = row.get::<_, Option<i32>>(2) else {
+            return Ok(Recorded { first: true, completed_batch: false, progress: None });
+        };
+        let completed_batch: bool = row.get(5);
         let progress = Progress {
             batch_id: image.batch_id.clone(),
-            processed: row.get(0),
-            failed: row.get(1),
-            image_count: row.get(2),
+            processed,
+            failed: row.get(3),
+            image_count: row.get(4),
             completed: completed_batch,
         };
         Ok(Recorded { first: true, completed_batch, progress: Some(progress) })
@@ -552,6 +565,16 @@ impl Db {
     pub async fn database_bytes(&self) -> Result<i64, DbError> {
         let client = self.pool.get().await?;
         Ok(client.query_one("SELECT pg_database_size(current_database())", &[]).await?.get(0))
+    }
+
+    /// Transactions this database has committed since its statistics were reset
+    /// (`pg_stat_database.xact_commit`, which PostgreSQL updates about once a second).
+    pub async fn commits(&self) -> Result<i64, DbError> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .query_one("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()", &[])
+            .await?
+            .get(0))
     }
 
     /// Seconds from each image's registration by extract to its recorded outcome, sorted.
