@@ -4,9 +4,10 @@
 //! A worker asks the bands in a smooth weighted round robin (nginx's): with
 //! weights 6:3:1 and every band busy, six pulls in ten go to the high band,
 //! three to normal and one to low, interleaved, so low priority never starves;
-//! a band with nothing waiting gives its turn to the next. When every band is
-//! empty the worker long-polls the band whose turn it is for 50 ms, so work
-//! arriving in any band is picked up quickly.
+//! a band with nothing waiting gives its turn to the next. The last band asked
+//! is long-polled for up to 50 ms, so work arriving in any band is picked up
+//! quickly, and a band found empty is not asked again for 100 ms while another
+//! band is asked (each ask is a round trip to nats-server).
 
 use std::time::Duration;
 
@@ -24,6 +25,9 @@ pub struct BandPuller {
     /// Per band: found empty until then, so a busy worker does not spend a round
     /// trip per pull asking bands that had nothing a moment ago.
     empty_until: Vec<tokio::time::Instant>,
+    /// The band that last delivered: the one waited on when every band was empty
+    /// a moment ago, so a stage fed from one band picks its work up at once.
+    home: usize,
 }
 
 /// How long an idle worker long-polls one band before asking them all again: the
@@ -82,37 +86,53 @@ impl BandPuller {
     pub fn new(bands: Vec<(StageBand, PullConsumer)>) -> Self {
         let turns = WeightedTurns::new(bands.iter().map(|(b, _)| b.weight).collect());
         let empty_until = vec![tokio::time::Instant::now(); bands.len()];
-        Self { bands, turns, empty_until }
+        Self { bands, turns, empty_until, home: 0 }
     }
 
     /// Up to `want` messages from the first band, in this turn's order, that has
-    /// any ready; when none has, waits up to `wait` on the band whose turn it is.
+    /// any ready; when none has, waits up to `wait` on the last band asked.
     /// Messages are yielded as they arrive, so work starts on the first at once.
+    ///
+    /// Bands found empty within [`EMPTY_BAND_BACKOFF`] are not asked again, and the
+    /// last band asked gets a long poll rather than a no-wait pull followed by one:
+    /// a long poll answers at once when messages are ready. A stage fed from one
+    /// band thus makes one pull request per pull, not one per band plus one.
     pub async fn pull(&mut self, want: usize, wait: Duration) -> Result<BoxStream<'static, Message>, PullError> {
         let order = self.turns.next_order();
-        if self.bands.len() > 1 {
-            let now = tokio::time::Instant::now();
-            // Bands recently found empty go last: asked only when the others have nothing.
-            let (fresh, stale): (Vec<usize>, Vec<usize>) = order.iter().partition(|&&i| self.empty_until[i] <= now);
-            for i in fresh.into_iter().chain(stale) {
-                let (band, consumer) = &self.bands[i];
-                let mut batch = consumer.fetch().max_messages(want).messages().await.map_err(|e| fail(band, e))?;
-                // The server answers a no-wait pull at once; a request lost in a reconnect gets no
-                // answer, and the client would wait for it forever.
-                let first = tokio::time::timeout(NO_WAIT_ANSWER, batch.next())
-                    .await
-                    .map_err(|_| fail(band, format!("no answer to a pull within {NO_WAIT_ANSWER:?}")))?;
-                if let Some(Ok(first)) = first {
-                    return Ok(futures::stream::once(std::future::ready(first)).chain(messages(batch)).boxed());
-                }
-                self.empty_until[i] = tokio::time::Instant::now() + EMPTY_BAND_BACKOFF;
-            }
+        if self.bands.len() == 1 {
+            let (band, consumer) = &self.bands[0];
+            let batch = consumer.batch().max_messages(want).expires(wait).messages().await.map_err(|e| fail(band, e))?;
+            return Ok(messages(batch).boxed());
         }
-        let (band, consumer) = &self.bands[order[0]];
-        // With several bands, wait briefly: work may arrive in another band meanwhile.
-        let wait = if self.bands.len() > 1 { wait.min(IDLE_BAND_WAIT) } else { wait };
-        let batch = consumer.batch().max_messages(want).expires(wait).messages().await.map_err(|e| fail(band, e))?;
-        Ok(messages(batch).boxed())
+        let now = tokio::time::Instant::now();
+        let mut fresh: Vec<usize> = order.iter().copied().filter(|&i| self.empty_until[i] <= now).collect();
+        // Every band was empty a moment ago: wait on the one that last had work.
+        let last = fresh.pop().unwrap_or(self.home);
+        for i in fresh {
+            let (band, consumer) = &self.bands[i];
+            let mut batch = consumer.fetch().max_messages(want).messages().await.map_err(|e| fail(band, e))?;
+            // The server answers a no-wait pull at once; a request lost in a reconnect gets no
+            // answer, and the client would wait for it forever.
+            let first = tokio::time::timeout(NO_WAIT_ANSWER, batch.next())
+                .await
+                .map_err(|_| fail(band, format!("no answer to a pull within {NO_WAIT_ANSWER:?}")))?;
+            if let Some(Ok(first)) = first {
+                self.home = i;
+                return Ok(futures::stream::once(std::future::ready(first)).chain(messages(batch)).boxed());
+            }
+            self.empty_until[i] = tokio::time::Instant::now() + EMPTY_BAND_BACKOFF;
+        }
+        let (band, consumer) = &self.bands[last];
+        // Wait briefly: work may arrive in another band meanwhile.
+        let batch = consumer.batch().max_messages(want).expires(wait.min(IDLE_BAND_WAIT)).messages().await.map_err(|e| fail(band, e))?;
+        let mut batch = messages(batch).boxed().peekable();
+        if std::pin::Pin::new(&mut batch).peek().await.is_some() {
+            self.home = last;
+        } else {
+            // Empty for the whole wait: ask the other bands first next time.
+            self.empty_until[last] = tokio::time::Instant::now() + EMPTY_BAND_BACKOFF;
+        }
+        Ok(batch.boxed())
     }
 }
 
