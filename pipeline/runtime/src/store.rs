@@ -272,9 +272,11 @@ impl Store {
     pub async fn put_file(&self, key: &str, file: &std::path::Path) -> Result<u64, StoreError> {
         let path = self.path(key)?;
         let _timer = Step::Store.start();
-        let mut reader = tokio::fs::File::open(file).await?;
+        // Each read of a tokio file is a hop to a blocking thread: read a MiB at a
+        // time, not tokio::io::copy's 8 KiB (a 100 MB upload: 100 hops, not 12,000).
+        let mut reader = tokio::io::BufReader::with_capacity(1 << 20, tokio::fs::File::open(file).await?);
         let mut writer = object_store::buffered::BufWriter::new(self.inner.clone(), path);
-        let copied = tokio::io::copy(&mut reader, &mut writer).await?;
+        let copied = tokio::io::copy_buf(&mut reader, &mut writer).await?;
         writer.shutdown().await?;
         telemetry::object_written(copied);
         Ok(copied)
