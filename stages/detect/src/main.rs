@@ -8,7 +8,9 @@ use facepipe_core::topology::StageName;
 use facepipe_runtime::app::{Stage, StartError};
 use facepipe_vision::detect as detector;
 
-#[tokio::main]
+// One runtime thread: the heavy work runs on the stage's own CPU threads, and a
+// second runtime thread only adds wake-ups between the two.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     Ok(Stage::main(StageName::Detect, async |stage| {
         let params = stage.ctx.topology.stages.detect.params.clone();

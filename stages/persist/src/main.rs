@@ -4,7 +4,9 @@ use facepipe_core::topology::StageName;
 use facepipe_runtime::app::Stage;
 use persist::Persist;
 
-#[tokio::main]
+// One runtime thread: the heavy work runs on the stage's own CPU threads, and a
+// second runtime thread only adds wake-ups between the two.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     Ok(Stage::main(StageName::Persist, async |stage| { Ok(Persist { db: stage.database().await? }) }).await?)
 }
