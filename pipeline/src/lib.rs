@@ -7,7 +7,10 @@
 //!
 //! ## Layout
 //! - `src/main.rs`: the commands and their arguments.
-//! - `src/bench.rs`: `pipeline bench`, the in-process floor and the end-to-end run.
+//! - `src/bench.rs`: `pipeline bench`, the in-process floor and the end-to-end runs, and
+//!   the paired comparison of two builds (`--baseline-bin`).
+//! - `src/account.rs`: `pipeline bench --account`, CPU per image by process and operation,
+//!   from `perf` samples of the whole machine.
 //! - `src/scale.rs`: `pipeline bench --scale N`, one large batch watched per tenth, and the
 //!   timing of operators' reads against it.
 //! - `src/processes.rs`: starting and measuring stage processes (`up`, bench).

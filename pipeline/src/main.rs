@@ -20,6 +20,7 @@ use facepipe_core::domain::Priority;
 use facepipe_runtime::store::Store;
 use facepipe_core::topology::{StageName, Topology, TOPOLOGY_ENV};
 
+mod account;
 mod bench;
 
 mod processes;

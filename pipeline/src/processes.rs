@@ -46,6 +46,18 @@ impl Usage {
     }
 }
 
+/// Every process named `postgres` (the postmaster and its backends), as `pgrep -x postgres`.
+pub fn postgres_pids() -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        if std::fs::read_to_string(entry.path().join("comm")).is_ok_and(|c| c.trim() == "postgres") {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
 /// The stage processes of one machine.
 pub struct StageGroup {
     processes: Vec<StageProcess>,
@@ -65,7 +77,18 @@ impl StageGroup {
         replicas: &BTreeMap<StageName, usize>,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
-        let dir = binary_dir()?;
+        Self::spawn_from(&binary_dir()?, topology_path, topology, replicas, env)
+    }
+
+    /// As [`StageGroup::spawn`], with the stage binaries of `dir` (another
+    /// build's, for `pipeline bench --baseline-bin`).
+    pub fn spawn_from(
+        dir: &Path,
+        topology_path: &Path,
+        topology: &Topology,
+        replicas: &BTreeMap<StageName, usize>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let mut processes = Vec::new();
         for stage in StageName::ALL {
             let bin = dir.join(stage.as_str());

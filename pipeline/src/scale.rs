@@ -71,17 +71,6 @@ impl Watched {
     }
 }
 
-/// Every process named `postgres` (the postmaster and its backends), as `pgrep -x postgres`.
-fn postgres_pids() -> Vec<u32> {
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        if std::fs::read_to_string(entry.path().join("comm")).is_ok_and(|c| c.trim() == "postgres") {
-            pids.push(pid);
-        }
-    }
-    pids
-}
 
 /// A stored ZIP of `n` entries cycling through `photos`, spooled next to the object
 /// store so submitting it is a rename, not a copy.
@@ -162,7 +151,7 @@ pub async fn run(topology_path: &Path, topology: &Topology, corpus: &[PathBuf], 
         watched.with_children.push(false);
     }
     watched.names.push("postgres".into());
-    watched.pids.push(postgres_pids());
+    watched.pids.push(crate::processes::postgres_pids());
     watched.with_children.push(true);
 
     let batch_id = keys::derived_batch_id(&["scale", &n.to_string(), &chrono::Utc::now().to_rfc3339()]);

@@ -197,6 +197,11 @@ impl NatsServer {
         self.spawn();
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the process is running.
     pub fn is_running(&self) -> bool {
         self.child.is_some()
@@ -449,6 +454,11 @@ impl Deployment {
         stages: &[StageName],
     ) -> Self {
         Self::start_on(NatsServer::start(), Vec::new(), edit, stage_env, service_env, metrics, stages).await
+    }
+
+    /// Like [`Deployment::start_stages`], on a server the test started (with monitoring, say).
+    pub async fn start_on_server(nats: NatsServer, edit: impl FnOnce(&mut Topology), stages: &[StageName]) -> Self {
+        Self::start_on(nats, Vec::new(), edit, Vec::new(), Vec::new(), false, stages).await
     }
 
     async fn start_on(
