@@ -67,7 +67,7 @@ async fn bench_compares_two_builds_and_accounts_for_each_process_and_operation()
     let work = "image work (decode, detect, crop, encode)";
     assert!(column(work, "floor") > 0.0 && column(work, "detect") > 0.0, "{account}");
     assert_eq!(column(work, "nats"), 0.0, "nats-server does no image work:\n{account}");
-    let all = figures(account.lines().find(|l| l.starts_with("all")).unwrap(), "all");
+    let all = figures(account.lines().find(|l| l.starts_with("all ")).unwrap(), "all");
     assert!(all.iter().all(|v| v.is_finite()) && all[all.len() - 2] > all[0] * 0.5, "{account}");
     assert!(text.contains("account     B (baseline)"), "{text}");
 }
