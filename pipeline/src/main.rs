@@ -228,14 +228,20 @@ async fn main() -> anyhow::Result<()> {
 
 async fn serve(topology: Topology, listen: Option<String>) -> anyhow::Result<()> {
     let addr = listen.unwrap_or_else(|| topology.api.listen.clone());
+    let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("listening on {addr}"))?;
+    // Checked before anything else, on the bound address: a host name is judged by what it resolved to.
+    let local = listener.local_addr()?;
+    if facepipe_api::guard::exposure(local, &topology.api)? == facepipe_api::guard::Exposure::OpenByChoice {
+        tracing::warn!(%local, "serving without a token on a non-loopback address (api.allow_unauthenticated): anyone who can reach it can upload and replay");
+        eprintln!("warning: serving {local} without a token (api.allow_unauthenticated): anyone who can reach it can upload and replay");
+    }
     // Uploads a crashed server was spooling.
     facepipe_runtime::scratch::sweep(&topology.api.upload_dir.clone().unwrap_or_else(std::env::temp_dir));
     let bus = Bus::connect(&topology.nats, "facepipe-api", true).await?;
     let store = Store::open(&topology.object_store)?;
     let db = database(&topology)?;
     db.ping().await.context("PostgreSQL")?;
-    let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("listening on {addr}"))?;
-    eprintln!("serving the HTTP API on http://{} (OpenAPI document at /openapi.json)", listener.local_addr()?);
+    eprintln!("serving the HTTP API on http://{local} (OpenAPI document at /openapi.json)");
     if topology.retention.is_set() {
         tokio::spawn(sweep_every(db.clone(), store.clone(), topology.clone()));
     }

@@ -189,3 +189,67 @@ async fn credentials_file_with_a_user_jwt_and_nkey() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(!text(&out).contains(&user.seed().unwrap()), "the seed is never printed");
 }
+
+/// `pipeline serve --listen 0.0.0.0:<port>` with `env`; the child and its port.
+fn serve_everywhere(dir: &std::path::Path, nats_url: &str, db_url: &str, env: &[(&str, &str)]) -> (std::process::Child, u16) {
+    let topology = test_topology(nats_url, db_url, &dir.join("objects"));
+    let path = dir.join("topology.toml");
+    std::fs::write(&path, toml::to_string(&topology).unwrap()).unwrap();
+    let port = support::free_port();
+    let log = std::fs::File::create(dir.join(format!("serve-{port}.log"))).unwrap();
+    let child = Command::new(bin("pipeline"))
+        .arg("--topology")
+        .arg(&path)
+        .args(["serve", "--listen", &format!("0.0.0.0:{port}")])
+        .env_remove("PIPELINE_API_TOKEN")
+        .env_remove("PIPELINE_API_ALLOW_UNAUTHENTICATED")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    (child, port)
+}
+
+#[tokio::test]
+async fn serve_refuses_an_open_address_without_a_token_unless_told_to() {
+    let nats = NatsServer::start();
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = |port: u16| std::fs::read_to_string(dir.path().join(format!("serve-{port}.log"))).unwrap();
+    let stats = |port: u16, token: Option<&str>| {
+        let mut request = reqwest::Client::new().get(format!("http://127.0.0.1:{port}/api/batch/queue-stats"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+
+    let applied = pipeline_cli(dir.path(), &nats.url, &db.url, &[], &["apply"]);
+    assert!(applied.status.success(), "{}", text(&applied));
+
+    // No token on 0.0.0.0: it says why and exits, serving nothing.
+    let (mut child, port) = serve_everywhere(dir.path(), &nats.url, &db.url, &[]);
+    let status = support::wait_exit(&mut child, std::time::Duration::from_secs(30)).expect("serve exits");
+    assert_ne!(status, Some(0), "{}", log(port));
+    let said = log(port);
+    assert!(said.contains("refusing to serve 0.0.0.0:") && said.contains("PIPELINE_API_TOKEN"), "{said}");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "nothing listens on {port}");
+
+    // Told to: it serves anyone, and warns at start.
+    let (mut child, port) = serve_everywhere(dir.path(), &nats.url, &db.url, &[("PIPELINE_API_ALLOW_UNAUTHENTICATED", "true")]);
+    support::wait_for_port(port, std::time::Duration::from_secs(30));
+    assert_eq!(stats(port, None).await, 200);
+    assert!(log(port).contains("warning: serving 0.0.0.0:"), "{}", log(port));
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // With a token: it serves, to those who carry it, without a warning.
+    let (mut child, port) = serve_everywhere(dir.path(), &nats.url, &db.url, &[("PIPELINE_API_TOKEN", "s3cret-token")]);
+    support::wait_for_port(port, std::time::Duration::from_secs(30));
+    assert_eq!(stats(port, None).await, 401);
+    assert_eq!(stats(port, Some("s3cret-token")).await, 200);
+    assert!(!log(port).contains("without a token"), "{}", log(port));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

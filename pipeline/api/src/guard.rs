@@ -104,3 +104,64 @@ mod tests {
         assert!(!constant_time_eq(b"secret", b"secret2"));
     }
 }
+
+/// Who can reach an API listening without a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exposure {
+    /// A token is set, or the address is loopback: nothing to say.
+    Guarded,
+    /// No token on a non-loopback address, allowed by `api.allow_unauthenticated`: say so loudly.
+    OpenByChoice,
+}
+
+/// `pipeline serve` without a token on an address others can reach.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "refusing to serve {addr} without a token: anyone who can reach it could upload, download URLs and replay. \
+     Set PIPELINE_API_TOKEN (or api.token), listen on 127.0.0.1, or set api.allow_unauthenticated = true \
+     (env PIPELINE_API_ALLOW_UNAUTHENTICATED=true) to serve it open"
+)]
+pub struct UnguardedError {
+    /// The address asked for.
+    pub addr: std::net::SocketAddr,
+}
+
+/// Whether the API may listen on `addr` with these settings: a token, a loopback
+/// address, or `allow_unauthenticated` (which the caller should warn about).
+pub fn exposure(addr: std::net::SocketAddr, api: &facepipe_core::topology::ApiConfig) -> Result<Exposure, UnguardedError> {
+    // A v4-mapped loopback (::ffff:127.0.0.1) is loopback too.
+    let loopback = match addr.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+        ip => ip.is_loopback(),
+    };
+    if api.token.is_some() || loopback {
+        Ok(Exposure::Guarded)
+    } else if api.allow_unauthenticated {
+        Ok(Exposure::OpenByChoice)
+    } else {
+        Err(UnguardedError { addr })
+    }
+}
+
+#[cfg(test)]
+mod exposure_tests {
+    use super::*;
+    use facepipe_core::topology::ApiConfig;
+
+    #[test]
+    fn only_a_token_loopback_or_an_explicit_choice_may_serve() {
+        let addr = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        let open = ApiConfig::default();
+        for guarded in ["127.0.0.1:8080", "[::1]:8080", "[::ffff:127.0.0.1]:8080", "127.0.0.2:80"] {
+            assert_eq!(exposure(addr(guarded), &open).unwrap(), Exposure::Guarded, "{guarded}");
+        }
+        for exposed in ["0.0.0.0:8080", "[::]:8080", "192.168.1.5:8080"] {
+            let e = exposure(addr(exposed), &open).unwrap_err();
+            assert!(e.to_string().contains("PIPELINE_API_TOKEN"), "{e}");
+        }
+        let token = ApiConfig { token: Some("t".into()), ..ApiConfig::default() };
+        assert_eq!(exposure(addr("0.0.0.0:8080"), &token).unwrap(), Exposure::Guarded);
+        let chosen = ApiConfig { allow_unauthenticated: true, ..ApiConfig::default() };
+        assert_eq!(exposure(addr("0.0.0.0:8080"), &chosen).unwrap(), Exposure::OpenByChoice);
+    }
+}

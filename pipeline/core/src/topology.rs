@@ -28,6 +28,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("PIPELINE_NATS_CREDS", "nats.auth.creds_file"),
     ("PIPELINE_API_TOKEN", "api.token"),
     ("PIPELINE_API_LISTEN", "api.listen"),
+    ("PIPELINE_API_ALLOW_UNAUTHENTICATED", "api.allow_unauthenticated"),
 ];
 
 /// Environment variable naming the topology file when `--topology` is not given.
@@ -200,6 +201,11 @@ pub struct ApiConfig {
     /// Env: `PIPELINE_API_TOKEN` (prefer it to the file).
     #[serde(default)]
     pub token: Option<String>,
+    /// Serve without a token on an address other than loopback (anyone who can reach
+    /// the port can then upload and replay). Without it, `pipeline serve` refuses.
+    /// Env: `PIPELINE_API_ALLOW_UNAUTHENTICATED`.
+    #[serde(default)]
+    pub allow_unauthenticated: bool,
     /// Where uploads are spooled before they enter the object store (default: the system's temp dir).
     #[serde(default)]
     pub upload_dir: Option<PathBuf>,
@@ -214,6 +220,7 @@ impl Default for ApiConfig {
             max_images_per_request: default_max_images_per_request(),
             uploads_per_minute: default_uploads_per_minute(),
             token: None,
+            allow_unauthenticated: false,
             upload_dir: None,
         }
     }
@@ -228,6 +235,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("max_images_per_request", &self.max_images_per_request)
             .field("uploads_per_minute", &self.uploads_per_minute)
             .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("allow_unauthenticated", &self.allow_unauthenticated)
             .field("upload_dir", &self.upload_dir)
             .finish()
     }
@@ -909,6 +917,12 @@ impl Topology {
                     "PIPELINE_NATS_CREDS" => self.nats.auth.creds_file = Some(value.into()),
                     "PIPELINE_API_TOKEN" => self.api.token = Some(value),
                     "PIPELINE_API_LISTEN" => self.api.listen = value,
+                    "PIPELINE_API_ALLOW_UNAUTHENTICATED" => {
+                        self.api.allow_unauthenticated = parse_flag(&value).ok_or_else(|| TopologyError::Invalid {
+                            key: var.to_string(),
+                            reason: format!("`{value}` is not a flag: use true or false"),
+                        })?
+                    }
                     _ => unreachable!("every override is matched"),
                 }
             }
