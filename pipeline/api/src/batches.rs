@@ -238,7 +238,7 @@ pub async fn add_images(
     Ok(batch_started(&batch_id, count, "{n} image(s) queued for download and face detection"))
 }
 
-async fn batch_or_404(state: &ApiState, batch_id: &str) -> Result<BatchSummary, ApiError> {
+pub(crate) async fn batch_or_404(state: &ApiState, batch_id: &str) -> Result<BatchSummary, ApiError> {
     if !keys::is_valid_id(batch_id) {
         return Err(ApiError::not_found(format!("no batch `{batch_id}`")));
     }

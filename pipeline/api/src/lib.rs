@@ -4,12 +4,13 @@
 //! ## Layout
 //! - [`batches`]: `upload-zip` (streamed to disk, then to the object store),
 //!   `add-images`, `status`, paged `results` and crop downloads.
+//! - [`events`]: a batch's progress as server-sent events.
 //! - [`queues`]: `queue-stats`, the old queue names mapped onto the stages.
-//! - [`guard`]: bearer-token authentication and the per-client upload rate limit.
+//! - [`guard`]: bearer-token authentication, the per-client upload rate limit, and
+//!   the refusal to serve an open address without a token.
 //! - [`service`]: `/openapi.json` and `/healthz`.
 //! - [`wire`]: every request and response body, as types.
 //! - [`openapi`]: the OpenAPI document, generated from the handlers and [`wire`].
-//! - [`guard`]: bearer-token authentication and the per-client upload rate limit.
 //! - [`error`]: errors as JSON (`{"success": false, "error": "..."}`).
 //!
 //! Routes are registered with their `#[utoipa::path]` annotations, so the
@@ -17,6 +18,7 @@
 
 pub mod batches;
 pub mod error;
+pub mod events;
 pub mod guard;
 pub mod openapi;
 pub mod queues;
@@ -90,6 +92,7 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(batches::upload_zip).layer(DefaultBodyLimit::disable()))
         .routes(routes!(batches::add_images))
         .routes(routes!(batches::status))
+        .routes(routes!(events::events))
         .routes(routes!(queues::queue_stats))
         .routes(routes!(batches::results))
         .routes(routes!(batches::crop))

@@ -217,6 +217,27 @@ impl From<BatchSummary> for BatchView {
     }
 }
 
+/// One server-sent event of `GET /api/batch/{batchId}/events`, as an event-stream
+/// parser reads it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchEvent {
+    /// `status`, or `error` (the stream then ends; reconnect to resume).
+    pub event: BatchEventName,
+    /// For `status`, the batch as JSON, shaped as `status` answers it under `batch`
+    /// (`BatchView`); for `error`, what went wrong.
+    pub data: String,
+}
+
+/// The names of [`BatchEvent`]s.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchEventName {
+    /// The batch's status.
+    Status,
+    /// The stream could not go on.
+    Error,
+}
+
 /// One page of a batch's outcomes.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
