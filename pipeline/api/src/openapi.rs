@@ -127,6 +127,6 @@ mod tests {
         assert_eq!(with["paths"][status]["get"]["security"], serde_json::json!([{ "bearer": [] }]));
         assert!(without["paths"][status]["get"]["security"].is_null());
         assert!(with["paths"]["/healthz"]["get"]["security"].is_null());
-        assert_eq!(with["paths"].as_object().unwrap().len(), 8, "six /api routes, the document and liveness");
+        assert_eq!(with["paths"].as_object().unwrap().len(), 9, "seven /api routes, the document and liveness");
     }
 }
