@@ -43,7 +43,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
     /// Account for the CPU per image by process and operation, with `perf`
-    /// sampling the whole machine (see docs/performance.md#the-account).
+    /// sampling the whole machine (docs/performance.md, "The account").
     #[arg(long)]
     pub account: bool,
     /// nats-server's monitoring address (`http://127.0.0.1:8222`), to count the
