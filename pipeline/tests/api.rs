@@ -587,6 +587,10 @@ async fn batch_events_stream_progress_until_the_batch_completes() {
     assert_eq!(again[0]["status"], "completed");
     // Unknown batches and missing tokens are refused as everywhere else.
     assert_eq!(api.get("/api/batch/0123456789abcdef/events").send().await.unwrap().status().as_u16(), 404);
+    // Nor ids that would not make a subject: a wildcard, a space.
+    for id in ["%3E", "a%20b", "a.b"] {
+        assert_eq!(api.get(&format!("/api/batch/{id}/events")).send().await.unwrap().status().as_u16(), 404, "{id}");
+    }
     let anonymous = reqwest::get(format!("{}/api/batch/{batch}/events", api.base)).await.unwrap();
     assert_eq!(anonymous.status().as_u16(), 401);
 }

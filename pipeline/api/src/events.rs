@@ -51,10 +51,14 @@ pub async fn events(
     State(state): State<Arc<ApiState>>,
     Path(batch_id): Path<String>,
 ) -> Result<impl axum::response::IntoResponse, ApiError> {
+    // An id is checked before it becomes part of a subject (no wildcards, no spaces).
+    if !facepipe_core::keys::is_valid_id(&batch_id) {
+        return Err(ApiError::not_found(format!("no batch `{batch_id}`")));
+    }
     // Subscribed before the first read, so no change between the two goes unseen.
     let subject = format!("{}.{}", state.topology.nats.progress_subject, batch_id);
-    let first = crate::batches::batch_or_404(&state, &batch_id).await?;
     let wakeups = state.bus.client.subscribe(subject).await.map_err(|e| ApiError::unavailable("NATS", e))?;
+    let first = crate::batches::batch_or_404(&state, &batch_id).await?;
     let watch = Watch { state, batch_id, wakeups, first: Some(first.into()) };
     let stream = futures::stream::unfold(Some(watch), |watch| async move {
         let mut watch = watch?;
