@@ -137,7 +137,7 @@ pub fn category(role: &Role, sym: &str, dso: &str) -> &'static str {
     if dso.contains("kernel") || dso.ends_with(".ko") {
         return kernel_category(sym);
     }
-    let any = |words: &[&str]| words.iter().any(|w| sym.contains(w));
+    let any = |words: &[&str]| contains_any(sym, words);
     match role {
         Role::Nats => {
             if any(&["runtime.gc", "runtime.scanobject", "runtime.mallocgc", "runtime.markroot", "runtime.sweep", "runtime.greyobject", "runtime.findObject", "runtime.memclr", "runtime.mspan", "runtime.(*mspan)", "runtime.(*mheap)", "runtime.(*mcache)", "runtime.heapBits", "runtime.bulkBarrier", "runtime.wbBuf", "runtime.scanblock", "runtime.(*gcWork)", "runtime.typedmemmove", "runtime.newobject", "runtime.makeslice", "runtime.growslice", "runtime.mapassign", "runtime.memmove"]) {
@@ -169,9 +169,14 @@ pub fn category(role: &Role, sym: &str, dso: &str) -> &'static str {
     }
 }
 
+/// Whether `text` contains any of `words`: how symbols and libraries are matched.
+fn contains_any(text: &str, words: &[&str]) -> bool {
+    words.iter().any(|w| text.contains(w))
+}
+
 fn stage_category(sym: &str, dso: &str) -> &'static str {
-    let any = |words: &[&str]| words.iter().any(|w| sym.contains(w));
-    let lib = |words: &[&str]| words.iter().any(|w| dso.contains(w));
+    let any = |words: &[&str]| contains_any(sym, words);
+    let lib = |words: &[&str]| contains_any(dso, words);
     if lib(&["libjpeg", "libturbojpeg", "libopencv", "libonnxruntime", "libpng", "libtiff", "libwebp", "libgomp", "libtbb", "libIlm", "libopenjp", "libgdal", "libz.so", "liblapack", "libblas", "libopenblas"])
         || any(&["facepipe_vision", "jpeg_region", "image::", "png::", "zune_", "fdeflate", "jpeg_encoder", "imagesize", "kamadak", "exif::"])
     {
@@ -202,7 +207,7 @@ fn stage_category(sym: &str, dso: &str) -> &'static str {
 }
 
 fn kernel_category(sym: &str) -> &'static str {
-    let any = |words: &[&str]| words.iter().any(|w| sym.contains(w));
+    let any = |words: &[&str]| contains_any(sym, words);
     if any(&["tcp_", "sock", "skb", "ip_", "ipv", "net_", "netif", "napi", "loopback", "__dev_", "inet", "unix_", "__sys_send", "__sys_recv", "udp", "nf_", "dst_", "neigh"]) {
         "kernel: network (loopback TCP)"
     } else if any(&["ext4", "filemap", "vfs_", "generic_file", "iomap", "jbd2", "page_cache", "folio", "xfs", "btrfs", "ovl_", "fsync", "writeback", "blk_", "bio", "dentry", "inode", "path_", "d_lookup", "link_path", "lookup", "file", "fs_", "copy_page_to_iter", "copy_page_from_iter", "virtio_blk", "nvme", "block"]) {

@@ -338,7 +338,7 @@ pub async fn run(topology_path: &Path, topology: &Topology, args: BenchArgs) -> 
         db: db.clone(),
         service: Batches::new(topology.clone(), bus, db, Store::open(&topology.object_store)?),
     };
-    let this_build = std::env::current_exe()?.parent().context("binary directory")?.to_owned();
+    let this_build = crate::processes::binary_dir()?;
     let mut pairs: Vec<(RunFigures, RunFigures)> = Vec::new();
     for round in 1..=rounds {
         let (label_a, label_b) = if args.baseline_bin.is_some() { (format!("A, round {round}"), format!("B, round {round}")) } else { (String::new(), String::new()) };

@@ -64,7 +64,7 @@ pub struct StageGroup {
 }
 
 /// Directory holding the stage binaries: the one this binary is in.
-fn binary_dir() -> anyhow::Result<PathBuf> {
+pub fn binary_dir() -> anyhow::Result<PathBuf> {
     Ok(std::env::current_exe()?.parent().context("binary directory")?.to_owned())
 }
 

@@ -71,7 +71,6 @@ impl Watched {
     }
 }
 
-
 /// A stored ZIP of `n` entries cycling through `photos`, spooled next to the object
 /// store so submitting it is a rename, not a copy.
 fn write_zip(photos: &[(String, Vec<u8>)], n: usize, dir: &Path) -> anyhow::Result<tempfile::NamedTempFile> {

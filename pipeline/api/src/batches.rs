@@ -238,10 +238,17 @@ pub async fn add_images(
     Ok(batch_started(&batch_id, count, "{n} image(s) queued for download and face detection"))
 }
 
-pub(crate) async fn batch_or_404(state: &ApiState, batch_id: &str) -> Result<BatchSummary, ApiError> {
-    if !keys::is_valid_id(batch_id) {
-        return Err(ApiError::not_found(format!("no batch `{batch_id}`")));
+/// 404 for an id no batch can have (also keeps it out of NATS subjects and object keys).
+pub(crate) fn valid_batch_id(batch_id: &str) -> Result<(), ApiError> {
+    if keys::is_valid_id(batch_id) {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(format!("no batch `{batch_id}`")))
     }
+}
+
+pub(crate) async fn batch_or_404(state: &ApiState, batch_id: &str) -> Result<BatchSummary, ApiError> {
+    valid_batch_id(batch_id)?;
     state
         .db
         .batch_status(batch_id)

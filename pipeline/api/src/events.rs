@@ -52,9 +52,7 @@ pub async fn events(
     Path(batch_id): Path<String>,
 ) -> Result<impl axum::response::IntoResponse, ApiError> {
     // An id is checked before it becomes part of a subject (no wildcards, no spaces).
-    if !facepipe_core::keys::is_valid_id(&batch_id) {
-        return Err(ApiError::not_found(format!("no batch `{batch_id}`")));
-    }
+    crate::batches::valid_batch_id(&batch_id)?;
     // Subscribed before the first read, so no change between the two goes unseen.
     let subject = format!("{}.{}", state.topology.nats.progress_subject, batch_id);
     let wakeups = state.bus.client.subscribe(subject).await.map_err(|e| ApiError::unavailable("NATS", e))?;
