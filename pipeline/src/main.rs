@@ -561,7 +561,7 @@ async fn dead_letters(topology: &Topology, command: DeadLetterCommand) -> anyhow
             let (mut after, mut left, mut shown) = (after, limit.unwrap_or(usize::MAX), 0);
             let mut out = std::io::stdout().lock();
             while left > 0 {
-                let filter = deadletters::Filter { batch: batch.as_deref(), after, limit: left.min(1000) };
+                let filter = deadletters::Filter { batch: batch.as_deref(), after, limit: left.min(1000), ..Default::default() };
                 let page = deadletters::list(&bus, topology, &filter).await?;
                 for stored in &page.letters {
                     print_dead_letter(&mut out, stored, json)?;

@@ -156,7 +156,7 @@ async fn batch_survives_kills_restarts_and_outages() {
 
     // The only dead letters are the planted ones.
     let bus = facepipe_runtime::bus::Bus::connect(&d.topology.nats, "chaos-test", false).await.unwrap();
-    let filter = deadletters::Filter { batch: None, after: 0, limit: 1000 };
+    let filter = deadletters::Filter { limit: 1000, ..Default::default() };
     let letters = deadletters::list(&bus, &d.topology, &filter).await.unwrap().letters;
     let mut planted_images: Vec<String> = results
         .iter()

@@ -350,7 +350,7 @@ async fn batches_survive_the_s3_server_stopping_mid_batch() {
     }
     // The only dead letters are the planted broken images: the outage cost no image.
     let bus = facepipe_runtime::bus::Bus::connect(&d.topology.nats, "s3-test", false).await.unwrap();
-    let filter = deadletters::Filter { batch: None, after: 0, limit: 100 };
+    let filter = deadletters::Filter { limit: 100, ..Default::default() };
     let letters = deadletters::list(&bus, &d.topology, &filter).await.unwrap().letters;
     let failed: Vec<&str> = results.iter().filter(|r| r.status == "failed").map(|r| r.entry.as_str()).collect();
     assert_eq!(failed, ["broken/truncated.jpg", "broken/truncated.jpg"]);

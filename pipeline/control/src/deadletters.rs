@@ -15,7 +15,7 @@ use futures::StreamExt;
 use facepipe_runtime::bus::{Bus, BusError};
 use facepipe_runtime::db::{Db, DbError};
 use facepipe_core::messages::{self, DeadLetter, ExtractJob};
-use facepipe_core::topology::Topology;
+use facepipe_core::topology::{StageName, Topology};
 
 /// Why listing or replaying failed.
 #[derive(Debug, thiserror::Error)]
@@ -46,11 +46,13 @@ fn read_err(e: impl std::fmt::Display) -> DeadLetterError {
 }
 
 /// Which dead letters to read: those after id `after`, at most `limit`,
-/// optionally only one batch's.
-#[derive(Debug, Clone)]
+/// optionally only one batch's, or one stage's.
+#[derive(Debug, Clone, Default)]
 pub struct Filter<'a> {
     /// Only the letters of this batch.
     pub batch: Option<&'a str>,
+    /// Only the letters of this stage.
+    pub stage: Option<StageName>,
     /// Start after this id (0: from the oldest).
     pub after: u64,
     /// Most letters in the page.
@@ -66,8 +68,10 @@ pub struct Page {
     pub next_after: Option<u64>,
 }
 
-fn matches(letter: &DeadLetter, batch: Option<&str>) -> bool {
-    batch.is_none() || letter.batch_id.as_deref() == batch || job_batch(letter).as_deref() == batch
+fn matches(letter: &DeadLetter, filter: &Filter<'_>) -> bool {
+    let batch = filter.batch;
+    let stage_ok = filter.stage.is_none_or(|s| letter.stage == s.as_str());
+    stage_ok && (batch.is_none() || letter.batch_id.as_deref() == batch || job_batch(letter).as_deref() == batch)
 }
 
 /// One page of dead letters: reads the stream from `filter.after` on and stops
@@ -94,7 +98,7 @@ pub async fn list(bus: &Bus, topology: &Topology, filter: &Filter<'_>) -> Result
         let info = msg.info().map_err(read_err)?;
         let (id, pending) = (info.stream_sequence, info.pending);
         match messages::decode::<DeadLetter>(&msg.payload) {
-            Ok(letter) if matches(&letter, filter.batch) => page.letters.push(Stored { id, letter }),
+            Ok(letter) if matches(&letter, filter) => page.letters.push(Stored { id, letter }),
             Ok(_) => {}
             Err(e) => tracing::warn!(id, error = %e, "unreadable dead letter"),
         }
@@ -132,7 +136,7 @@ pub async fn get(bus: &Bus, topology: &Topology, ids: &[u64]) -> Result<Vec<Stor
 pub async fn replay_all(bus: &Bus, db: &Db, topology: &Topology, batch: Option<&str>) -> Result<usize, DeadLetterError> {
     let (mut after, mut total) = (0, 0);
     loop {
-        let page = list(bus, topology, &Filter { batch, after, limit: REPLAY_PAGE }).await?;
+        let page = list(bus, topology, &Filter { batch, after, limit: REPLAY_PAGE, ..Filter::default() }).await?;
         total += replay(bus, db, topology, &page.letters).await?;
         match page.next_after {
             Some(next) => after = next,

@@ -25,6 +25,8 @@ pub struct QueueStats {
     pub waiting_by_band: std::collections::BTreeMap<String, u64>,
     /// Processes of the stage that answered a presence ping, wherever they run.
     pub replicas: usize,
+    /// Those processes: host, pid, slots and messages in hand.
+    pub processes: Vec<facepipe_runtime::presence::Presence>,
 }
 
 /// Queue statistics of every stage, in flow order. The replica count waits for
@@ -38,7 +40,9 @@ pub async fn queue_stats(bus: &Bus, topology: &Topology) -> Result<Vec<QueueStat
     let present = present?;
     let mut queues = queues?;
     for q in &mut queues {
-        q.replicas = present.iter().filter(|p| p.stage == q.stage).count();
+        q.processes = present.iter().filter(|p| p.stage == q.stage).cloned().collect();
+        q.processes.sort_by(|a, b| (&a.host, a.pid).cmp(&(&b.host, b.pid)));
+        q.replicas = q.processes.len();
     }
     Ok(queues)
 }
@@ -62,6 +66,7 @@ async fn queues(bus: &Bus, topology: &Topology) -> Result<Vec<QueueStats>, BusEr
             idle_pullers: 0,
             waiting_by_band: std::collections::BTreeMap::new(),
             replicas: 0,
+            processes: Vec::new(),
         };
         for band in topology.stage_bands(stage) {
             let info = stream.consumer_info(&band.durable).await.map_err(|e| bus::setup(&band.durable, e))?;

@@ -14,9 +14,11 @@ pub use crate::postgres_tls::TlsSetupError;
 use facepipe_core::domain::{BatchStatus, Detector, ImageStatus, Priority, StageName};
 use facepipe_core::messages::Outcome;
 
+mod listing;
 mod results;
 mod retention;
 
+pub use listing::{BatchFilter, BatchPage, FailureGroup};
 pub use results::{ImageResult, PageStart};
 pub use retention::{ObjectKind, SweepLock};
 
@@ -238,6 +240,37 @@ pub struct BatchSummary {
     pub completed_at: Option<chrono::DateTime<chrono::Utc>>,
     /// When its row last changed (an outcome recorded, a state change).
     pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// The columns [`batch_summary`] reads, in its order.
+pub(crate) const BATCH_COLUMNS: &str = "batch_id, project_id, priority, status, image_count, processed, failed,
+     faces, skipped_count, error, created_at, completed_at, updated_at";
+
+/// A batch row, selected with [`BATCH_COLUMNS`].
+pub(crate) fn batch_summary(r: &tokio_postgres::Row) -> Result<BatchSummary, DbError> {
+    let image_count: Option<i32> = r.get(4);
+    let processed: i32 = r.get(5);
+    let progress_percent = match image_count {
+        Some(0) => 100.0,
+        Some(n) => (processed as f64 * 100.0 / n as f64).min(100.0),
+        None => 0.0,
+    };
+    Ok(BatchSummary {
+        batch_id: r.get(0),
+        project_id: r.get(1),
+        priority: Priority::new(r.get::<_, i16>(2).into())?,
+        status: r.get::<_, &str>(3).parse()?,
+        image_count,
+        processed,
+        failed: r.get(6),
+        faces: r.get(7),
+        skipped: r.get(8),
+        progress_percent,
+        error: r.get(9),
+        created_at: r.get(10),
+        completed_at: r.get(11),
+        updated_at: r.get(12),
+    })
 }
 
 /// A newly registered image.
@@ -514,39 +547,9 @@ impl Db {
     pub async fn batch_status(&self, batch_id: &str) -> Result<Option<BatchSummary>, DbError> {
         let client = self.pool.get().await?;
         let row = client
-            .query_opt(
-                "SELECT batch_id, project_id, priority, status, image_count, processed, failed,
-                        faces, skipped_count, error, created_at, completed_at, updated_at
-                 FROM batches WHERE batch_id = $1",
-                &[&batch_id],
-            )
+            .query_opt(&format!("SELECT {BATCH_COLUMNS} FROM batches WHERE batch_id = $1"), &[&batch_id])
             .await?;
-        row.map(|r| {
-            let image_count: Option<i32> = r.get(4);
-            let processed: i32 = r.get(5);
-            let progress_percent = match image_count {
-                Some(0) => 100.0,
-                Some(n) => (processed as f64 * 100.0 / n as f64).min(100.0),
-                None => 0.0,
-            };
-            Ok(BatchSummary {
-                batch_id: r.get(0),
-                project_id: r.get(1),
-                priority: Priority::new(r.get::<_, i16>(2).into())?,
-                status: r.get::<_, &str>(3).parse()?,
-                image_count,
-                processed,
-                failed: r.get(6),
-                faces: r.get(7),
-                skipped: r.get(8),
-                progress_percent,
-                error: r.get(9),
-                created_at: r.get(10),
-                completed_at: r.get(11),
-                updated_at: r.get(12),
-            })
-        })
-        .transpose()
+        row.as_ref().map(batch_summary).transpose()
     }
 
     /// Images that failed, per stage that gave up on them, over all batches.

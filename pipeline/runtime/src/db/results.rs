@@ -52,13 +52,13 @@ pub enum PageStart {
     After(String),
 }
 
-const COLUMNS: &str = "image_id, entry_name, status, width, height, faces, crop_keys, original_key,
+pub(super) const COLUMNS: &str = "image_id, entry_name, status, width, height, faces, crop_keys, original_key,
                        detector, error, failed_stage, attempts, record_id";
 
 /// Rows fetched per round trip when streaming: bounded memory, few round trips.
 const STREAM_CHUNK: i32 = 1000;
 
-fn image_result(r: &tokio_postgres::Row) -> Result<ImageResult, DbError> {
+pub(super) fn image_result(r: &tokio_postgres::Row) -> Result<ImageResult, DbError> {
     Ok(ImageResult {
         image_id: r.get(0),
         entry: r.get(1),

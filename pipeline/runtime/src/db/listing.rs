@@ -1,0 +1,161 @@
+//! What the dashboard reads: batches newest first, a batch's failures grouped by
+//! reason, its images of one status, and one image. Each is one index-backed
+//! query, so none costs more as the tables grow.
+
+use facepipe_core::domain::{BatchStatus, ImageStatus, StageName};
+
+use super::results::{image_result, COLUMNS};
+use super::{batch_summary, BatchSummary, Db, DbError, BATCH_COLUMNS};
+
+/// Which batches [`Db::list_batches`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct BatchFilter {
+    /// Only this project's.
+    pub project: Option<String>,
+    /// Only batches in this state.
+    pub status: Option<BatchStatus>,
+    /// Only batches older than this cursor (a previous page's [`BatchPage::next_before`]).
+    pub before: Option<String>,
+    /// Most batches in the page.
+    pub limit: i64,
+}
+
+/// One page of batches, newest first.
+#[derive(Debug, Clone)]
+pub struct BatchPage {
+    /// The batches.
+    pub batches: Vec<BatchSummary>,
+    /// Pass as [`BatchFilter::before`] for the next page; none when this page reached the end.
+    pub next_before: Option<String>,
+}
+
+/// Images of one batch that failed at one stage for one reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureGroup {
+    /// The stage that gave up (none for failures recorded before stages were named).
+    pub stage: Option<StageName>,
+    /// The recorded error.
+    pub reason: String,
+    /// How many images.
+    pub count: i64,
+    /// The first such image, to look at.
+    pub example: String,
+}
+
+/// Most failure groups returned for one batch: reasons are few, unless each
+/// error text names its image, and then the biggest groups are the useful ones.
+const MAX_FAILURE_GROUPS: i64 = 100;
+
+/// A batch cursor: its creation time (microseconds) and id, so batches created in
+/// the same microsecond still page in a fixed order.
+fn cursor_of(b: &BatchSummary) -> String {
+    format!("{}.{}", b.created_at.timestamp_micros(), b.batch_id)
+}
+
+fn parse_cursor(cursor: &str) -> Option<(chrono::DateTime<chrono::Utc>, &str)> {
+    let (micros, id) = cursor.split_once('.')?;
+    Some((chrono::DateTime::from_timestamp_micros(micros.parse().ok()?)?, id))
+}
+
+/// A cursor [`Db::list_batches`] did not make.
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}` is not a batch cursor (pass a page's nextBefore)")]
+pub struct BadCursor(pub String);
+
+impl Db {
+    /// Batches newest first, filtered, one page from `filter.before` on (an index
+    /// seek on `(created_at, batch_id)`, however deep the page is).
+    pub async fn list_batches(&self, filter: &BatchFilter) -> Result<Result<BatchPage, BadCursor>, DbError> {
+        let before = match filter.before.as_deref().map(|c| parse_cursor(c).ok_or_else(|| BadCursor(c.to_string()))) {
+            Some(Err(e)) => return Ok(Err(e)),
+            Some(Ok((at, id))) => Some((at, id.to_string())),
+            None => None,
+        };
+        let (before_at, before_id) = before.unzip();
+        let status = filter.status.map(|s| s.as_str());
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {BATCH_COLUMNS} FROM batches
+                     WHERE ($1::text IS NULL OR project_id = $1)
+                       AND ($2::text IS NULL OR status = $2)
+                       AND ($3::timestamptz IS NULL OR (created_at, batch_id) < ($3, $4::text))
+                     ORDER BY created_at DESC, batch_id DESC LIMIT $5"
+                ),
+                &[&filter.project, &status, &before_at, &before_id, &filter.limit],
+            )
+            .await?;
+        let batches = rows.iter().map(batch_summary).collect::<Result<Vec<_>, _>>()?;
+        let next_before = (batches.len() as i64 == filter.limit).then(|| batches.last().map(cursor_of)).flatten();
+        Ok(Ok(BatchPage { batches, next_before }))
+    }
+
+    /// A batch's failed images grouped by stage and error, biggest groups first.
+    pub async fn failure_groups(&self, batch_id: &str) -> Result<Vec<FailureGroup>, DbError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT failed_stage, coalesce(error, ''), count(*), min(image_id) FROM images
+                 WHERE batch_id = $1 AND status = 'failed'
+                 GROUP BY 1, 2 ORDER BY 3 DESC, 2 LIMIT $2",
+                &[&batch_id, &MAX_FAILURE_GROUPS],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(FailureGroup {
+                    stage: r.get::<_, Option<&str>>(0).map(str::parse).transpose()?,
+                    reason: r.get(1),
+                    count: r.get(2),
+                    example: r.get(3),
+                })
+            })
+            .collect()
+    }
+
+    /// At most `limit` images of a batch in state `status`, after image `after`, in image order.
+    pub async fn results_with_status(
+        &self,
+        batch_id: &str,
+        status: ImageStatus,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<super::ImageResult>, DbError> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM images WHERE batch_id = $1 AND status = $2 AND image_id > $3
+                     ORDER BY image_id LIMIT $4"
+                ),
+                &[&batch_id, &status.as_str(), &after.unwrap_or(""), &limit],
+            )
+            .await?;
+        rows.iter().map(image_result).collect()
+    }
+
+    /// One image of a batch with its outcome, or `None`.
+    pub async fn image(&self, batch_id: &str, image_id: &str) -> Result<Option<super::ImageResult>, DbError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(&format!("SELECT {COLUMNS} FROM images WHERE batch_id = $1 AND image_id = $2"), &[&batch_id, &image_id])
+            .await?;
+        row.as_ref().map(image_result).transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        let at = chrono::DateTime::from_timestamp_micros(1_765_000_000_123_456).unwrap();
+        let (parsed, id) = parse_cursor("1765000000123456.proj-a.b").unwrap();
+        assert_eq!((parsed, id), (at, "proj-a.b"), "the id may hold dots; the time never does");
+        for bad in ["", "x.y", "12", ".id"] {
+            assert!(parse_cursor(bad).is_none(), "{bad}");
+        }
+    }
+}
