@@ -4,39 +4,18 @@
 
 mod support;
 
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{free_port, labelled_photos, shared_dir, wait_for_port, write_zip, Deployment};
+use support::{labelled_photos, shared_dir, write_zip, ApiServer, Deployment};
 
 const TOKEN: &str = "test-token-3f9a";
 const BATCH_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// A `pipeline serve` process, stopped (by its PID) on drop.
-struct ApiServer {
-    child: Child,
-    base: String,
-    client: reqwest::Client,
-}
-
 impl ApiServer {
     fn start(d: &Deployment) -> Self {
         Self::start_with_token(d, Some(TOKEN))
-    }
-
-    /// `pipeline serve`, with `PIPELINE_API_TOKEN` set to `token` (or unset).
-    fn start_with_token(d: &Deployment, token: Option<&str>) -> Self {
-        let port = free_port();
-        let log = std::fs::File::create(d.dir.path().join(format!("api-{port}.log.txt"))).unwrap();
-        let mut command = d.command("pipeline");
-        command.args(["serve", "--listen", &format!("127.0.0.1:{port}")]).env_remove("PIPELINE_API_TOKEN");
-        if let Some(token) = token {
-            command.env("PIPELINE_API_TOKEN", token);
-        }
-        let child = command.stdout(Stdio::null()).stderr(log).spawn().unwrap();
-        wait_for_port(port, Duration::from_secs(30));
-        Self { child, base: format!("http://127.0.0.1:{port}"), client: reqwest::Client::new() }
     }
 
     fn get(&self, path: &str) -> reqwest::RequestBuilder {
@@ -82,19 +61,6 @@ impl ApiServer {
         (code.trim().parse().unwrap_or(0), body.to_string())
     }
 
-    /// Peak resident memory of the server so far, in bytes (Linux's VmHWM).
-    fn peak_rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
-    }
-}
-
-impl Drop for ApiServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn photo_entries(n: usize) -> Vec<(String, Vec<u8>)> {
@@ -593,4 +559,137 @@ async fn batch_events_stream_progress_until_the_batch_completes() {
     }
     let anonymous = reqwest::get(format!("{}/api/batch/{batch}/events", api.base)).await.unwrap();
     assert_eq!(anonymous.status().as_u16(), 401);
+}
+
+/// Uploads `entries` as a ZIP for `project`; returns the batch id.
+async fn upload(api: &ApiServer, dir: &std::path::Path, project: &str, entries: &[(String, Vec<u8>)]) -> String {
+    let zip_path = dir.join(format!("{project}.zip"));
+    write_zip(&zip_path, entries);
+    let (code, started) = api.json(api.post("/api/batch/upload-zip").multipart(zip_form(std::fs::read(&zip_path).unwrap(), project))).await;
+    assert_eq!(code, 200, "{started}");
+    started["batchId"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboards_reads_list_filter_group_export_and_replay() {
+    let d = Deployment::start(|_| {}).await;
+    let api = ApiServer::start(&d);
+    let mut first_entries = photo_entries(3);
+    first_entries.push(("bad/broken.jpg".into(), b"not a JPEG".to_vec()));
+    let first = upload(&api, d.dir.path(), "project-a", &first_entries).await;
+    api.wait_for_batch(&first).await;
+    let second = upload(&api, d.dir.path(), "project-b", &photo_entries(2)).await;
+    api.wait_for_batch(&second).await;
+
+    // The batch list: newest first, filtered, paged by cursor, with the pace.
+    let (code, all) = api.json(api.get("/api/batches")).await;
+    assert_eq!(code, 200, "{all}");
+    let ids: Vec<&str> = all["batches"].as_array().unwrap().iter().map(|b| b["batchId"].as_str().unwrap()).collect();
+    assert_eq!(ids, [second.as_str(), first.as_str()], "newest first");
+    let row = &all["batches"][1];
+    assert_eq!((row["projectId"].as_str(), row["status"].as_str(), row["facesFound"].as_i64().is_some()), (Some("project-a"), Some("completed"), true));
+    assert_eq!(row["progress"]["failed"], 1);
+    assert!(row["imagesPerSecond"].as_f64().unwrap() > 0.0, "{row}");
+    assert!(row["etaSeconds"].is_null(), "a finished batch has no ETA: {row}");
+    let (_, a_only) = api.json(api.get("/api/batches?project=project-a")).await;
+    assert_eq!(a_only["batches"].as_array().unwrap().len(), 1);
+    assert_eq!(a_only["batches"][0]["batchId"], first.as_str());
+    let (_, none) = api.json(api.get("/api/batches?status=failed")).await;
+    assert!(none["batches"].as_array().unwrap().is_empty());
+    let (_, page1) = api.json(api.get("/api/batches?limit=1")).await;
+    assert_eq!(page1["batches"][0]["batchId"], second.as_str());
+    let cursor = page1["nextBefore"].as_str().unwrap();
+    let (_, page2) = api.json(api.get(&format!("/api/batches?limit=1&before={cursor}"))).await;
+    assert_eq!(page2["batches"][0]["batchId"], first.as_str(), "the next page goes on from the cursor");
+    for bad in ["status=done", "limit=0", "before=yesterday"] {
+        let (code, body) = api.json(api.get(&format!("/api/batches?{bad}"))).await;
+        assert_eq!(code, 400, "{bad}: {body}");
+    }
+
+    // Results by status, failures grouped by reason and stage.
+    let (_, failed) = api.json(api.get(&format!("/api/batch/{first}/results?status=failed"))).await;
+    let failed = failed["results"].as_array().unwrap();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["entry"], "bad/broken.jpg");
+    let (_, cropped) = api.json(api.get(&format!("/api/batch/{first}/results?status=cropped&pageSize=1"))).await;
+    assert_eq!(cropped["results"][0]["status"], "cropped");
+    let after = cropped["nextAfter"].as_str().unwrap();
+    let (_, next) = api.json(api.get(&format!("/api/batch/{first}/results?status=cropped&pageSize=1&after={after}"))).await;
+    assert!(next["results"][0]["imageId"].as_str().unwrap() > after);
+    let (code, _) = api.json(api.get(&format!("/api/batch/{first}/results?status=cropped&page=2"))).await;
+    assert_eq!(code, 400, "filtered pages go on by `after`");
+    let (_, groups) = api.json(api.get(&format!("/api/batch/{first}/failures"))).await;
+    assert_eq!(groups["groups"].as_array().unwrap().len(), 1, "{groups}");
+    assert_eq!(groups["groups"][0]["stage"], "detect");
+    assert_eq!(groups["groups"][0]["count"], 1);
+    assert_eq!(groups["groups"][0]["example"], failed[0]["imageId"]);
+    assert_eq!(groups["groups"][0]["reason"], failed[0]["error"]);
+
+    // One image, and its original byte for byte.
+    let image_id = cropped["results"][0]["imageId"].as_str().unwrap();
+    let (code, image) = api.json(api.get(&format!("/api/batch/{first}/images/{image_id}"))).await;
+    assert_eq!(code, 200, "{image}");
+    assert_eq!(image["image"], cropped["results"][0]);
+    let original = api.get(image["originalUrl"].as_str().unwrap()).send().await.unwrap();
+    assert_eq!(original.headers()["content-type"], "image/jpeg");
+    let entry = image["image"]["entry"].as_str().unwrap();
+    let uploaded = &first_entries.iter().find(|(name, _)| name == entry).unwrap().1;
+    assert_eq!(&original.bytes().await.unwrap()[..], &uploaded[..]);
+    let (code, _) = api.json(api.get(&format!("/api/batch/{first}/images/9999999"))).await;
+    assert_eq!(code, 404);
+
+    // Exports: every image, in both formats.
+    let jsonl = api.get(&format!("/api/batch/{first}/export?format=jsonl")).send().await.unwrap();
+    assert!(jsonl.headers()["content-disposition"].to_str().unwrap().contains(&format!("{first}.jsonl")));
+    let lines: Vec<Value> = jsonl.text().await.unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 4);
+    assert!(lines.iter().any(|l| l["error"].is_string() && l["failedStage"] == "detect"));
+    let csv = api.get(&format!("/api/batch/{first}/export?format=csv")).send().await.unwrap().text().await.unwrap();
+    let mut rows = csv.lines();
+    assert!(rows.next().unwrap().starts_with("imageId,recordId,entry,status"));
+    assert_eq!(rows.count(), 4);
+    let (code, _) = api.json(api.get(&format!("/api/batch/{first}/export?format=xml"))).await;
+    assert_eq!(code, 400);
+
+    // Queues: the replicas by pid, and throughput once two samples are apart.
+    let (_, stats) = api.json(api.get("/api/stats")).await;
+    let stages = stats["stages"].as_array().unwrap();
+    assert_eq!(stages.iter().map(|s| s["stage"].as_str().unwrap()).collect::<Vec<_>>(), ["extract", "detect", "crop", "persist"]);
+    let pids: Vec<u64> = stages.iter().flat_map(|s| s["replicas"].as_array().unwrap()).map(|r| r["pid"].as_u64().unwrap()).collect();
+    for (_, child) in &d.stages {
+        assert!(pids.contains(&(child.id() as u64)), "pid {} among {pids:?}", child.id());
+    }
+    assert_eq!(stages[1]["failed"], 1);
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let (_, stats) = api.json(api.get("/api/stats")).await;
+    assert_eq!(stats["stages"][1]["history"].as_array().unwrap().len(), 2);
+    assert_eq!(stats["stages"][1]["perSecond"], 0.0, "nothing moved between the samples");
+
+    // Dead letters: the broken entry's, by batch and stage; replayed by batch, it fails again.
+    let (_, letters) = api.json(api.get(&format!("/api/dead-letters?batch={first}"))).await;
+    let letters = letters["letters"].as_array().unwrap().clone();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!((letters[0]["stage"].as_str(), letters[0]["imageId"].as_str()), (Some("detect"), failed[0]["imageId"].as_str()));
+    let (_, crop_letters) = api.json(api.get(&format!("/api/dead-letters?batch={first}&stage=crop"))).await;
+    assert!(crop_letters["letters"].as_array().unwrap().is_empty());
+    let (_, other) = api.json(api.get(&format!("/api/dead-letters?batch={second}"))).await;
+    assert!(other["letters"].as_array().unwrap().is_empty());
+    for bad in [json!({}), json!({"ids": []}), json!({"all": false}), json!({"ids": [1], "all": true}), json!({"batch": "no such/batch"})] {
+        let (code, body) = api.json(api.post("/api/dead-letters/replay").json(&bad)).await;
+        assert_eq!(code, 400, "{bad}: {body}");
+    }
+    let (code, replayed) = api.json(api.post("/api/dead-letters/replay").json(&json!({"batch": first}))).await;
+    assert_eq!((code, replayed["replayed"].as_u64()), (200, Some(1)), "{replayed}");
+    let start = Instant::now();
+    loop {
+        let (_, again) = api.json(api.get(&format!("/api/dead-letters?batch={first}"))).await;
+        let again = again["letters"].as_array().unwrap().clone();
+        if again.len() == 1 && again[0]["id"] != letters[0]["id"] {
+            break;
+        }
+        assert!(start.elapsed() < BATCH_TIMEOUT, "the replayed letter did not come back: {again:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (code, by_id) = api.json(api.post("/api/dead-letters/replay").json(&json!({"ids": [letters[0]["id"]]}))).await;
+    assert_eq!((code, by_id["replayed"].as_u64()), (200, Some(0)), "a replayed letter is gone: {by_id}");
 }

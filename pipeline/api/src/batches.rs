@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 use super::{ApiError, ApiState};
 use crate::wire::{AddImages, BatchStarted, ImageView, PriorityInput, RecordId, ResultsPage, StatusAnswer, UploadZipForm};
 use extract::archive;
-use facepipe_core::domain::Priority;
+use facepipe_core::domain::{ImageStatus, Priority};
 use facepipe_runtime::db::{BatchSummary, PageStart};
 use facepipe_core::keys;
 use facepipe_control::batches::{BatchError, ZipUpload};
@@ -295,6 +295,10 @@ pub struct Page {
     /// `page` deep into a large batch; `page` is ignored when it is given.
     #[serde(default)]
     after: Option<String>,
+    /// Only images in this state: pending, cropped, no_face or failed. Filtered
+    /// pages go on by `after` (`page` must be 1).
+    #[serde(default)]
+    status: Option<String>,
 }
 
 fn first_page() -> i64 {
@@ -331,16 +335,27 @@ pub async fn results(
     if page.page < 1 || !(1..=1000).contains(&page.page_size) {
         return Err(ApiError::bad_request("`page` must be at least 1 and `pageSize` 1-1000"));
     }
-    let b = batch_or_404(&state, &batch_id).await?;
-    let start = match page.after {
-        Some(after) => PageStart::After(after),
-        None => PageStart::Offset((page.page - 1).saturating_mul(page.page_size)),
+    let status = match page.status.as_deref().filter(|s| !s.is_empty()) {
+        Some(s) => Some(s.parse::<ImageStatus>().map_err(|e| ApiError::bad_request(e.to_string()))?),
+        None => None,
     };
-    let rows = state
-        .db
-        .results_page(&batch_id, &start, page.page_size)
-        .await
-        .map_err(|e| ApiError::unavailable("PostgreSQL", e))?;
+    if status.is_some() && page.page > 1 && page.after.is_none() {
+        return Err(ApiError::bad_request("with `status`, go on with `after` (the previous page's nextAfter), not `page`"));
+    }
+    // Image ids are ids: anything else matches nothing (and never reaches a query as, say, a NUL).
+    if page.after.as_deref().is_some_and(|a| !keys::is_valid_id(a)) {
+        return Err(ApiError::bad_request("`after` is not an image id (pass a page's nextAfter)"));
+    }
+    let b = batch_or_404(&state, &batch_id).await?;
+    let rows = match (status, page.after) {
+        (Some(status), after) => state.db.results_with_status(&batch_id, status, after.as_deref(), page.page_size).await,
+        (None, Some(after)) => state.db.results_page(&batch_id, &PageStart::After(after), page.page_size).await,
+        (None, None) => {
+            let skip = (page.page - 1).saturating_mul(page.page_size);
+            state.db.results_page(&batch_id, &PageStart::Offset(skip), page.page_size).await
+        }
+    }
+    .map_err(|e| ApiError::unavailable("PostgreSQL", e))?;
     let next_after = (rows.len() as i64 == page.page_size).then(|| rows.last().map(|r| r.image_id.clone())).flatten();
     Ok(Json(ResultsPage {
         next_after,

@@ -1,4 +1,6 @@
-//! Request guards: bearer-token authentication and the per-client upload rate limit.
+//! Request guards: authentication (bearer token or dashboard session), the
+//! same-origin rule for requests that change state, the per-client upload rate
+//! limit, and the refusal to serve an open address without a token.
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -13,24 +15,59 @@ use governor::{DefaultKeyedRateLimiter, Quota};
 
 use super::{ApiError, ApiState};
 
-/// Refuses `/api` requests without the configured bearer token (when one is configured).
+/// Guards `/api`: a request that changes state must come from this origin
+/// (CSRF), and when a token is configured every request needs it, as a bearer
+/// token or as the dashboard's session cookie plus its CSRF token.
 pub async fn require_token(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Result<Response, ApiError> {
+    let changes_state = !request.method().is_safe();
+    if changes_state {
+        same_origin(request.headers())?;
+    }
     if let Some(expected) = &state.topology.api.token {
-        let given = request
-            .headers()
+        let headers = request.headers();
+        let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
-            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"));
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match (given, state.sessions.csrf_of(headers)) {
+            (Some(given), _) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => {}
+            // A cookie travels with any request the browser makes, so it alone cannot change state.
+            (_, Some(csrf)) if changes_state && !crate::session::csrf_matches(headers, &csrf) => {
+                return Err(ApiError::new(StatusCode::FORBIDDEN, "missing or wrong X-CSRF-Token"));
+            }
+            (_, Some(_)) => {}
+            _ => return Err(ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token")),
         }
     }
     Ok(next.run(request).await)
 }
 
+/// Refuses (403) a request a browser sent from another site: a page elsewhere must
+/// not be able to upload or replay through a browser that can reach this API, even
+/// one on loopback without a token. Clients that are not browsers send neither header.
+pub fn same_origin(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    let refused = || ApiError::new(StatusCode::FORBIDDEN, "cross-site request refused");
+    let text = |name| headers.get(name).and_then(|v: &axum::http::HeaderValue| v.to_str().ok());
+    if matches!(text("sec-fetch-site"), Some("cross-site" | "same-site")) {
+        return Err(refused());
+    }
+    if let Some(origin) = text(header::ORIGIN.as_str()) {
+        let host = text(header::HOST.as_str()).unwrap_or("");
+        let url = url::Url::parse(origin).map_err(|_| refused())?;
+        let origin_host = match (url.host_str(), url.port()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_string(),
+            (None, _) => return Err(refused()),
+        };
+        if !origin_host.eq_ignore_ascii_case(host) {
+            return Err(refused());
+        }
+    }
+    Ok(())
+}
+
 /// Compares without an early exit, so timing does not reveal how much of a token matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     use subtle::ConstantTimeEq;
     a.ct_eq(b).into()
 }
@@ -95,6 +132,30 @@ mod tests {
         assert!(refused.retry_after.unwrap() >= 1);
         assert!(limiter.check(b).is_ok(), "clients have their own buckets");
         assert!(RateLimiter::new(0).check(a).is_ok());
+    }
+
+    #[test]
+    fn only_same_origin_browsers_may_change_state() {
+        use axum::http::{HeaderMap, HeaderValue};
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, HeaderValue::from_static(v));
+            }
+            h
+        };
+        assert!(same_origin(&headers(&[])).is_ok(), "curl sends no Origin");
+        assert!(same_origin(&headers(&[("host", "127.0.0.1:8080"), ("origin", "http://127.0.0.1:8080")])).is_ok());
+        assert!(same_origin(&headers(&[("host", "example.org"), ("origin", "https://example.org")])).is_ok());
+        for bad in [
+            headers(&[("host", "127.0.0.1:8080"), ("origin", "http://evil.example")]),
+            headers(&[("host", "127.0.0.1:8080"), ("origin", "http://127.0.0.1:9090")]),
+            headers(&[("host", "127.0.0.1:8080"), ("origin", "null")]),
+            headers(&[("sec-fetch-site", "cross-site")]),
+            headers(&[("sec-fetch-site", "same-site")]),
+        ] {
+            assert_eq!(same_origin(&bad).unwrap_err().status, StatusCode::FORBIDDEN, "{bad:?}");
+        }
     }
 
     #[test]

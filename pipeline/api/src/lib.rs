@@ -4,10 +4,17 @@
 //! ## Layout
 //! - [`batches`]: `upload-zip` (streamed to disk, then to the object store),
 //!   `add-images`, `status`, paged `results` and crop downloads.
+//! - [`browse`]: the batch list, a batch's failures by reason, one image and its original.
+//! - [`export`]: a batch's outcomes as one JSON Lines or CSV download.
 //! - [`events`]: a batch's progress as server-sent events.
-//! - [`queues`]: `queue-stats`, the old queue names mapped onto the stages.
-//! - [`guard`]: bearer-token authentication, the per-client upload rate limit, and
-//!   the refusal to serve an open address without a token.
+//! - [`queues`]: `queue-stats` (the old queue names mapped onto the stages) and
+//!   `stats` (bands, replicas and throughput, live).
+//! - [`deadletters`]: list and replay dead letters.
+//! - [`guard`]: authentication, the same-origin rule for requests that change
+//!   state, the per-client upload rate limit, and the refusal to serve an open
+//!   address without a token.
+//! - [`dashboard`]: the browser dashboard at `/`, embedded; [`session`]: its
+//!   sign-in (a session cookie and a CSRF token).
 //! - [`service`]: `/openapi.json` and `/healthz`.
 //! - [`wire`]: every request and response body, as types.
 //! - [`openapi`]: the OpenAPI document, generated from the handlers and [`wire`].
@@ -17,12 +24,17 @@
 //! document served at `/openapi.json` lists exactly the routes served.
 
 pub mod batches;
+pub mod browse;
+pub mod dashboard;
+pub mod deadletters;
 pub mod error;
 pub mod events;
+pub mod export;
 pub mod guard;
 pub mod openapi;
 pub mod queues;
 pub mod service;
+pub mod session;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -57,6 +69,10 @@ pub struct ApiState {
     pub batches: facepipe_control::batches::Batches,
     /// The OpenAPI document, as served (set when the router is built).
     pub openapi: std::sync::OnceLock<String>,
+    /// The dashboard's signed-in browsers.
+    pub sessions: session::Sessions,
+    /// Completed counts sampled by `stats`, for throughput.
+    pub throughput: queues::Throughput,
 }
 
 impl ApiState {
@@ -64,11 +80,22 @@ impl ApiState {
     pub fn new(topology: Topology, bus: Bus, store: Store, db: Db) -> Self {
         let limiter = guard::RateLimiter::new(topology.api.uploads_per_minute);
         let batches = facepipe_control::batches::Batches::new(topology.clone(), bus.clone(), db.clone(), store.clone());
-        Self { topology, bus, store, db, limiter, batches, openapi: std::sync::OnceLock::new() }
+        Self {
+            topology,
+            bus,
+            store,
+            db,
+            limiter,
+            batches,
+            openapi: std::sync::OnceLock::new(),
+            sessions: session::Sessions::default(),
+            throughput: queues::Throughput::default(),
+        }
     }
 }
 
-/// Every route: `/api/...` behind the token guard, `/openapi.json` and `/healthz` open.
+/// Every route: `/api/...` behind the guard; `/openapi.json`, `/healthz` and the
+/// dashboard (`/`, `/ui/...`) open.
 pub fn router(state: Arc<ApiState>) -> Router {
     let api = api_routes()
         .layer(DefaultBodyLimit::max(state.topology.api.max_request_bytes))
@@ -76,7 +103,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
     let (router, doc) = with_open_routes(api).split_for_parts();
     let doc = openapi::document(doc, state.topology.api.token.is_some());
     let _ = state.openapi.set(doc.to_pretty_json().expect("the OpenAPI document serializes"));
-    router.with_state(state)
+    router.merge(dashboard::routes()).with_state(state)
 }
 
 /// The OpenAPI document of the routes [`router`] serves (`token_required`: a token is configured).
@@ -96,6 +123,14 @@ fn api_routes() -> OpenApiRouter<Arc<ApiState>> {
         .routes(routes!(queues::queue_stats))
         .routes(routes!(batches::results))
         .routes(routes!(batches::crop))
+        .routes(routes!(browse::list))
+        .routes(routes!(browse::failures))
+        .routes(routes!(browse::image))
+        .routes(routes!(browse::original))
+        .routes(routes!(export::export))
+        .routes(routes!(queues::stats))
+        .routes(routes!(deadletters::list))
+        .routes(routes!(deadletters::replay))
 }
 
 /// `api` with the open routes and the fallback, in the document's fixed frame.

@@ -21,6 +21,7 @@ use crate::wire::ErrorBody;
     tags(
         (name = "batches", description = "Start batches, follow them, read their outcomes and crops."),
         (name = "queues", description = "The stages' queues."),
+        (name = "dead letters", description = "Messages the stages gave up on, and their replay."),
         (name = "service", description = "The document and liveness."),
     ),
     modifiers(&BearerToken),
@@ -127,6 +128,6 @@ mod tests {
         assert_eq!(with["paths"][status]["get"]["security"], serde_json::json!([{ "bearer": [] }]));
         assert!(without["paths"][status]["get"]["security"].is_null());
         assert!(with["paths"]["/healthz"]["get"]["security"].is_null());
-        assert_eq!(with["paths"].as_object().unwrap().len(), 9, "seven /api routes, the document and liveness");
+        assert_eq!(with["paths"].as_object().unwrap().len(), 17, "fifteen /api routes, the document and liveness");
     }
 }

@@ -1,5 +1,6 @@
-//! `GET /api/batch/queue-stats`: queue counts per stage, and the old design's
-//! `stats` object under its queue names.
+//! The stages' queues: `GET /api/batch/queue-stats` (counts per stage, and the old
+//! design's `stats` object under its queue names) and `GET /api/stats` (the
+//! dashboard's live view: bands, replicas, throughput).
 
 use std::sync::Arc;
 
@@ -8,7 +9,7 @@ use axum::Json;
 use std::collections::BTreeMap;
 
 use super::{ApiError, ApiState};
-use crate::wire::{OldStats, QueueCounts, QueueStatsAnswer};
+use crate::wire::{OldStats, QueueCounts, QueueStatsAnswer, ReplicaView, Sample, StageStats, StatsAnswer};
 
 /// The old design's queue names, mapped onto the stages that do their work now:
 /// `batchIngestion` was the ZIP unpacking job, `faceDetection` the per-image
@@ -66,4 +67,120 @@ pub async fn queue_stats(State(state): State<Arc<ApiState>>) -> Result<Json<Queu
 /// Milliseconds since the Unix epoch, as the old design's `stats.timestamp`.
 fn unix_millis() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How far back [`Throughput`] keeps samples.
+const HISTORY: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
+/// Least time between two kept samples (dashboards poll every 2 s each).
+const SAMPLE_GAP: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The window `perSecond` is measured over.
+const RATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Each stage's `completed` count, sampled whenever someone asks for `/api/stats`
+/// (no one watching costs nothing), for throughput over the last minutes.
+#[derive(Debug, Default)]
+pub struct Throughput {
+    samples: std::sync::Mutex<std::collections::VecDeque<(u64, BTreeMap<String, u64>)>>,
+}
+
+impl Throughput {
+    /// Records `completed` per stage at `now` (Unix ms) and returns, per stage, the
+    /// samples kept and the rate over the last [`RATE_WINDOW`].
+    fn record(&self, now: u64, completed: BTreeMap<String, u64>) -> BTreeMap<String, (Vec<Sample>, Option<f64>)> {
+        let mut samples = self.samples.lock().expect("no panics while held");
+        let gap = SAMPLE_GAP.as_millis() as u64;
+        if samples.back().is_none_or(|(t, _)| now >= t + gap) {
+            samples.push_back((now, completed.clone()));
+        }
+        let horizon = now.saturating_sub(HISTORY.as_millis() as u64);
+        while samples.front().is_some_and(|(t, _)| *t < horizon) {
+            samples.pop_front();
+        }
+        let window_start = now.saturating_sub(RATE_WINDOW.as_millis() as u64);
+        let mut out = BTreeMap::new();
+        for (stage, &count) in &completed {
+            let history: Vec<Sample> =
+                samples.iter().filter_map(|(t, c)| c.get(stage).map(|&completed| Sample { t: *t, completed })).collect();
+            // The oldest sample within the window, at least a few seconds back.
+            let rate = history
+                .iter()
+                .find(|s| s.t >= window_start && now - s.t >= 2 * gap)
+                .map(|s| count.saturating_sub(s.completed) as f64 * 1000.0 / (now - s.t) as f64);
+            out.insert(stage.clone(), (history, rate));
+        }
+        out
+    }
+}
+
+/// Every stage's queue, live: `pipeline stats` with the replicas named and the
+/// throughput of the last minutes.
+///
+/// `GET /api/stats`. Throughput is sampled by this server each time it answers, so it
+/// covers the minutes someone has been watching.
+#[utoipa::path(
+    get,
+    path = "/api/stats",
+    operation_id = "stats",
+    tag = "queues",
+    responses(
+        (status = 200, description = "The stages.", body = StatsAnswer),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 503, response = crate::openapi::Unavailable),
+    ),
+)]
+pub async fn stats(State(state): State<Arc<ApiState>>) -> Result<Json<StatsAnswer>, ApiError> {
+    let (queues, failed) = tokio::join!(
+        facepipe_control::stats::queue_stats(&state.bus, &state.topology),
+        state.db.failed_by_stage()
+    );
+    let queues = queues.map_err(|e| ApiError::unavailable("NATS", e))?;
+    let failed = failed.map_err(|e| ApiError::unavailable("PostgreSQL", e))?;
+    let now = unix_millis();
+    let mut rates = state.throughput.record(now, queues.iter().map(|q| (q.stage.clone(), q.completed)).collect());
+    let stages = queues
+        .into_iter()
+        .map(|q| {
+            let (history, per_second) = rates.remove(&q.stage).unwrap_or_default();
+            StageStats {
+                failed: failed.get(&q.stage).copied().unwrap_or(0),
+                waiting: q.waiting,
+                active: q.active,
+                retrying: q.retrying,
+                completed: q.completed,
+                idle_pullers: q.idle_pullers,
+                waiting_by_band: q.waiting_by_band,
+                replicas: q
+                    .processes
+                    .into_iter()
+                    .map(|p| ReplicaView { host: p.host, pid: p.pid, concurrency: p.concurrency, in_flight: p.in_flight })
+                    .collect(),
+                per_second,
+                history,
+                stage: q.stage,
+            }
+        })
+        .collect();
+    Ok(Json(StatsAnswer { success: true, timestamp: now, stages }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throughput_is_measured_over_the_last_minute_of_samples() {
+        let t = Throughput::default();
+        let at = |n: u64| BTreeMap::from([("detect".to_string(), n)]);
+        let first = t.record(1_000_000, at(100));
+        assert_eq!(first["detect"].1, None, "one sample gives no rate");
+        assert!(t.record(1_001_000, at(105))["detect"].0.len() == 1, "samples closer than the gap are not kept");
+        let later = t.record(1_010_000, at(150));
+        assert_eq!(later["detect"].1, Some(5.0), "50 in 10 s");
+        // Ten minutes on, the old samples are gone and the window starts afresh.
+        let much_later = t.record(1_010_000 + 11 * 60_000, at(400));
+        assert_eq!(much_later["detect"].0.len(), 1);
+        assert_eq!(much_later["detect"].1, None);
+    }
 }

@@ -395,3 +395,207 @@ pub struct QueueCounts {
     /// Stage processes connected (they answered a presence ping).
     pub replicas: usize,
 }
+
+/// One page of batches, newest first (`GET /api/batches`).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchList {
+    /// Always true.
+    pub success: bool,
+    /// The batches.
+    pub batches: Vec<BatchRow>,
+    /// Pass as `before` to get the next (older) page; null on the last page.
+    pub next_before: Option<String>,
+}
+
+/// A batch with its pace.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchRow {
+    /// The batch, as `status` answers it.
+    #[serde(flatten)]
+    pub batch: BatchView,
+    /// Outcomes per second since the batch was created (until it finished); null before the first.
+    pub images_per_second: Option<f64>,
+    /// Seconds left at that pace; null when the batch is finished or its size or pace is unknown.
+    pub eta_seconds: Option<f64>,
+}
+
+impl BatchRow {
+    /// `b` with its average pace, measured at `now`.
+    pub fn new(b: BatchSummary, now: chrono::DateTime<chrono::Utc>) -> Self {
+        // A finished batch's pace stops at its end, not at the time of asking.
+        let end = if b.status.is_finished() { b.completed_at.unwrap_or(b.updated_at) } else { now };
+        let seconds = (end - b.created_at).num_milliseconds() as f64 / 1000.0;
+        let images_per_second = (b.processed > 0 && seconds > 0.0).then(|| b.processed as f64 / seconds);
+        let eta_seconds = match (b.status.is_finished(), b.image_count, images_per_second) {
+            (false, Some(total), Some(rate)) => Some((total - b.processed).max(0) as f64 / rate),
+            _ => None,
+        };
+        Self { batch: b.into(), images_per_second, eta_seconds }
+    }
+}
+
+/// A batch's failures, grouped (`GET /api/batch/{batchId}/failures`).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailureGroups {
+    /// Always true.
+    pub success: bool,
+    /// The batch.
+    pub batch_id: String,
+    /// Groups by stage and reason, biggest first (at most 100).
+    pub groups: Vec<FailureGroupView>,
+}
+
+/// Images that failed at one stage for one reason.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailureGroupView {
+    /// The stage that gave up.
+    #[schema(value_type = Option<String>)]
+    pub stage: Option<StageName>,
+    /// The error recorded.
+    pub reason: String,
+    /// How many images.
+    pub count: i64,
+    /// The first of them (an image id).
+    pub example: String,
+}
+
+/// One image (`GET /api/batch/{batchId}/images/{imageId}`).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageAnswer {
+    /// Always true.
+    pub success: bool,
+    /// Its outcome.
+    pub image: ImageView,
+    /// Download path of the original, when one was stored.
+    pub original_url: Option<String>,
+}
+
+/// Every stage's queue, live (`GET /api/stats`): `pipeline stats`, with the
+/// replicas named and the throughput of the last minutes.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StatsAnswer {
+    /// Always true.
+    pub success: bool,
+    /// When these were read, in Unix milliseconds.
+    pub timestamp: u64,
+    /// The stages, in flow order.
+    pub stages: Vec<StageStats>,
+}
+
+/// One stage's queue.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StageStats {
+    /// extract, detect, crop or persist.
+    pub stage: String,
+    /// Messages not yet delivered.
+    pub waiting: u64,
+    /// Delivered and not yet acknowledged.
+    pub active: usize,
+    /// Of those, delivered more than once.
+    pub retrying: usize,
+    /// Messages taken off the queue since the stream was created.
+    pub completed: u64,
+    /// Images whose failure this stage recorded.
+    pub failed: i64,
+    /// Pull requests waiting at the server.
+    pub idle_pullers: usize,
+    /// `waiting` per priority band.
+    pub waiting_by_band: std::collections::BTreeMap<String, u64>,
+    /// The processes running the stage.
+    pub replicas: Vec<ReplicaView>,
+    /// Messages completed per second over the last minute of samples; null until two samples are far enough apart.
+    pub per_second: Option<f64>,
+    /// `completed` over the last minutes, as sampled by this server while someone asked.
+    pub history: Vec<Sample>,
+}
+
+/// A process running a stage.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaView {
+    /// Host name.
+    pub host: String,
+    /// Process id.
+    pub pid: u32,
+    /// Worker slots.
+    pub concurrency: usize,
+    /// Messages in hand.
+    pub in_flight: usize,
+}
+
+/// A stage's `completed` count at one time.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+pub struct Sample {
+    /// Unix milliseconds.
+    pub t: u64,
+    /// Messages completed by then.
+    pub completed: u64,
+}
+
+/// One page of dead letters, oldest first (`GET /api/dead-letters`).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterList {
+    /// Always true.
+    pub success: bool,
+    /// The letters.
+    pub letters: Vec<DeadLetterView>,
+    /// Pass as `after` for the next page; null on the last page.
+    pub next_after: Option<u64>,
+}
+
+/// A message a stage gave up on.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterView {
+    /// Its id, to replay it by.
+    pub id: u64,
+    /// The stage that gave up.
+    pub stage: String,
+    /// The subject it was consumed from, where a replay publishes it.
+    pub subject: String,
+    /// Why.
+    pub error: String,
+    /// True when the error was permanent, false when retries ran out.
+    pub permanent: bool,
+    /// Deliveries made.
+    pub attempts: u32,
+    /// The batch it names, if any.
+    pub batch_id: Option<String>,
+    /// The image it names, if any.
+    pub image_id: Option<String>,
+    /// When the stage gave up.
+    pub time: chrono::DateTime<chrono::Utc>,
+}
+
+/// What to replay: exactly one of `ids`, `batch` or `all`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayRequest {
+    /// These letters (their ids, from 0; as signed 64-bit numbers, which every id fits).
+    #[serde(default)]
+    #[schema(value_type = Option<Vec<i64>>)]
+    pub ids: Option<Vec<i64>>,
+    /// Every letter of this batch.
+    #[serde(default)]
+    pub batch: Option<String>,
+    /// Every letter (must be true).
+    #[serde(default)]
+    pub all: Option<bool>,
+}
+
+/// How many letters were replayed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReplayAnswer {
+    /// Always true.
+    pub success: bool,
+    /// Letters put back on their subjects.
+    pub replayed: usize,
+}

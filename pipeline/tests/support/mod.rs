@@ -903,3 +903,43 @@ impl Drop for S3Server {
         self.kill();
     }
 }
+
+/// A `pipeline serve` process on a free loopback port, stopped (by its PID) on drop.
+pub struct ApiServer {
+    /// The process.
+    pub child: Child,
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    /// A client for it.
+    pub client: reqwest::Client,
+}
+
+impl ApiServer {
+    /// `pipeline serve` for `d`, with `PIPELINE_API_TOKEN` set to `token` (or unset).
+    pub fn start_with_token(d: &Deployment, token: Option<&str>) -> Self {
+        let port = free_port();
+        let log = std::fs::File::create(d.dir.path().join(format!("api-{port}.log.txt"))).unwrap();
+        let mut command = d.command("pipeline");
+        command.args(["serve", "--listen", &format!("127.0.0.1:{port}")]).env_remove("PIPELINE_API_TOKEN");
+        if let Some(token) = token {
+            command.env("PIPELINE_API_TOKEN", token);
+        }
+        let child = command.stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        wait_for_port(port, Duration::from_secs(30));
+        Self { child, base: format!("http://127.0.0.1:{port}"), client: reqwest::Client::new() }
+    }
+
+    /// Peak resident memory of the server so far, in bytes (Linux's VmHWM).
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

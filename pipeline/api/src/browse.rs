@@ -1,0 +1,213 @@
+//! Reading batches the way the dashboard shows them: the list, one batch's
+//! failures grouped by reason, one image and its original.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::Deserialize;
+
+use super::{ApiError, ApiState};
+use crate::batches::{batch_or_404, valid_batch_id};
+use crate::wire::{BatchList, BatchRow, FailureGroupView, FailureGroups, ImageAnswer, ImageView};
+use facepipe_core::domain::BatchStatus;
+use facepipe_core::keys;
+use facepipe_runtime::db::BatchFilter;
+use facepipe_runtime::store::StoreError;
+
+/// Query of `GET /api/batches`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only this project's batches.
+    project: Option<String>,
+    /// Only batches in this state: ingesting, processing, completed or failed.
+    status: Option<String>,
+    /// Start after this cursor: the `nextBefore` of the previous page.
+    before: Option<String>,
+    /// Batches per page, 1-200.
+    #[param(minimum = 1, maximum = 200, default = 25)]
+    limit: Option<i64>,
+}
+
+/// Batches, newest first, paged, filtered by project and status.
+///
+/// `GET /api/batches?project=&status=&limit=25&before=<nextBefore>`. Each row is the
+/// batch as `status` answers it, with its average pace and the time left at that pace.
+#[utoipa::path(
+    get,
+    path = "/api/batches",
+    operation_id = "listBatches",
+    tag = "batches",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "One page of batches.", body = BatchList),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 503, response = crate::openapi::Unavailable),
+    ),
+)]
+pub async fn list(
+    State(state): State<Arc<ApiState>>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<BatchList>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let limit = q.limit.unwrap_or(25);
+    if !(1..=200).contains(&limit) {
+        return Err(ApiError::bad_request("`limit` must be 1-200"));
+    }
+    let status = match q.status.as_deref().filter(|s| !s.is_empty()) {
+        Some(s) => Some(s.parse::<BatchStatus>().map_err(|e| ApiError::bad_request(e.to_string()))?),
+        None => None,
+    };
+    let project = q.project.filter(|p| !p.is_empty());
+    // PostgreSQL text cannot hold NUL, so no project is named with one.
+    if project.as_deref().is_some_and(|p| p.contains('\0')) {
+        return Err(ApiError::bad_request("`project` holds a NUL character"));
+    }
+    let filter = BatchFilter { project, status, before: q.before, limit };
+    let page = state
+        .db
+        .list_batches(&filter)
+        .await
+        .map_err(|e| ApiError::unavailable("PostgreSQL", e))?
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let now = chrono::Utc::now();
+    Ok(Json(BatchList {
+        success: true,
+        batches: page.batches.into_iter().map(|b| BatchRow::new(b, now)).collect(),
+        next_before: page.next_before,
+    }))
+}
+
+/// A batch's failed images, grouped by the stage that failed and the reason.
+///
+/// `GET /api/batch/{batchId}/failures`: biggest groups first, each with its first image.
+#[utoipa::path(
+    get,
+    path = "/api/batch/{batchId}/failures",
+    operation_id = "batchFailures",
+    tag = "batches",
+    params(("batchId" = String, Path, description = "The batch id.")),
+    responses(
+        (status = 200, description = "The groups.", body = FailureGroups),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 503, response = crate::openapi::Unavailable),
+    ),
+)]
+pub async fn failures(State(state): State<Arc<ApiState>>, Path(batch_id): Path<String>) -> Result<Json<FailureGroups>, ApiError> {
+    batch_or_404(&state, &batch_id).await?;
+    let groups = state.db.failure_groups(&batch_id).await.map_err(|e| ApiError::unavailable("PostgreSQL", e))?;
+    let groups = groups
+        .into_iter()
+        .map(|g| FailureGroupView { stage: g.stage, reason: g.reason, count: g.count, example: g.example })
+        .collect();
+    Ok(Json(FailureGroups { success: true, batch_id, groups }))
+}
+
+/// Looks up one image, or answers 404.
+async fn image_or_404(state: &ApiState, batch_id: &str, image_id: &str) -> Result<facepipe_runtime::db::ImageResult, ApiError> {
+    let missing = || ApiError::not_found(format!("no image `{image_id}` in batch `{batch_id}`"));
+    valid_batch_id(batch_id)?;
+    if !keys::is_valid_id(image_id) {
+        return Err(missing());
+    }
+    state.db.image(batch_id, image_id).await.map_err(|e| ApiError::unavailable("PostgreSQL", e))?.ok_or_else(missing)
+}
+
+/// One image's outcome: its faces (in upright original pixels), crops and error.
+///
+/// `GET /api/batch/{batchId}/images/{imageId}`.
+#[utoipa::path(
+    get,
+    path = "/api/batch/{batchId}/images/{imageId}",
+    operation_id = "batchImage",
+    tag = "batches",
+    params(
+        ("batchId" = String, Path, description = "The batch id."),
+        ("imageId" = String, Path, description = "The image id, as in the results."),
+    ),
+    responses(
+        (status = 200, description = "The image.", body = ImageAnswer),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 503, response = crate::openapi::Unavailable),
+    ),
+)]
+pub async fn image(
+    State(state): State<Arc<ApiState>>,
+    Path((batch_id, image_id)): Path<(String, String)>,
+) -> Result<Json<ImageAnswer>, ApiError> {
+    let result = image_or_404(&state, &batch_id, &image_id).await?;
+    let original_url = result
+        .original_key
+        .as_deref()
+        .filter(|k| !k.is_empty())
+        .map(|_| format!("/api/batch/{batch_id}/images/{image_id}/original"));
+    Ok(Json(ImageAnswer { success: true, image: ImageView::new(&batch_id, result), original_url }))
+}
+
+/// The image as it was uploaded or downloaded (not rotated upright: browsers
+/// apply its EXIF orientation when they draw it, as the boxes assume).
+///
+/// `GET /api/batch/{batchId}/images/{imageId}/original`; 404 once retention has removed it.
+#[utoipa::path(
+    get,
+    path = "/api/batch/{batchId}/images/{imageId}/original",
+    operation_id = "batchImageOriginal",
+    tag = "batches",
+    params(
+        ("batchId" = String, Path, description = "The batch id."),
+        ("imageId" = String, Path, description = "The image id."),
+    ),
+    responses(
+        (status = 200, description = "The original's bytes, with its image type when it is a known one.",
+         content_type = "application/octet-stream", body = [u8]),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 503, response = crate::openapi::Unavailable),
+    ),
+)]
+pub async fn original(
+    State(state): State<Arc<ApiState>>,
+    Path((batch_id, image_id)): Path<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    let result = image_or_404(&state, &batch_id, &image_id).await?;
+    let gone = || ApiError::not_found(format!("the original of image `{image_id}` is not stored (any more)"));
+    let key = result.original_key.filter(|k| !k.is_empty()).ok_or_else(gone)?;
+    let bytes = match state.store.get(&key).await {
+        Ok(bytes) => bytes,
+        Err(StoreError::NotFound(_)) => return Err(gone()),
+        Err(e) => return Err(ApiError::unavailable("the object store", e)),
+    };
+    Ok(([(header::CONTENT_TYPE, media_type(&bytes))], bytes))
+}
+
+/// The media type of an image's bytes, from its signature (an image that is not
+/// one is still served, as bytes).
+fn media_type(bytes: &[u8]) -> &'static str {
+    use imagesize::ImageType;
+    match imagesize::image_type(bytes) {
+        Ok(ImageType::Jpeg) => "image/jpeg",
+        Ok(ImageType::Png) => "image/png",
+        Ok(ImageType::Gif) => "image/gif",
+        Ok(ImageType::Webp) => "image/webp",
+        Ok(ImageType::Bmp) => "image/bmp",
+        Ok(ImageType::Tiff) => "image/tiff",
+        _ => "application/octet-stream",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn media_types_come_from_the_bytes() {
+        let padded = |head: &[u8]| [head, &[0u8; 32]].concat();
+        assert_eq!(super::media_type(&padded(&[0xFF, 0xD8, 0xFF, 0xE0, 0, 0x10, b'J', b'F', b'I', b'F', 0])), "image/jpeg");
+        assert_eq!(super::media_type(&padded(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")), "image/png");
+        assert_eq!(super::media_type(b"not an image at all"), "application/octet-stream");
+    }
+}

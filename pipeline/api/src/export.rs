@@ -1,0 +1,138 @@
+//! `GET /api/batch/{batchId}/export?format=jsonl|csv`: every outcome of a batch as
+//! one download, streamed a keyed page at a time, so a million images cost the
+//! server no more memory than a thousand.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::IntoResponse;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Deserialize;
+
+use super::{ApiError, ApiState};
+use crate::batches::batch_or_404;
+use crate::wire::ImageView;
+use facepipe_runtime::db::PageStart;
+
+/// Images read per round trip while exporting.
+const EXPORT_PAGE: i64 = 1000;
+
+/// The export's file format.
+#[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// JSON Lines: one image per line, shaped as in `results`.
+    Jsonl,
+    /// CSV with a header row; faces as `x y w h score` separated by `;`, crops by spaces.
+    Csv,
+}
+
+/// Query of the export.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ExportQuery {
+    /// jsonl or csv.
+    #[param(inline)]
+    format: Format,
+}
+
+/// Every outcome of a batch as one file, in image order.
+///
+/// `GET /api/batch/{batchId}/export?format=jsonl` (one `results` image per line) or
+/// `format=csv`. Streamed; a download of a batch still running holds the images
+/// recorded so far and `pending` for the rest.
+#[utoipa::path(
+    get,
+    path = "/api/batch/{batchId}/export",
+    operation_id = "batchExport",
+    tag = "batches",
+    params(("batchId" = String, Path, description = "The batch id."), ExportQuery),
+    responses(
+        (status = 200, description = "The outcomes, as an attachment.",
+         content((String = "application/jsonl"), (String = "text/csv"))),
+        (status = 400, response = crate::openapi::BadRequest),
+        (status = 401, response = crate::openapi::Unauthorized),
+        (status = 404, response = crate::openapi::NotFound),
+        (status = 503, response = crate::openapi::Unavailable),
+    ),
+)]
+pub async fn export(
+    State(state): State<Arc<ApiState>>,
+    Path(batch_id): Path<String>,
+    query: Result<Query<ExportQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Query(ExportQuery { format }) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    batch_or_404(&state, &batch_id).await?;
+    let (media_type, extension) = match format {
+        Format::Jsonl => ("application/jsonl", "jsonl"),
+        Format::Csv => ("text/csv; charset=utf-8", "csv"),
+    };
+    let disposition = format!("attachment; filename=\"{batch_id}.{extension}\"");
+    let header_row = matches!(format, Format::Csv).then(|| Ok(Bytes::from(csv_row(&CSV_HEADER.map(String::from)))));
+    let pages = futures::stream::try_unfold(Some(PageStart::Offset(0)), move |start| {
+        let (state, batch_id) = (state.clone(), batch_id.clone());
+        async move {
+            let Some(start) = start else { return Ok(None) };
+            let rows = state.db.results_page(&batch_id, &start, EXPORT_PAGE).await?;
+            let next = (rows.len() as i64 == EXPORT_PAGE).then(|| PageStart::After(rows[rows.len() - 1].image_id.clone()));
+            let mut chunk = Vec::new();
+            for row in rows {
+                let view = ImageView::new(&batch_id, row);
+                match format {
+                    Format::Jsonl => {
+                        serde_json::to_writer(&mut chunk, &view).expect("an image serializes");
+                        chunk.push(b'\n');
+                    }
+                    Format::Csv => chunk.extend_from_slice(&csv_row(&csv_fields(&view))),
+                }
+            }
+            Ok::<_, facepipe_runtime::db::DbError>(Some((Bytes::from(chunk), next)))
+        }
+    });
+    // An error halfway ends the download early; the client sees a truncated transfer.
+    let body = futures::stream::iter(header_row).chain(pages.map(|r| r.map_err(std::io::Error::other)));
+    Ok(([(header::CONTENT_TYPE, media_type.to_string()), (header::CONTENT_DISPOSITION, disposition)], Body::from_stream(body)))
+}
+
+/// The CSV columns.
+const CSV_HEADER: [&str; 12] =
+    ["imageId", "recordId", "entry", "status", "width", "height", "faces", "boxes", "crops", "detector", "failedStage", "error"];
+
+fn csv_fields(v: &ImageView) -> [String; 12] {
+    let opt = |n: Option<i32>| n.map(|n| n.to_string()).unwrap_or_default();
+    let boxes: Vec<String> = v.faces.iter().map(|f| format!("{} {} {} {} {:.3}", f.x, f.y, f.w, f.h, f.score)).collect();
+    let crops: Vec<&str> = v.crops.iter().map(|c| c.key.as_str()).collect();
+    [
+        v.image_id.clone(),
+        v.record_id.clone().unwrap_or_default(),
+        v.entry.clone(),
+        v.status.as_str().to_string(),
+        opt(v.width),
+        opt(v.height),
+        v.faces.len().to_string(),
+        boxes.join(";"),
+        crops.join(" "),
+        v.detector.map(|d| d.to_string()).unwrap_or_default(),
+        v.failed_stage.map(|s| s.to_string()).unwrap_or_default(),
+        v.error.clone().unwrap_or_default(),
+    ]
+}
+
+/// One CSV record, quoted as needed (by the `csv` crate).
+fn csv_row(fields: &[String]) -> Vec<u8> {
+    let mut writer = csv::Writer::from_writer(Vec::new());
+    writer.write_record(fields).expect("writing to memory");
+    writer.into_inner().expect("writing to memory")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn csv_fields_are_quoted_when_they_need_it() {
+        let row = super::csv_row(&["a".into(), "b,c".into(), "say \"hi\"".into(), String::new()]);
+        assert_eq!(String::from_utf8(row).unwrap(), "a,\"b,c\",\"say \"\"hi\"\"\",\n");
+    }
+}
