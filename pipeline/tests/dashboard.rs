@@ -102,6 +102,16 @@ async fn text_of(c: &Client, css: &str) -> String {
     c.find(Locator::Css(css)).await.unwrap().text().await.unwrap()
 }
 
+/// An HTTP server on 127.0.0.1 serving `photo` at `/photo.jpg` (and 404 elsewhere); returns its base URL.
+async fn serve_one_photo(photo: Vec<u8>) -> String {
+    let jpeg = ([(axum::http::header::CONTENT_TYPE, "image/jpeg")], photo);
+    let app = axum::Router::new().route("/photo.jpg", axum::routing::get(move || async move { jpeg }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    base
+}
+
 /// The ZIP: labelled photos, plus an entry that is not an image at all.
 fn upload_zip(dir: &Path) -> PathBuf {
     let faces = shared_dir().join("data/faces");
@@ -120,7 +130,9 @@ fn upload_zip(dir: &Path) -> PathBuf {
 async fn dashboard_upload_progress_failures_boxes_replay_and_sign_in() {
     // detect starts later, so the test can take one original away before detect reads it.
     let stages = [StageName::Extract, StageName::Crop, StageName::Persist];
-    let mut d = Deployment::start_on_server(NatsServer::start(), |_| {}, &stages).await;
+    // The URL form's images come from this test's server on 127.0.0.1, which extract refuses by default.
+    let allow_loopback = |t: &mut facepipe_core::topology::Topology| t.stages.extract.params.allow_private_addresses = true;
+    let mut d = Deployment::start_on_server(NatsServer::start(), allow_loopback, &stages).await;
     let api = ApiServer::start_with_token(&d, Some(TOKEN));
     let driver = Chromedriver::start(&d.dir.path().join("chromedriver.log"));
     let c = driver.browser(1280, 900).await;
@@ -291,6 +303,19 @@ async fn dashboard_upload_progress_failures_boxes_replay_and_sign_in() {
     let remaining = c.execute("return document.querySelectorAll('#dead-letters tr[data-letter-id]').length", vec![]).await.unwrap();
     assert_eq!(remaining, json!(1), "the broken entry's letter stays");
 
+    // Image URLs through the second form: one downloads, one is missing.
+    let photo = std::fs::read(shared_dir().join("data/faces").join(&labelled_photos()[0].file)).unwrap();
+    let host = serve_one_photo(photo).await;
+    c.goto(&format!("{}/#/upload", api.base)).await.unwrap();
+    until(&c, "the URL form", "return !!document.querySelector('#urls-form')", Duration::from_secs(10)).await;
+    c.find(Locator::Css("#urls-list")).await.unwrap().send_keys(&format!("{host}/photo.jpg\n\n{host}/missing.jpg\n")).await.unwrap();
+    c.find(Locator::Css("#urls-project")).await.unwrap().send_keys("browser-urls").await.unwrap();
+    c.find(Locator::Css("#urls-submit")).await.unwrap().click().await.unwrap();
+    let url_hash = until(&c, "the URL batch's page", &format!("return location.hash.startsWith('#/batch/') && location.hash != '#/batch/{batch_id}' && location.hash"), Duration::from_secs(30)).await;
+    until(&c, "the URL batch to complete", "return document.querySelector('#batch-status')?.textContent.includes('completed')", BATCH_TIMEOUT).await;
+    let progress = text_of(&c, "#batch-progress-text").await;
+    assert!(progress.contains("2 / 2") && progress.contains("1 failed"), "{url_hash}: {progress}");
+
     // Queues, live, with the replicas named.
     c.goto(&format!("{}/#/queues", api.base)).await.unwrap();
     let detect = until(&c, "the queues", "const r = document.querySelector('#queues tr[data-stage=\"detect\"]'); \
@@ -412,4 +437,90 @@ async fn session_cookie_csrf_and_same_origin_rules() {
     };
     assert_eq!(from("cross-site").await, 403);
     assert_eq!(from("same-origin").await, 200);
+}
+
+/// What watching costs the API server: one batch with nobody watching, then one with
+/// ten browsers on its page (live events, results and failures refreshing), on the
+/// same server. A measurement, not an assertion: run it with
+/// `cargo test --release -p pipeline --test dashboard -- --ignored --nocapture ten_browsers`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a measurement; prints figures (see docs/dashboard.md)"]
+async fn ten_browsers_watching_one_batch() {
+    const COPIES: usize = 4;
+    const BROWSERS: usize = 10;
+    let mut d = Deployment::start(|_| {}).await;
+    // Two detect replicas keep the batch short while the browsers take CPU too.
+    d.start_stage(StageName::Detect);
+    let api = ApiServer::start_with_token(&d, Some(TOKEN));
+    let driver = Chromedriver::start(&d.dir.path().join("chromedriver.log"));
+    let faces = shared_dir().join("data/faces");
+    let photos: Vec<(String, Vec<u8>)> = labelled_photos()
+        .iter()
+        .flat_map(|p| {
+            let bytes = std::fs::read(faces.join(&p.file)).unwrap();
+            (0..COPIES).map(move |c| (format!("copy{c}/{}", p.file), bytes.clone()))
+        })
+        .collect();
+    let zip = d.dir.path().join("watched.zip");
+    write_zip(&zip, &photos);
+    let db = d.db.pool().await;
+    // utime + stime, the 12th and 13th fields after the command name, in USER_HZ (100) ticks.
+    let cpu_seconds = || {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", api.child.id())).unwrap();
+        let fields: Vec<f64> = stat.rsplit_once(')').unwrap().1.split_whitespace().map(|f| f.parse().unwrap_or(0.0)).collect();
+        (fields[11] + fields[12]) / 100.0
+    };
+    let rss_mib = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", api.child.id())).unwrap();
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches("kB").trim().parse::<f64>().unwrap() / 1024.0
+    };
+
+    let mut rows = Vec::new();
+    for watchers in [0, BROWSERS] {
+        let (before, rss_before, started) = (cpu_seconds(), rss_mib(), Instant::now());
+        let form = reqwest::multipart::Form::new()
+            .text("projectId", format!("watched-by-{watchers}"))
+            .part("file", reqwest::multipart::Part::bytes(std::fs::read(&zip).unwrap()).file_name("watched.zip"));
+        let started_batch: Value =
+            api.client.post(format!("{}/api/batch/upload-zip", api.base)).bearer_auth(TOKEN).multipart(form).send().await.unwrap().json().await.unwrap();
+        let batch_id = started_batch["batchId"].as_str().unwrap().to_string();
+        let mut browsers = Vec::new();
+        for _ in 0..watchers {
+            let c = driver.browser(1280, 900).await;
+            c.goto(&format!("{}/#/batch/{batch_id}", api.base)).await.unwrap();
+            until(&c, "the sign-in form", "return !!document.querySelector('#login-form')", Duration::from_secs(20)).await;
+            c.find(Locator::Css("#login-token")).await.unwrap().send_keys(TOKEN).await.unwrap();
+            c.find(Locator::Css("#login-submit")).await.unwrap().click().await.unwrap();
+            until(&c, "the batch page", "return !!document.querySelector('#batch-progress')", Duration::from_secs(20)).await;
+            browsers.push(c);
+        }
+        loop {
+            let s = db.batch_status(&batch_id).await.unwrap().unwrap();
+            if s.status == "completed" {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(900), "{s:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        for c in &browsers {
+            until(c, "100% in every browser", "return document.querySelector('#batch-progress').value >= 100", Duration::from_secs(30)).await;
+        }
+        let (cpu, seconds) = (cpu_seconds() - before, started.elapsed().as_secs_f64());
+        rows.push((watchers, photos.len(), seconds, cpu, rss_before, rss_mib(), api.peak_rss() as f64 / 1048576.0));
+        for c in browsers {
+            c.close().await.unwrap();
+        }
+    }
+    println!("\nAPI server (`pipeline serve`, this build) while one batch of {} images runs:", photos.len());
+    println!("{:>9} {:>9} {:>12} {:>13} {:>15} {:>14}", "browsers", "seconds", "CPU seconds", "CPU % of core", "RSS MiB before", "after (peak)");
+    for (watchers, _, seconds, cpu, rss_before, rss_after, peak) in &rows {
+        println!("{watchers:>9} {seconds:>9.1} {cpu:>12.2} {:>12.1}% {rss_before:>15.1} {rss_after:>7.1} ({peak:.1})", cpu / seconds * 100.0);
+    }
+    let (base, watched) = (&rows[0], &rows[1]);
+    println!(
+        "ten browsers cost the server {:.2} CPU seconds more ({:.1}% of a core over the batch) and {:.1} MiB more resident memory",
+        watched.3 - base.3,
+        (watched.3 / watched.2 - base.3 / base.2) * 100.0,
+        watched.5 - base.5
+    );
 }

@@ -256,6 +256,8 @@ function parseHash() {
 
 function route() {
   if (cleanupView) { cleanupView(); cleanupView = null; }
+  // Errors belong to the page that raised them; notices (a replay, an upload) may outlive it.
+  for (const m of [...$('messages').children]) if (m.classList.contains('error')) m.remove();
   if (needsLogin()) { renderLogin(); return; }
   const { parts, query } = parseHash();
   const root = $('view');
