@@ -396,6 +396,29 @@ async fn queries(topology_path: &Path, topology: &Topology, db: &Db, bus: &Bus, 
     row("`dead-letters list --after <last 100> --limit 100`", median_cli(topology_path, &["dead-letters", "list", "--after", &tail, "--limit", "100"], 5)?.0, "");
     let (ms, rss) = median_cli(topology_path, &["dead-letters", "list", "--batch", batch_id, "--json"], 3)?;
     row(&format!("`dead-letters list --batch` all {letters}"), ms, &format!("peak RSS {rss:.0} MiB (median of 3)"));
+
+    // What the dashboard reads, over HTTP.
+    let dashboard = [
+        ("batches, newest 25 (GET /api/batches)", format!("{base}/api/batches?limit=25")),
+        // The first page is the worst case for a planner that misjudges a new batch.
+        ("results page 1 (HTTP, ?page=1)", format!("{base}/api/batch/{batch_id}/results?page=1&pageSize=20")),
+        ("results by status, page 1 (?status=pending)", format!("{base}/api/batch/{batch_id}/results?status=pending&pageSize=20")),
+        (
+            "results by status, deep (?status=pending&after=)",
+            format!("{base}/api/batch/{batch_id}/results?status=pending&after={after}&pageSize=20"),
+        ),
+        ("failures by reason (GET .../failures)", format!("{base}/api/batch/{batch_id}/failures")),
+        ("one image (GET .../images/{id})", format!("{base}/api/batch/{batch_id}/images/{after}")),
+        ("stats, live (GET /api/stats)", format!("{base}/api/stats")),
+        ("dead letters of the batch, 50 (GET /api/dead-letters)", format!("{base}/api/dead-letters?batch={batch_id}&limit=50")),
+    ];
+    for (what, url) in &dashboard {
+        row(what, median_ms(5, || get(&http, url)).await?, "target < 200 ms");
+    }
+    let export_url = format!("{base}/api/batch/{batch_id}/export?format=csv");
+    let ms = median_ms(3, || async { Ok(http.get(&export_url).send().await?.error_for_status()?.bytes().await?.len()) }).await?;
+    let serve_rss = serve.id().map_or(0.0, |pid| crate::processes::Usage::of(pid, false).peak_rss_mib);
+    row(&format!("export all {n} as CSV (HTTP, streamed)"), ms, &format!("server peak RSS {serve_rss:.0} MiB (median of 3)"));
     serve.kill().await.ok();
     Ok(())
 }

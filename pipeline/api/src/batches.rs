@@ -339,15 +339,17 @@ pub async fn results(
         Some(s) => Some(s.parse::<ImageStatus>().map_err(|e| ApiError::bad_request(e.to_string()))?),
         None => None,
     };
-    if status.is_some() && page.page > 1 && page.after.is_none() {
-        return Err(ApiError::bad_request("with `status`, go on with `after` (the previous page's nextAfter), not `page`"));
-    }
-    // Image ids are ids: anything else matches nothing (and never reaches a query as, say, a NUL).
-    if page.after.as_deref().is_some_and(|a| !keys::is_valid_id(a)) {
+    // An empty `after` starts at the beginning. Image ids are ids: anything else
+    // matches nothing (and never reaches a query as, say, a NUL).
+    let after = page.after.filter(|a| !a.is_empty());
+    if after.as_deref().is_some_and(|a| !keys::is_valid_id(a)) {
         return Err(ApiError::bad_request("`after` is not an image id (pass a page's nextAfter)"));
     }
+    if status.is_some() && page.page > 1 && after.is_none() {
+        return Err(ApiError::bad_request("with `status`, go on with `after` (the previous page's nextAfter), not `page`"));
+    }
     let b = batch_or_404(&state, &batch_id).await?;
-    let rows = match (status, page.after) {
+    let rows = match (status, after) {
         (Some(status), after) => state.db.results_with_status(&batch_id, status, after.as_deref(), page.page_size).await,
         (None, Some(after)) => state.db.results_page(&batch_id, &PageStart::After(after), page.page_size).await,
         (None, None) => {

@@ -1,6 +1,8 @@
 //! `GET /api/batch/{batchId}/export?format=jsonl|csv`: every outcome of a batch as
-//! one download, streamed a keyed page at a time, so a million images cost the
-//! server no more memory than a thousand.
+//! one download. A task reads the batch through a server-side cursor (one sorted
+//! read, whatever the batch's size) and hands its rows over, a thousand at a time,
+//! through a short channel: a slow client holds the read back instead of the
+//! server buffering it, and a million images cost no more memory than a thousand.
 
 use std::sync::Arc;
 
@@ -9,16 +11,16 @@ use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::IntoResponse;
 use bytes::Bytes;
-use futures::StreamExt;
 use serde::Deserialize;
+use tokio::sync::mpsc;
 
 use super::{ApiError, ApiState};
 use crate::batches::batch_or_404;
 use crate::wire::ImageView;
-use facepipe_runtime::db::PageStart;
+use facepipe_runtime::db::{DbError, ImageResult};
 
-/// Images read per round trip while exporting.
-const EXPORT_PAGE: i64 = 1000;
+/// Chunks of rows in flight between the reading task and the client.
+const CHUNKS_IN_FLIGHT: usize = 2;
 
 /// The export's file format.
 #[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
@@ -71,29 +73,33 @@ pub async fn export(
         Format::Csv => ("text/csv; charset=utf-8", "csv"),
     };
     let disposition = format!("attachment; filename=\"{batch_id}.{extension}\"");
-    let header_row = matches!(format, Format::Csv).then(|| Ok(Bytes::from(csv_row(&CSV_HEADER.map(String::from)))));
-    let pages = futures::stream::try_unfold(Some(PageStart::Offset(0)), move |start| {
-        let (state, batch_id) = (state.clone(), batch_id.clone());
-        async move {
-            let Some(start) = start else { return Ok(None) };
-            let rows = state.db.results_page(&batch_id, &start, EXPORT_PAGE).await?;
-            let next = (rows.len() as i64 == EXPORT_PAGE).then(|| PageStart::After(rows[rows.len() - 1].image_id.clone()));
-            let mut chunk = Vec::new();
-            for row in rows {
-                let view = ImageView::new(&batch_id, row);
-                match format {
-                    Format::Jsonl => {
-                        serde_json::to_writer(&mut chunk, &view).expect("an image serializes");
-                        chunk.push(b'\n');
+    let (sender, mut receiver) = mpsc::channel::<Result<Vec<ImageResult>, DbError>>(CHUNKS_IN_FLIGHT);
+    let read_batch = batch_id.clone();
+    tokio::spawn(async move { state.db.send_results(&read_batch, &sender).await });
+    let mut header_row = matches!(format, Format::Csv).then(|| csv_row(&CSV_HEADER.map(String::from)));
+    let body = futures::stream::poll_fn(move |cx| {
+        receiver.poll_recv(cx).map(|chunk| {
+            chunk.map(|rows| {
+                let rows = rows.map_err(|e| {
+                    // The client sees a truncated transfer.
+                    tracing::warn!(batch = %batch_id, error = %e, "export stopped early");
+                    std::io::Error::other(e)
+                })?;
+                let mut out = header_row.take().unwrap_or_default();
+                for row in rows {
+                    let view = ImageView::new(&batch_id, row);
+                    match format {
+                        Format::Jsonl => {
+                            serde_json::to_writer(&mut out, &view).expect("an image serializes");
+                            out.push(b'\n');
+                        }
+                        Format::Csv => out.extend_from_slice(&csv_row(&csv_fields(&view))),
                     }
-                    Format::Csv => chunk.extend_from_slice(&csv_row(&csv_fields(&view))),
                 }
-            }
-            Ok::<_, facepipe_runtime::db::DbError>(Some((Bytes::from(chunk), next)))
-        }
+                Ok::<_, std::io::Error>(Bytes::from(out))
+            })
+        })
     });
-    // An error halfway ends the download early; the client sees a truncated transfer.
-    let body = futures::stream::iter(header_row).chain(pages.map(|r| r.map_err(std::io::Error::other)));
     Ok(([(header::CONTENT_TYPE, media_type.to_string()), (header::CONTENT_DISPOSITION, disposition)], Body::from_stream(body)))
 }
 

@@ -4,7 +4,7 @@
 
 use facepipe_core::domain::{BatchStatus, ImageStatus, StageName};
 
-use super::results::{image_result, COLUMNS};
+use super::results::{image_result, ordered_page, COLUMNS};
 use super::{batch_summary, BatchSummary, Db, DbError, BATCH_COLUMNS};
 
 /// Which batches [`Db::list_batches`] returns.
@@ -122,16 +122,11 @@ impl Db {
         after: Option<&str>,
         limit: i64,
     ) -> Result<Vec<super::ImageResult>, DbError> {
-        let client = self.pool.get().await?;
-        let rows = client
-            .query(
-                &format!(
-                    "SELECT {COLUMNS} FROM images WHERE batch_id = $1 AND status = $2 AND image_id > $3
-                     ORDER BY image_id LIMIT $4"
-                ),
-                &[&batch_id, &status.as_str(), &after.unwrap_or(""), &limit],
-            )
-            .await?;
+        let mut client = self.pool.get().await?;
+        let sql = format!(
+            "SELECT {COLUMNS} FROM images WHERE batch_id = $1 AND status = $2 AND image_id > $3 ORDER BY image_id LIMIT $4"
+        );
+        let rows = ordered_page(&mut client, &sql, &[&batch_id, &status.as_str(), &after.unwrap_or(""), &limit]).await?;
         rows.iter().map(image_result).collect()
     }
 
