@@ -52,14 +52,16 @@ pub fn same_origin(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
         return Err(refused());
     }
     if let Some(origin) = text(header::ORIGIN.as_str()) {
-        let host = text(header::HOST.as_str()).unwrap_or("");
         let url = url::Url::parse(origin).map_err(|_| refused())?;
         let origin_host = match (url.host_str(), url.port()) {
             (Some(h), Some(p)) => format!("{h}:{p}"),
             (Some(h), None) => h.to_string(),
             (None, _) => return Err(refused()),
         };
-        if !origin_host.eq_ignore_ascii_case(host) {
+        // Behind a proxy that rewrites Host, the host the browser asked for is in
+        // X-Forwarded-Host (a header another site's page cannot set on a request).
+        let ours = [text(header::HOST.as_str()), text("x-forwarded-host")];
+        if !ours.into_iter().flatten().any(|host| origin_host.eq_ignore_ascii_case(host)) {
             return Err(refused());
         }
     }
@@ -147,6 +149,8 @@ mod tests {
         assert!(same_origin(&headers(&[])).is_ok(), "curl sends no Origin");
         assert!(same_origin(&headers(&[("host", "127.0.0.1:8080"), ("origin", "http://127.0.0.1:8080")])).is_ok());
         assert!(same_origin(&headers(&[("host", "example.org"), ("origin", "https://example.org")])).is_ok());
+        let proxied = [("host", "127.0.0.1:8080"), ("x-forwarded-host", "faces.example"), ("origin", "https://faces.example")];
+        assert!(same_origin(&headers(&proxied)).is_ok(), "behind a proxy that rewrites Host");
         for bad in [
             headers(&[("host", "127.0.0.1:8080"), ("origin", "http://evil.example")]),
             headers(&[("host", "127.0.0.1:8080"), ("origin", "http://127.0.0.1:9090")]),
