@@ -14,6 +14,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 
 use super::{ApiError, ApiState};
+use crate::csrf::constant_time_eq;
 
 /// Guards `/api`: a request that changes state must come from this origin
 /// (CSRF), and when a token is configured every request needs it, as a bearer
@@ -21,7 +22,7 @@ use super::{ApiError, ApiState};
 pub async fn require_token(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Result<Response, ApiError> {
     let changes_state = !request.method().is_safe();
     if changes_state {
-        same_origin(request.headers())?;
+        crate::csrf::same_origin(request.headers())?;
     }
     if let Some(expected) = &state.topology.api.token {
         let headers = request.headers();
@@ -32,7 +33,7 @@ pub async fn require_token(State(state): State<Arc<ApiState>>, request: Request,
         match (given, state.sessions.csrf_of(headers)) {
             (Some(given), _) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => {}
             // A cookie travels with any request the browser makes, so it alone cannot change state.
-            (_, Some(csrf)) if changes_state && !crate::session::csrf_matches(headers, &csrf) => {
+            (_, Some(csrf)) if changes_state && !crate::csrf::csrf_matches(headers, &csrf) => {
                 return Err(ApiError::new(StatusCode::FORBIDDEN, "missing or wrong X-CSRF-Token"));
             }
             (_, Some(_)) => {}
@@ -40,38 +41,6 @@ pub async fn require_token(State(state): State<Arc<ApiState>>, request: Request,
         }
     }
     Ok(next.run(request).await)
-}
-
-/// Refuses (403) a request a browser sent from another site: a page elsewhere must
-/// not be able to upload or replay through a browser that can reach this API, even
-/// one on loopback without a token. Clients that are not browsers send neither header.
-pub fn same_origin(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
-    let refused = || ApiError::new(StatusCode::FORBIDDEN, "cross-site request refused");
-    let text = |name| headers.get(name).and_then(|v: &axum::http::HeaderValue| v.to_str().ok());
-    if matches!(text("sec-fetch-site"), Some("cross-site" | "same-site")) {
-        return Err(refused());
-    }
-    if let Some(origin) = text(header::ORIGIN.as_str()) {
-        let url = url::Url::parse(origin).map_err(|_| refused())?;
-        let origin_host = match (url.host_str(), url.port()) {
-            (Some(h), Some(p)) => format!("{h}:{p}"),
-            (Some(h), None) => h.to_string(),
-            (None, _) => return Err(refused()),
-        };
-        // Behind a proxy that rewrites Host, the host the browser asked for is in
-        // X-Forwarded-Host (a header another site's page cannot set on a request).
-        let ours = [text(header::HOST.as_str()), text("x-forwarded-host")];
-        if !ours.into_iter().flatten().any(|host| origin_host.eq_ignore_ascii_case(host)) {
-            return Err(refused());
-        }
-    }
-    Ok(())
-}
-
-/// Compares without an early exit, so timing does not reveal how much of a token matched.
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    use subtle::ConstantTimeEq;
-    a.ct_eq(b).into()
 }
 
 /// Per client address: `per_minute` batches, refilled evenly (GCRA, from `governor`).
@@ -136,38 +105,6 @@ mod tests {
         assert!(RateLimiter::new(0).check(a).is_ok());
     }
 
-    #[test]
-    fn only_same_origin_browsers_may_change_state() {
-        use axum::http::{HeaderMap, HeaderValue};
-        let headers = |pairs: &[(&'static str, &'static str)]| {
-            let mut h = HeaderMap::new();
-            for (k, v) in pairs {
-                h.insert(*k, HeaderValue::from_static(v));
-            }
-            h
-        };
-        assert!(same_origin(&headers(&[])).is_ok(), "curl sends no Origin");
-        assert!(same_origin(&headers(&[("host", "127.0.0.1:8080"), ("origin", "http://127.0.0.1:8080")])).is_ok());
-        assert!(same_origin(&headers(&[("host", "example.org"), ("origin", "https://example.org")])).is_ok());
-        let proxied = [("host", "127.0.0.1:8080"), ("x-forwarded-host", "faces.example"), ("origin", "https://faces.example")];
-        assert!(same_origin(&headers(&proxied)).is_ok(), "behind a proxy that rewrites Host");
-        for bad in [
-            headers(&[("host", "127.0.0.1:8080"), ("origin", "http://evil.example")]),
-            headers(&[("host", "127.0.0.1:8080"), ("origin", "http://127.0.0.1:9090")]),
-            headers(&[("host", "127.0.0.1:8080"), ("origin", "null")]),
-            headers(&[("sec-fetch-site", "cross-site")]),
-            headers(&[("sec-fetch-site", "same-site")]),
-        ] {
-            assert_eq!(same_origin(&bad).unwrap_err().status, StatusCode::FORBIDDEN, "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn token_comparison() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-    }
 }
 
 /// Who can reach an API listening without a token.

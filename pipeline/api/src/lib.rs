@@ -14,7 +14,8 @@
 //!   state, the per-client upload rate limit, and the refusal to serve an open
 //!   address without a token.
 //! - [`dashboard`]: the browser dashboard at `/`, embedded; [`session`]: its
-//!   sign-in (a session cookie and a CSRF token).
+//!   sign-in (a session cookie and a CSRF token); [`csrf`]: the same-origin rule
+//!   and the CSRF token check that both the guard and the sign-in use.
 //! - [`service`]: `/openapi.json` and `/healthz`.
 //! - [`wire`]: every request and response body, as types.
 //! - [`openapi`]: the OpenAPI document, generated from the handlers and [`wire`].
@@ -25,6 +26,7 @@
 
 pub mod batches;
 pub mod browse;
+pub mod csrf;
 pub mod dashboard;
 pub mod deadletters;
 pub mod error;

@@ -19,12 +19,10 @@ use cookie::{Cookie, SameSite};
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, ApiState};
+use crate::csrf::{constant_time_eq, csrf_matches, same_origin};
 
 /// The session cookie's name.
 pub const COOKIE: &str = "facepipe_session";
-
-/// The header a state-changing request with the cookie must carry.
-pub const CSRF_HEADER: &str = "x-csrf-token";
 
 /// How long a session lasts.
 const TTL: Duration = Duration::from_secs(12 * 60 * 60);
@@ -95,12 +93,6 @@ fn session_id(headers: &HeaderMap) -> Option<String> {
         .map(|c| c.value().to_string())
 }
 
-/// True when the request carries `csrf` in [`CSRF_HEADER`] (compared in constant time).
-pub fn csrf_matches(headers: &HeaderMap, csrf: &str) -> bool {
-    let given = headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
-    crate::guard::constant_time_eq(given.as_bytes(), csrf.as_bytes())
-}
-
 /// What the dashboard learns at start.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -133,12 +125,12 @@ pub async fn login(
     headers: HeaderMap,
     body: Result<Json<Login>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    crate::guard::same_origin(&headers)?;
+    same_origin(&headers)?;
     let Json(login) = body?;
     let Some(expected) = &state.topology.api.token else {
         return Ok(Json(SessionAnswer { token_required: false, signed_in: true, csrf: None }).into_response());
     };
-    if !crate::guard::constant_time_eq(login.token.as_bytes(), expected.as_bytes()) {
+    if !constant_time_eq(login.token.as_bytes(), expected.as_bytes()) {
         tracing::warn!("dashboard sign-in with a wrong token");
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "wrong token"));
     }
@@ -155,7 +147,7 @@ pub async fn login(
 
 /// `POST /ui/logout`: ends the session (with its CSRF token) and clears the cookie.
 pub async fn logout(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    crate::guard::same_origin(&headers)?;
+    same_origin(&headers)?;
     if let Some(csrf) = state.sessions.csrf_of(&headers) {
         if !csrf_matches(&headers, &csrf) {
             return Err(ApiError::new(StatusCode::FORBIDDEN, "missing or wrong X-CSRF-Token"));
@@ -181,6 +173,7 @@ fn with_cookie(mut response: Response, cookie: &Cookie<'_>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::csrf::CSRF_HEADER;
 
     #[test]
     fn a_session_is_found_by_its_cookie_and_ends_on_close() {
