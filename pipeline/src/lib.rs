@@ -13,7 +13,7 @@
 //!   from `perf` samples of the whole machine.
 //! - `src/scale.rs`: `pipeline bench --scale N`, one large batch watched per tenth, and the
 //!   timing of operators' reads against it.
-//! - `src/processes.rs`: starting and measuring stage processes (`up`, bench).
+//! - [`processes`]: starting and measuring stage processes (`up`, bench, the tests).
 //! - [`eval`]: detection quality on labelled photos (`pipeline eval`).
 //! - `tests/`: the integration tests, against a real nats-server and PostgreSQL.
 //!
@@ -22,3 +22,4 @@
 //! `facepipe-vision` (with `jpeg-region`) beside them, linked only by detect, crop and this CLI.
 
 pub mod eval;
+pub mod processes;

@@ -23,7 +23,7 @@ use facepipe_core::topology::{StageName, Topology, TOPOLOGY_ENV};
 mod account;
 mod bench;
 
-mod processes;
+use pipeline::processes;
 mod scale;
 
 use processes::StageGroup;

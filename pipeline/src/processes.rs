@@ -23,6 +23,8 @@ pub struct Usage {
     pub cpu_seconds: f64,
     /// Peak resident set size in MiB (`VmHWM`).
     pub peak_rss_mib: f64,
+    /// Resident set size now, in MiB (`VmRSS`).
+    pub rss_mib: f64,
 }
 
 impl Usage {
@@ -35,14 +37,16 @@ impl Usage {
         let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
         let cpu = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let hwm_kib = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            .unwrap_or(0.0);
+        let kib = |field: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
         // cutime and cstime follow: the CPU of its children that have exited.
         let children = if with_children { cpu(13) + cpu(14) } else { 0.0 };
-        Usage { cpu_seconds: (cpu(11) + cpu(12) + children) / ticks, peak_rss_mib: hwm_kib / 1024.0 }
+        Usage { cpu_seconds: (cpu(11) + cpu(12) + children) / ticks, peak_rss_mib: kib("VmHWM:") / 1024.0, rss_mib: kib("VmRSS:") / 1024.0 }
     }
 }
 

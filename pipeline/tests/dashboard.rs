@@ -464,20 +464,11 @@ async fn ten_browsers_watching_one_batch() {
     let zip = d.dir.path().join("watched.zip");
     write_zip(&zip, &photos);
     let db = d.db.pool().await;
-    // utime + stime, the 12th and 13th fields after the command name, in USER_HZ (100) ticks.
-    let cpu_seconds = || {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", api.child.id())).unwrap();
-        let fields: Vec<f64> = stat.rsplit_once(')').unwrap().1.split_whitespace().map(|f| f.parse().unwrap_or(0.0)).collect();
-        (fields[11] + fields[12]) / 100.0
-    };
-    let rss_mib = || {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", api.child.id())).unwrap();
-        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches("kB").trim().parse::<f64>().unwrap() / 1024.0
-    };
+    let usage = || pipeline::processes::Usage::of(api.child.id(), false);
 
     let mut rows = Vec::new();
     for watchers in [0, BROWSERS] {
-        let (before, rss_before, started) = (cpu_seconds(), rss_mib(), Instant::now());
+        let (before, started) = (usage(), Instant::now());
         let form = reqwest::multipart::Form::new()
             .text("projectId", format!("watched-by-{watchers}"))
             .part("file", reqwest::multipart::Part::bytes(std::fs::read(&zip).unwrap()).file_name("watched.zip"));
@@ -505,8 +496,8 @@ async fn ten_browsers_watching_one_batch() {
         for c in &browsers {
             until(c, "100% in every browser", "return document.querySelector('#batch-progress').value >= 100", Duration::from_secs(30)).await;
         }
-        let (cpu, seconds) = (cpu_seconds() - before, started.elapsed().as_secs_f64());
-        rows.push((watchers, photos.len(), seconds, cpu, rss_before, rss_mib(), api.peak_rss() as f64 / 1048576.0));
+        let (after, seconds) = (usage(), started.elapsed().as_secs_f64());
+        rows.push((watchers, photos.len(), seconds, after.cpu_seconds - before.cpu_seconds, before.rss_mib, after.rss_mib, after.peak_rss_mib));
         for c in browsers {
             c.close().await.unwrap();
         }

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
 use super::{ApiError, ApiState};
+use crate::error::optional_param;
 use crate::wire::{AddImages, BatchStarted, ImageView, PriorityInput, RecordId, ResultsPage, StatusAnswer, UploadZipForm};
 use extract::archive;
 use facepipe_core::domain::{ImageStatus, Priority};
@@ -331,14 +332,11 @@ pub async fn results(
     Path(batch_id): Path<String>,
     page: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<ResultsPage>, ApiError> {
-    let Query(page) = page.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let Query(page) = page?;
     if page.page < 1 || !(1..=1000).contains(&page.page_size) {
         return Err(ApiError::bad_request("`page` must be at least 1 and `pageSize` 1-1000"));
     }
-    let status = match page.status.as_deref().filter(|s| !s.is_empty()) {
-        Some(s) => Some(s.parse::<ImageStatus>().map_err(|e| ApiError::bad_request(e.to_string()))?),
-        None => None,
-    };
+    let status: Option<ImageStatus> = optional_param(page.status.as_deref())?;
     // An empty `after` starts at the beginning. Image ids are ids: anything else
     // matches nothing (and never reaches a query as, say, a NUL).
     let after = page.after.filter(|a| !a.is_empty());

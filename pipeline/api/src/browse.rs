@@ -11,10 +11,11 @@ use serde::Deserialize;
 
 use super::{ApiError, ApiState};
 use crate::batches::{batch_or_404, valid_batch_id};
+use crate::error::optional_param;
 use crate::wire::{BatchList, BatchRow, FailureGroupView, FailureGroups, ImageAnswer, ImageView};
 use facepipe_core::domain::BatchStatus;
 use facepipe_core::keys;
-use facepipe_runtime::db::BatchFilter;
+use facepipe_runtime::db::{BatchCursor, BatchFilter};
 use facepipe_runtime::store::StoreError;
 
 /// Query of `GET /api/batches`.
@@ -53,32 +54,25 @@ pub async fn list(
     State(state): State<Arc<ApiState>>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<BatchList>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let Query(q) = query?;
     let limit = q.limit.unwrap_or(25);
     if !(1..=200).contains(&limit) {
         return Err(ApiError::bad_request("`limit` must be 1-200"));
     }
-    let status = match q.status.as_deref().filter(|s| !s.is_empty()) {
-        Some(s) => Some(s.parse::<BatchStatus>().map_err(|e| ApiError::bad_request(e.to_string()))?),
-        None => None,
-    };
+    let status: Option<BatchStatus> = optional_param(q.status.as_deref())?;
+    let before = q.before.as_deref().map(str::parse::<BatchCursor>).transpose().map_err(|e| ApiError::bad_request(e.to_string()))?;
     let project = q.project.filter(|p| !p.is_empty());
     // PostgreSQL text cannot hold NUL, so no project is named with one.
     if project.as_deref().is_some_and(|p| p.contains('\0')) {
         return Err(ApiError::bad_request("`project` holds a NUL character"));
     }
-    let filter = BatchFilter { project, status, before: q.before, limit };
-    let page = state
-        .db
-        .list_batches(&filter)
-        .await
-        .map_err(|e| ApiError::unavailable("PostgreSQL", e))?
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let filter = BatchFilter { project, status, before, limit };
+    let page = state.db.list_batches(&filter).await.map_err(|e| ApiError::unavailable("PostgreSQL", e))?;
     let now = chrono::Utc::now();
     Ok(Json(BatchList {
         success: true,
         batches: page.batches.into_iter().map(|b| BatchRow::new(b, now)).collect(),
-        next_before: page.next_before,
+        next_before: page.next_before.map(|c| c.to_string()),
     }))
 }
 

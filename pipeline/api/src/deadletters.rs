@@ -9,6 +9,7 @@ use axum::Json;
 use serde::Deserialize;
 
 use super::{ApiError, ApiState};
+use crate::error::optional_param;
 use crate::wire::{DeadLetterList, DeadLetterView, ReplayAnswer, ReplayRequest};
 use facepipe_control::deadletters::{self, DeadLetterError, Filter, Stored};
 use facepipe_core::domain::StageName;
@@ -74,15 +75,12 @@ pub async fn list(
     State(state): State<Arc<ApiState>>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<DeadLetterList>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let Query(q) = query?;
     let limit = q.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
         return Err(ApiError::bad_request("`limit` must be 1-500"));
     }
-    let stage = match q.stage.as_deref().filter(|s| !s.is_empty()) {
-        Some(s) => Some(s.parse::<StageName>().map_err(|e| ApiError::bad_request(e.to_string()))?),
-        None => None,
-    };
+    let stage: Option<StageName> = optional_param(q.stage.as_deref())?;
     let batch = q.batch.as_deref().filter(|b| !b.is_empty());
     let after = u64::try_from(q.after.unwrap_or(0)).map_err(|_| ApiError::bad_request("`after` must be at least 0"))?;
     let filter = Filter { batch, stage, after, limit };

@@ -69,6 +69,23 @@ impl From<axum::extract::rejection::JsonRejection> for ApiError {
     }
 }
 
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    /// 400: a query string that does not parse, or a value of the wrong type.
+    fn from(rejection: axum::extract::rejection::QueryRejection) -> Self {
+        Self::bad_request(rejection.body_text())
+    }
+}
+
+/// An optional query value (a filter) parsed as `T`, an empty one counting as
+/// absent; 400 with the reason when it does not parse.
+pub(crate) fn optional_param<T>(value: Option<&str>) -> Result<Option<T>, ApiError>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    value.filter(|v| !v.is_empty()).map(str::parse::<T>).transpose().map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
 impl From<axum::extract::multipart::MultipartError> for ApiError {
     fn from(e: axum::extract::multipart::MultipartError) -> Self {
         Self::new(e.status(), format!("malformed multipart body: {}", e.body_text()))

@@ -66,7 +66,7 @@ pub async fn export(
     Path(batch_id): Path<String>,
     query: Result<Query<ExportQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let Query(ExportQuery { format }) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let Query(ExportQuery { format }) = query?;
     batch_or_404(&state, &batch_id).await?;
     let (media_type, extension) = match format {
         Format::Jsonl => ("application/jsonl", "jsonl"),

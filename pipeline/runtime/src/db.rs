@@ -18,7 +18,7 @@ mod listing;
 mod results;
 mod retention;
 
-pub use listing::{BatchFilter, BatchPage, FailureGroup};
+pub use listing::{BadCursor, BatchCursor, BatchFilter, BatchPage, FailureGroup};
 pub use results::{ImageResult, PageStart};
 pub use retention::{ObjectKind, SweepLock};
 

@@ -931,9 +931,9 @@ impl ApiServer {
 
     /// Peak resident memory of the server so far, in bytes (Linux's VmHWM).
     pub fn peak_rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+        let peak_mib = pipeline::processes::Usage::of(self.child.id(), false).peak_rss_mib;
+        assert!(peak_mib > 0.0, "no memory figures for the server (pid {}): has it exited?", self.child.id());
+        (peak_mib * 1048576.0) as u64
     }
 }
 

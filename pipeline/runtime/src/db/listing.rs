@@ -15,7 +15,7 @@ pub struct BatchFilter {
     /// Only batches in this state.
     pub status: Option<BatchStatus>,
     /// Only batches older than this cursor (a previous page's [`BatchPage::next_before`]).
-    pub before: Option<String>,
+    pub before: Option<BatchCursor>,
     /// Most batches in the page.
     pub limit: i64,
 }
@@ -26,7 +26,7 @@ pub struct BatchPage {
     /// The batches.
     pub batches: Vec<BatchSummary>,
     /// Pass as [`BatchFilter::before`] for the next page; none when this page reached the end.
-    pub next_before: Option<String>,
+    pub next_before: Option<BatchCursor>,
 }
 
 /// Images of one batch that failed at one stage for one reason.
@@ -46,32 +46,48 @@ pub struct FailureGroup {
 /// error text names its image, and then the biggest groups are the useful ones.
 const MAX_FAILURE_GROUPS: i64 = 100;
 
-/// A batch cursor: its creation time (microseconds) and id, so batches created in
-/// the same microsecond still page in a fixed order.
-fn cursor_of(b: &BatchSummary) -> String {
-    format!("{}.{}", b.created_at.timestamp_micros(), b.batch_id)
+/// Where a page of batches ends: the last batch's creation time and id, so batches
+/// created in the same microsecond still page in a fixed order. Written as
+/// `<microseconds>.<batch id>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchCursor {
+    created_at: chrono::DateTime<chrono::Utc>,
+    batch_id: String,
 }
 
-fn parse_cursor(cursor: &str) -> Option<(chrono::DateTime<chrono::Utc>, &str)> {
-    let (micros, id) = cursor.split_once('.')?;
-    Some((chrono::DateTime::from_timestamp_micros(micros.parse().ok()?)?, id))
+impl BatchCursor {
+    fn after(b: &BatchSummary) -> Self {
+        Self { created_at: b.created_at, batch_id: b.batch_id.clone() }
+    }
 }
 
-/// A cursor [`Db::list_batches`] did not make.
+impl std::fmt::Display for BatchCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.created_at.timestamp_micros(), self.batch_id)
+    }
+}
+
+/// A cursor [`BatchCursor`]'s `Display` did not write.
 #[derive(Debug, thiserror::Error)]
 #[error("`{0}` is not a batch cursor (pass a page's nextBefore)")]
 pub struct BadCursor(pub String);
 
+impl std::str::FromStr for BatchCursor {
+    type Err = BadCursor;
+
+    fn from_str(cursor: &str) -> Result<Self, BadCursor> {
+        let bad = || BadCursor(cursor.to_string());
+        let (micros, id) = cursor.split_once('.').ok_or_else(bad)?;
+        let created_at = chrono::DateTime::from_timestamp_micros(micros.parse().map_err(|_| bad())?).ok_or_else(bad)?;
+        Ok(Self { created_at, batch_id: id.to_string() })
+    }
+}
+
 impl Db {
     /// Batches newest first, filtered, one page from `filter.before` on (an index
     /// seek on `(created_at, batch_id)`, however deep the page is).
-    pub async fn list_batches(&self, filter: &BatchFilter) -> Result<Result<BatchPage, BadCursor>, DbError> {
-        let before = match filter.before.as_deref().map(|c| parse_cursor(c).ok_or_else(|| BadCursor(c.to_string()))) {
-            Some(Err(e)) => return Ok(Err(e)),
-            Some(Ok((at, id))) => Some((at, id.to_string())),
-            None => None,
-        };
-        let (before_at, before_id) = before.unzip();
+    pub async fn list_batches(&self, filter: &BatchFilter) -> Result<BatchPage, DbError> {
+        let (before_at, before_id) = filter.before.as_ref().map(|c| (c.created_at, c.batch_id.as_str())).unzip();
         let status = filter.status.map(|s| s.as_str());
         let client = self.pool.get().await?;
         let rows = client
@@ -87,8 +103,8 @@ impl Db {
             )
             .await?;
         let batches = rows.iter().map(batch_summary).collect::<Result<Vec<_>, _>>()?;
-        let next_before = (batches.len() as i64 == filter.limit).then(|| batches.last().map(cursor_of)).flatten();
-        Ok(Ok(BatchPage { batches, next_before }))
+        let next_before = (batches.len() as i64 == filter.limit).then(|| batches.last().map(BatchCursor::after)).flatten();
+        Ok(BatchPage { batches, next_before })
     }
 
     /// A batch's failed images grouped by stage and error, biggest groups first.
@@ -147,10 +163,11 @@ mod tests {
     #[test]
     fn cursors_round_trip_and_reject_garbage() {
         let at = chrono::DateTime::from_timestamp_micros(1_765_000_000_123_456).unwrap();
-        let (parsed, id) = parse_cursor("1765000000123456.proj-a.b").unwrap();
-        assert_eq!((parsed, id), (at, "proj-a.b"), "the id may hold dots; the time never does");
+        let cursor: BatchCursor = "1765000000123456.proj-a.b".parse().unwrap();
+        assert_eq!(cursor, BatchCursor { created_at: at, batch_id: "proj-a.b".into() }, "the id may hold dots; the time never does");
+        assert_eq!(cursor.to_string(), "1765000000123456.proj-a.b");
         for bad in ["", "x.y", "12", ".id"] {
-            assert!(parse_cursor(bad).is_none(), "{bad}");
+            assert!(bad.parse::<BatchCursor>().is_err(), "{bad}");
         }
     }
 }
