@@ -82,16 +82,17 @@ impl Db {
     /// is final (cropped or no face) after image `after`: originals nothing will read
     /// again. Failed and pending images are never listed.
     pub async fn final_originals(&self, batch_id: &str, after: &str, limit: i64) -> Result<Vec<(String, String)>, DbError> {
-        let client = self.pool.get().await?;
-        let rows = client
-            .query(
-                "SELECT image_id, original_key FROM images
-                 WHERE batch_id = $1 AND image_id > $2 AND status IN ('cropped', 'no_face')
-                   AND original_key IS NOT NULL
-                 ORDER BY image_id LIMIT $3",
-                &[&batch_id, &after, &limit],
-            )
-            .await?;
+        let mut client = self.pool.get().await?;
+        // Keyed pages through a whole batch: walked in index order, as results' pages are.
+        let rows = super::results::ordered_page(
+            &mut client,
+            "SELECT image_id, original_key FROM images
+             WHERE batch_id = $1 AND image_id > $2 AND status IN ('cropped', 'no_face')
+               AND original_key IS NOT NULL
+             ORDER BY image_id LIMIT $3",
+            &[&batch_id, &after, &limit],
+        )
+        .await?;
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
