@@ -289,7 +289,7 @@ fn database(topology: &Topology) -> anyhow::Result<Db> {
 async fn apply(topology: &Topology, dry_run: bool) -> anyhow::Result<()> {
     let bus = Bus::connect(&topology.nats, "facepipe-cli", false).await?;
     let plan = bus::plan(&bus, topology).await?;
-    println!("JetStream at {}:", facepipe_core::redact::redact_url(&topology.nats.url));
+    println!("JetStream at {}:", topology.nats.url);
     for item in &plan {
         println!("  {item}");
     }

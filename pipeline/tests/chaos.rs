@@ -40,7 +40,7 @@ fn chaos_zip(dir: &std::path::Path) -> (std::path::PathBuf, usize) {
 #[tokio::test(flavor = "multi_thread")]
 async fn batch_survives_kills_restarts_and_outages() {
     let proxy = PgProxy::start().await;
-    let proxied = |url: &str| proxy.url_for(url);
+    let proxied = |url: &facepipe_core::database_url::DatabaseUrl| proxy.url_for(url);
     let mut d = Deployment::start(|t| {
         t.postgres.url = proxied(&t.postgres.url);
         // Short timeouts so redeliveries happen within the test's time.

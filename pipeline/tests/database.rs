@@ -104,7 +104,7 @@ async fn batch_completes_when_ingest_finishes_after_the_last_outcome() {
 #[tokio::test]
 async fn concurrent_migrators_apply_each_migration_once() {
     let test_db = TestDb::create().await;
-    let db = Db::connect(&test_db.url, 8).unwrap();
+    let db = Db::connect(&test_db.url.parse().unwrap(), 8).unwrap();
     let runs = futures::future::join_all((0..4).map(|_| db.migrate())).await;
     let mut applied: Vec<i32> = runs.into_iter().flat_map(|r| r.unwrap()).collect();
     applied.sort();
@@ -129,7 +129,7 @@ async fn a_database_migrated_by_the_earlier_runner_is_adopted_without_running_an
         .await
         .unwrap();
 
-    let db = Db::connect(&test_db.url, 2).unwrap();
+    let db = Db::connect(&test_db.url.parse().unwrap(), 2).unwrap();
     // The two it had are adopted, not run again; only the later ones run.
     assert_eq!(db.migrate().await.unwrap(), [3, 4], "an adopted migration does not run again");
     assert!(db.migrate().await.unwrap().is_empty());

@@ -117,7 +117,7 @@ async fn stage_waiting_for_postgres_at_start_stops_cleanly_on_sigterm() {
     // A topology whose database port has nothing listening.
     let mut unreachable = d.topology.clone();
     let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    unreachable.postgres.url = format!("postgres://facepipe:facepipe@127.0.0.1:{closed_port}/x");
+    unreachable.postgres.url = format!("postgres://facepipe:facepipe@127.0.0.1:{closed_port}/x").parse().unwrap();
     let path = d.dir.path().join("unreachable.toml");
     std::fs::write(&path, toml::to_string(&unreachable).unwrap()).unwrap();
     let log = d.dir.path().join("waiting.log");

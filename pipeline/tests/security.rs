@@ -3,7 +3,9 @@
 
 mod support;
 
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+
+use facepipe_core::topology::StageName;
 
 use support::{bin, test_topology, NatsServer, TestDb};
 
@@ -11,7 +13,10 @@ use support::{bin, test_topology, NatsServer, TestDb};
 fn pipeline_cli(dir: &std::path::Path, nats_url: &str, db_url: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
     let topology = test_topology(nats_url, db_url, &dir.join("objects"));
     let path = dir.join("topology.toml");
-    std::fs::write(&path, toml::to_string(&topology).unwrap()).unwrap();
+    // Written as an operator writes it: `nats.url` as given, credentials and all (a
+    // topology serializes without them).
+    let text = topology.to_toml().replace(&format!("url = \"{}\"", topology.nats.url), &format!("url = {}", toml::Value::from(nats_url)));
+    std::fs::write(&path, text).unwrap();
     let mut cmd = Command::new(bin("pipeline"));
     cmd.arg("--topology").arg(&path).args(args);
     for var in ["PIPELINE_NATS_USER", "PIPELINE_NATS_PASSWORD", "PIPELINE_NATS_TOKEN", "PIPELINE_NATS_CREDS", "PIPELINE_NATS_URL", "PIPELINE_DATABASE_URL"] {
@@ -252,4 +257,183 @@ async fn serve_refuses_an_open_address_without_a_token_unless_told_to() {
     assert!(!log(port).contains("without a token"), "{}", log(port));
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// A login role of the test's own, with `CREATEDB`, so a password of the test's choosing
+/// is the one PostgreSQL checks (where its authentication checks one); dropped on drop.
+struct TestRole {
+    name: String,
+    database: String,
+    admin: tokio_postgres::Client,
+}
+
+impl TestRole {
+    async fn create() -> Self {
+        let tag = format!("{}_{}", std::process::id(), rand::random::<u32>());
+        let admin = support::connect(&support::admin_url()).await;
+        let name = format!("fp_secret_{tag}");
+        admin.batch_execute(&format!("CREATE ROLE {name} LOGIN CREATEDB")).await.unwrap();
+        // So that the test's own role can drop what this role will own.
+        admin.batch_execute(&format!("GRANT {name} TO CURRENT_USER")).await.unwrap();
+        Self { name, database: format!("fp_secret_db_{tag}"), admin }
+    }
+
+    async fn set_password(&self, password: &str) {
+        let quoted = password.replace('\'', "''");
+        self.admin.batch_execute(&format!("ALTER ROLE {} PASSWORD '{quoted}'", self.name)).await.unwrap();
+    }
+}
+
+impl Drop for TestRole {
+    fn drop(&mut self) {
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE); DROP ROLE IF EXISTS {}", self.database, self.name);
+        let url = support::admin_url();
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+                let client = support::connect(&url).await;
+                for statement in sql.split("; ") {
+                    let _ = client.batch_execute(statement).await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+/// Every form libpq takes a database password in (the URL's userinfo, its `?password=`,
+/// the keyword form, quoted with spaces), each with a password of its own: applied
+/// against a real nats-server, none reaches the key-value bucket, nor the output of
+/// `validate`, `apply` (its plan shows the URL changing from form to form), `status`,
+/// `results` or `stats`; and a full run (four stages, `submit --wait`, `serve`) logs none.
+/// The NATS password and the API token, set in the file, are held to the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_secret_of_any_form_reaches_the_bucket_the_output_or_the_logs() {
+    let tag: u32 = rand::random();
+    let nats_secret = format!("Nats-Pw-{tag}");
+    let api_secret = format!("Api-Token-{tag}");
+    let nats = NatsServer::start_with_args(&["--user", "facepipe", "--pass", &nats_secret]);
+    let role = TestRole::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (r, db) = (&role.name, &role.database);
+    let encode = |s: &str| percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string();
+    let pg_port = support::connect_port();
+    let forms: Vec<(&str, String, String)> = [
+        ("userinfo", format!("Us3r:Inf0@Pw/{tag}")),
+        ("query parameter", format!("Qu3ry&Pw={tag}")),
+        ("keyword", format!("K3ywordPw{tag}")),
+        ("keyword, quoted with spaces", format!("Sup3r Secret'Pw {tag}")),
+    ]
+    .into_iter()
+    .map(|(form, pw)| {
+        let url = match form {
+            "userinfo" => format!("postgres://{r}:{}@127.0.0.1:{pg_port}/{db}", encode(&pw)),
+            "query parameter" => format!("postgres://{r}@127.0.0.1:{pg_port}/{db}?password={}", encode(&pw)),
+            "keyword" => format!("host=127.0.0.1 port={pg_port} user={r} password={pw} dbname={db}"),
+            _ => format!("host=127.0.0.1 port={pg_port} user={r} password='{}' dbname={db}", pw.replace('\'', "\\'")),
+        };
+        (form, pw, url)
+    })
+    .collect();
+    let mut secrets: Vec<String> = forms.iter().map(|(_, pw, _)| pw.clone()).collect();
+    secrets.extend([nats_secret.clone(), api_secret.clone()]);
+    let leaks = |what: &str, text: &str| {
+        for secret in &secrets {
+            // Also percent-encoded, as a URL would carry it.
+            assert!(!text.contains(secret.as_str()) && !text.contains(&encode(secret)), "{what} shows a secret ({secret}):\n{text}");
+        }
+    };
+
+    // The topology file as an operator writes it: the secrets in the file itself.
+    let base = test_topology(&nats.url, "postgres://placeholder@127.0.0.1/placeholder", &dir.path().join("objects"));
+    let write = |url: &str| {
+        let mut text = base.to_toml();
+        text = text.replace("url = \"postgres://placeholder@127.0.0.1:5432/placeholder\"", &format!("url = {}", toml::Value::from(url)));
+        text = text.replacen("[nats.auth]\n", &format!("[nats.auth]\nuser = \"facepipe\"\npassword = \"{nats_secret}\"\n"), 1);
+        text = text.replacen("[api]\n", &format!("[api]\ntoken = \"{api_secret}\"\n"), 1);
+        assert!(text.contains(&nats_secret) && text.contains(&api_secret) && text.contains(db.as_str()), "the file holds every secret: {text}");
+        let path = dir.path().join("topology.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let cli = |path: &std::path::Path, args: &[&str]| {
+        let mut cmd = Command::new(bin("pipeline"));
+        cmd.arg("--topology").arg(path).args(args).env("RUST_LOG", "debug");
+        for (var, _) in std::env::vars() {
+            if var.starts_with("PIPELINE_") && var != "PIPELINE_SHARED_DIR" {
+                cmd.env_remove(var);
+            }
+        }
+        let out = cmd.output().unwrap();
+        (out.status.success(), text(&out))
+    };
+    let auth = async_nats::ConnectOptions::with_user_and_password("facepipe".into(), nats_secret.clone());
+    let js = async_nats::jetstream::new(auth.connect(&nats.url).await.unwrap());
+
+    let mut path = dir.path().join("topology.toml");
+    for (form, password, url) in &forms {
+        role.set_password(password).await;
+        path = write(url);
+        let (ok, out) = cli(&path, &["validate"]);
+        assert!(ok, "{form}: {out}");
+        leaks(&format!("validate ({form})"), &out);
+        let (ok, out) = cli(&path, &["apply"]);
+        assert!(ok, "{form}: {out}");
+        leaks(&format!("apply ({form})"), &out);
+        let stored = js.get_key_value("FACES_CONFIG").await.unwrap().get("topology").await.unwrap().expect("apply stores the topology");
+        let stored = String::from_utf8(stored.to_vec()).unwrap();
+        assert!(stored.contains(&format!("postgres://{r}@127.0.0.1:{pg_port}/{db}")), "{form}: the bucket holds the URL without its password: {stored}");
+        leaks(&format!("the bucket after apply ({form})"), &stored);
+    }
+
+    // A full run with the last form (the issue's own: the keyword form, quoted).
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let mut stages = Vec::new();
+    for stage in StageName::ALL {
+        let log = std::fs::File::create(logs.join(format!("{stage}.log"))).unwrap();
+        let mut cmd = Command::new(bin(stage.as_str()));
+        cmd.arg("--topology").arg(&path).env("RUST_LOG", "debug");
+        for (var, _) in std::env::vars() {
+            if var.starts_with("PIPELINE_") && var != "PIPELINE_SHARED_DIR" {
+                cmd.env_remove(var);
+            }
+        }
+        stages.push(cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap());
+    }
+    let zip = support::photos_zip(dir.path(), "photos.zip", 3);
+    let (ok, out) = cli(&path, &["submit", zip.to_str().unwrap(), "--batch-id", "secret-run", "--wait"]);
+    assert!(ok, "{out}");
+    leaks("submit --wait", &out);
+    for args in [&["status", "secret-run"][..], &["results", "secret-run"], &["stats"], &["dead-letters", "list"]] {
+        let (ok, out) = cli(&path, args);
+        assert!(ok, "{args:?}: {out}");
+        leaks(&format!("{args:?}"), &out);
+    }
+    let port = support::free_port();
+    let serve_log = logs.join("serve.log");
+    let mut serve = Command::new(bin("pipeline"));
+    serve.arg("--topology").arg(&path).args(["serve", "--listen", &format!("127.0.0.1:{port}")]).env("RUST_LOG", "debug");
+    let mut serve = serve.stdout(Stdio::null()).stderr(std::fs::File::create(&serve_log).unwrap()).spawn().unwrap();
+    support::wait_for_port(port, std::time::Duration::from_secs(30));
+    let http = reqwest::Client::new();
+    let base_url = format!("http://127.0.0.1:{port}");
+    let ok = http.get(format!("{base_url}/api/batch/status/secret-run")).bearer_auth(&api_secret).send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    leaks("the status answer", &ok.text().await.unwrap());
+    let refused = http.get(format!("{base_url}/api/batch/status/secret-run")).bearer_auth("wrong").send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    let _ = serve.kill();
+    let _ = serve.wait();
+    for mut child in stages {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let _ = support::wait_exit(&mut child, std::time::Duration::from_secs(20));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    for entry in std::fs::read_dir(&logs).unwrap().flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap();
+        assert!(text.contains("DEBUG") || text.contains("INFO"), "{} logged nothing: {text}", entry.path().display());
+        leaks(&entry.path().display().to_string(), &text);
+    }
 }

@@ -31,7 +31,7 @@ pub async fn require_token(State(state): State<Arc<ApiState>>, request: Request,
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         match (given, state.sessions.csrf_of(headers)) {
-            (Some(given), _) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => {}
+            (Some(given), _) if constant_time_eq(given.as_bytes(), expected.expose().as_bytes()) => {}
             // A cookie travels with any request the browser makes, so it alone cannot change state.
             (_, Some(csrf)) if changes_state && !crate::csrf::csrf_matches(headers, &csrf) => {
                 return Err(ApiError::new(StatusCode::FORBIDDEN, "missing or wrong X-CSRF-Token"));

@@ -130,7 +130,7 @@ pub async fn login(
     let Some(expected) = &state.topology.api.token else {
         return Ok(Json(SessionAnswer { token_required: false, signed_in: true, csrf: None }).into_response());
     };
-    if !constant_time_eq(login.token.as_bytes(), expected.as_bytes()) {
+    if !constant_time_eq(login.token.as_bytes(), expected.expose().as_bytes()) {
         tracing::warn!("dashboard sign-in with a wrong token");
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "wrong token"));
     }

@@ -5,7 +5,7 @@
 //! does not know, so [`PgTls::split`] takes the TLS parameters out of the URL (both the
 //! `postgres://...?sslmode=...` form and the `host=... sslmode=...` form) and returns the
 //! rest for tokio-postgres. The runtime builds its rustls connector from [`PgTls`];
-//! [`crate::topology::Topology::validate`] checks the same values, so `pipeline validate`
+//! [`crate::database_url::DatabaseUrl`] reads the same values, so `pipeline validate`
 //! and a connecting process agree.
 //!
 //! Nothing here echoes the URL: it may hold a password.
@@ -199,10 +199,16 @@ impl PgTls {
     /// `sslrootcert` file holds at least one PEM certificate.
     pub fn validate(url: &str) -> Result<Self, PgTlsError> {
         let (tls, _) = Self::split(url)?;
-        if let (Some(RootCert::File(path)), true) = (&tls.root_cert, tls.mode != SslMode::Disable) {
+        tls.check_files()?;
+        Ok(tls)
+    }
+
+    /// Checks that an `sslrootcert` file holds at least one PEM certificate (unless TLS is off).
+    pub fn check_files(&self) -> Result<(), PgTlsError> {
+        if let (Some(RootCert::File(path)), true) = (&self.root_cert, self.mode != SslMode::Disable) {
             load_pem_certificates(path)?;
         }
-        Ok(tls)
+        Ok(())
     }
 }
 

@@ -13,7 +13,6 @@ use bytes::Bytes;
 
 use crate::error::Cause;
 use facepipe_core::messages::ExtractJob;
-use facepipe_core::redact::redact_url;
 use facepipe_core::topology::{NatsAuth, NatsConfig, StageBand, StageName, StorageKind, Topology};
 
 
@@ -77,34 +76,32 @@ pub struct Bus {
 }
 
 impl Bus {
-    /// Connects with the topology's URL, authentication and TLS settings; see [`Bus::connect_with`].
+    /// Connects with the topology's servers, authentication and TLS settings. With
+    /// `wait` (stages, which may start before NATS), an unreachable server is retried
+    /// with capped backoff; refused credentials or a failed TLS handshake are errors
+    /// at once, since retrying cannot fix them. Once connected, the client reconnects
+    /// on its own.
     pub async fn connect(nats: &NatsConfig, name: &str, wait: bool) -> Result<Self, BusError> {
-        Self::connect_with(&nats.url, &nats.auth, name, wait).await
-    }
-
-    /// Connects. With `wait` (stages, which may start before NATS), an
-    /// unreachable server is retried with capped backoff; refused credentials or
-    /// a failed TLS handshake are errors at once, since retrying cannot fix them.
-    /// Once connected, the client reconnects on its own.
-    pub async fn connect_with(url: &str, auth: &NatsAuth, name: &str, wait: bool) -> Result<Self, BusError> {
         use async_nats::ConnectErrorKind as Kind;
-        let connect_error = |source: Cause| BusError::Connect { url: redact_url(url), source };
-        // async-nats ignores credentials in the URL; take them from there ourselves.
-        let (servers, auth) = &credentials_from_urls(url, auth);
-        let servers = servers
+        // The servers carry no credentials (the topology took them out as it read them).
+        let shown = nats.url.to_string();
+        let connect_error = |source: Cause| BusError::Connect { url: shown.clone(), source };
+        let servers = nats
+            .servers()
             .iter()
-            .map(|s| s.parse::<async_nats::ServerAddr>().map_err(|e| connect_error(format!("{}: {e}", redact_url(s)).into())))
+            .map(|s| s.parse::<async_nats::ServerAddr>().map_err(|e| connect_error(format!("{s}: {e}").into())))
             .collect::<Result<Vec<_>, _>>()?;
+        let auth = nats.credentials();
         let mut delay = Duration::from_millis(250);
         loop {
             // Given several servers (a cluster), the client picks one and fails over to the others.
-            match connect_options(auth, name).await.map_err(|e| connect_error(e.into()))?.connect(servers.as_slice()).await {
+            match connect_options(&auth, name).await.map_err(|e| connect_error(e.into()))?.connect(servers.as_slice()).await {
                 Ok(client) => {
                     let js = jetstream::new(client.clone());
                     return Ok(Self { client, js });
                 }
                 Err(e) if wait && matches!(e.kind(), Kind::Io | Kind::TimedOut | Kind::Dns) => {
-                    tracing::warn!(url = %redact_url(url), error = %e, retry_in = ?delay, "NATS not reachable yet");
+                    tracing::warn!(url = %shown, error = %e, retry_in = ?delay, "NATS not reachable yet");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
@@ -200,44 +197,6 @@ impl Bus {
     }
 }
 
-/// The servers of a comma-separated list, each without credentials, and the auth
-/// settings with the first credentials any of them carried (see [`credentials_from_url`]).
-fn credentials_from_urls(urls: &str, auth: &NatsAuth) -> (Vec<String>, NatsAuth) {
-    let mut auth = auth.clone();
-    let mut servers = Vec::new();
-    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-        let (server, with) = credentials_from_url(url, &auth);
-        servers.push(server);
-        auth = with;
-    }
-    (servers, auth)
-}
-
-/// Moves `user:password@` (or a lone `token@`) from the URL into the auth
-/// settings, unless those already name credentials.
-fn credentials_from_url(url: &str, auth: &NatsAuth) -> (String, NatsAuth) {
-    let mut auth = auth.clone();
-    let Ok(mut parsed) = url::Url::parse(url) else { return (url.to_string(), auth) };
-    // URL userinfo is percent-encoded, not form-encoded: `+` is a plus and `&` an ordinary character.
-    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8().ok().map(|v| v.into_owned());
-    let (user, password) = (decode(parsed.username()).unwrap_or_default(), parsed.password().and_then(decode));
-    if user.is_empty() {
-        return (url.to_string(), auth);
-    }
-    if auth.user.is_none() && auth.token.is_none() {
-        match password {
-            Some(password) => {
-                auth.user = Some(user);
-                auth.password = Some(password);
-            }
-            None => auth.token = Some(user),
-        }
-    }
-    let _ = parsed.set_username("");
-    let _ = parsed.set_password(None);
-    (parsed.to_string(), auth)
-}
-
 /// Client options from the topology's authentication and TLS settings.
 async fn connect_options(auth: &NatsAuth, name: &str) -> Result<async_nats::ConnectOptions, String> {
     let mut options = match &auth.creds_file {
@@ -247,10 +206,10 @@ async fn connect_options(auth: &NatsAuth, name: &str) -> Result<async_nats::Conn
         None => async_nats::ConnectOptions::new(),
     };
     if let (Some(user), Some(password)) = (&auth.user, &auth.password) {
-        options = options.user_and_password(user.clone(), password.clone());
+        options = options.user_and_password(user.clone(), password.expose().to_string());
     }
     if let Some(token) = &auth.token {
-        options = options.token(token.clone());
+        options = options.token(token.expose().to_string());
     }
     if let Some(ca) = &auth.tls_ca {
         options = options.add_root_certificates(ca.clone());
@@ -406,9 +365,20 @@ fn classify(live: Vec<String>, fixed: Vec<String>) -> Action {
     }
 }
 
-fn is_not_found(e: &impl std::fmt::Display) -> bool {
-    // Both the stream (10059) and consumer (10014) lookups report "not found".
-    e.to_string().to_lowercase().contains("not found")
+/// The stream does not exist (JetStream's error 10059), by the client's typed error.
+fn is_stream_not_found(e: &jetstream::context::GetStreamError) -> bool {
+    use jetstream::context::GetStreamErrorKind;
+    matches!(e.kind(), GetStreamErrorKind::JetStream(js) if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
+/// The consumer (or its stream) does not exist, by the client's typed error.
+fn is_consumer_not_found(e: &jetstream::context::ConsumerInfoError) -> bool {
+    use jetstream::context::ConsumerInfoErrorKind as Kind;
+    match e.kind() {
+        Kind::NotFound | Kind::StreamNotFound => true,
+        Kind::JetStream(js) => [jetstream::ErrorCode::CONSUMER_NOT_FOUND, jetstream::ErrorCode::STREAM_NOT_FOUND].contains(&js.error_code()),
+        _ => false,
+    }
 }
 
 /// A stream's line in the plan, with its replicas (so a dry run shows them).
@@ -429,7 +399,7 @@ pub async fn plan(bus: &Bus, topology: &Topology) -> Result<Vec<PlanItem>, BusEr
                 let info = s.info().await.map_err(|e| setup(&target, e))?;
                 diff_stream(want, &info.config)
             }
-            Err(e) if is_not_found(&e) => Action::Create,
+            Err(e) if is_stream_not_found(&e) => Action::Create,
             Err(e) => return Err(setup(&target, e)),
         };
         items.push(PlanItem { target, action });
@@ -442,7 +412,7 @@ pub async fn plan(bus: &Bus, topology: &Topology) -> Result<Vec<PlanItem>, BusEr
             let action = match bus.js.get_stream(&stream_name).await {
                 Ok(s) => match s.consumer_info(&durable).await {
                     Ok(info) => diff_consumer(&want, &info.config),
-                    Err(e) if is_not_found(&e) => Action::Create,
+                    Err(e) if is_consumer_not_found(&e) => Action::Create,
                     Err(e) => return Err(setup(&target, e)),
                 },
                 Err(_) => Action::Create,
@@ -500,42 +470,6 @@ pub async fn apply(bus: &Bus, topology: &Topology, plan: &[PlanItem]) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn url_credentials_are_percent_decoded_not_form_decoded() {
-        // The password `p+&@%/x`, percent-encoded where a URL needs it.
-        let url = "nats://alice:p+&%40%25%2Fx@127.0.0.1:4222";
-        let (clean, auth) = credentials_from_url(url, &NatsAuth::default());
-        assert_eq!(auth.user.as_deref(), Some("alice"));
-        assert_eq!(auth.password.as_deref(), Some("p+&@%/x"));
-        assert_eq!(clean, "nats://127.0.0.1:4222");
-        let (_, token) = credentials_from_url("nats://s3cr%2Bt@127.0.0.1:4222", &NatsAuth::default());
-        assert_eq!(token.token.as_deref(), Some("s3cr+t"));
-    }
-
-    #[test]
-    fn url_credentials_move_into_auth() {
-        let (url, auth) = credentials_from_url("nats://u:p%40ss@host:4222", &NatsAuth::default());
-        assert_eq!(url, "nats://host:4222");
-        assert_eq!((auth.user.as_deref(), auth.password.as_deref()), (Some("u"), Some("p@ss")));
-        let (_, auth) = credentials_from_url("nats://s3cr3t@host:4222", &NatsAuth::default());
-        assert_eq!(auth.token.as_deref(), Some("s3cr3t"));
-        let (url, auth) = credentials_from_url("nats://host:4222", &NatsAuth::default());
-        assert_eq!((url.as_str(), auth), ("nats://host:4222", NatsAuth::default()));
-    }
-
-    #[test]
-    fn a_server_list_gives_every_server_and_the_credentials_once() {
-        let (servers, auth) = credentials_from_urls("nats://u:p@h1:4222, nats://u:p@h2:4223,nats://h3:4224", &NatsAuth::default());
-        assert_eq!(servers, ["nats://h1:4222", "nats://h2:4223", "nats://h3:4224"]);
-        assert_eq!((auth.user.as_deref(), auth.password.as_deref()), (Some("u"), Some("p")));
-    }
-
-    #[test]
-    fn redacts_credentials() {
-        assert_eq!(redact_url("nats://u:p@host:4222"), "nats://***@host:4222");
-        assert_eq!(redact_url("nats://host:4222"), "nats://host:4222");
-    }
 
     #[test]
     fn retention_change_needs_recreate() {

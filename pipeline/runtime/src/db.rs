@@ -8,7 +8,8 @@
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod};
 use serde::Serialize;
 
-use crate::postgres_tls::{handshake_failure, HandshakeFailure, Target, TargetError};
+use crate::postgres_tls::{handshake_failure, HandshakeFailure, Target};
+use facepipe_core::database_url::DatabaseUrl;
 pub use crate::postgres_tls::TlsSetupError;
 
 use facepipe_core::domain::{BatchStatus, Detector, ImageStatus, Priority, StageName};
@@ -115,16 +116,6 @@ impl facepipe_core::retry::Classify for DbError {
     }
 }
 
-/// A URL that cannot be made ready to connect: its configuration or its TLS settings.
-impl From<TargetError> for DbError {
-    fn from(e: TargetError) -> Self {
-        match e {
-            TargetError::Config(reason) => Self::Config(reason),
-            TargetError::Tls(e) => Self::TlsSetup(e),
-        }
-    }
-}
-
 /// A TLS failure in words, or the error as it was.
 fn tls_or(e: tokio_postgres::Error, otherwise: impl FnOnce(tokio_postgres::Error) -> DbError) -> DbError {
     match handshake_failure(&e) {
@@ -159,20 +150,18 @@ pub struct Db {
 
 /// One connection outside the pool (administration, tests), through the same TLS
 /// connector as the pool's; its connection task runs on the current runtime.
-pub async fn connect_one(url: &str) -> Result<tokio_postgres::Client, DbError> {
-    let target = Target::parse(url)?;
+pub async fn connect_one(url: &DatabaseUrl) -> Result<tokio_postgres::Client, DbError> {
+    let target = Target::new(url)?;
     let (client, conn) = target.config.connect(target.tls).await?;
     tokio::spawn(conn);
     Ok(client)
 }
 
 /// Creates the database named in `url` when it does not exist, via the `postgres` database.
-pub async fn ensure_database(url: &str) -> Result<bool, DbError> {
-    let Target { config, tls } = Target::parse(url)?;
-    let name = config.get_dbname().unwrap_or("postgres").to_string();
-    let mut admin = config.clone();
-    admin.dbname("postgres");
-    let (client, conn) = admin.connect(tls).await?;
+pub async fn ensure_database(url: &DatabaseUrl) -> Result<bool, DbError> {
+    let name = url.dbname().unwrap_or("postgres").to_string();
+    let Target { config, tls } = Target::new(&url.with_dbname("postgres"))?;
+    let (client, conn) = config.connect(tls).await?;
     let conn = tokio::spawn(conn);
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
@@ -314,8 +303,8 @@ pub struct Progress {
 
 impl Db {
     /// Builds a pool for `url` (connections are opened lazily).
-    pub fn connect(url: &str, pool_size: usize) -> Result<Self, DbError> {
-        let Target { mut config, tls } = Target::parse(url)?;
+    pub fn connect(url: &DatabaseUrl, pool_size: usize) -> Result<Self, DbError> {
+        let Target { mut config, tls } = Target::new(url)?;
         // Fail fast while the server is down, so callers can back off instead of hanging.
         config.connect_timeout(CONNECT_TIMEOUT);
         let manager = Manager::from_config(config, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
@@ -612,7 +601,8 @@ mod tests {
 
     #[test]
     fn unusable_tls_settings_are_permanent() {
-        let e = Db::connect("postgres://u:p@h/db?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem", 1).err().unwrap();
+        let url = "postgres://u:p@h/db?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem".parse().unwrap();
+        let e = Db::connect(&url, 1).err().unwrap();
         assert!(matches!(e, DbError::TlsSetup(_)) && e.is_permanent(), "{e:?}");
     }
 }

@@ -9,7 +9,8 @@
 //! addresses) needs a restart, and `apply` says so in its plan.
 //!
 //! The stored copy carries no secrets: NATS credentials, the API token and the
-//! database password stay in each process's own file and environment.
+//! database password are never serialized (`facepipe_core::secret`), so they stay
+//! in each process's own file and environment.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 
 use crate::bus::{Bus, BusError};
-use facepipe_core::topology::{NatsAuth, StageName, Topology};
+use facepipe_core::topology::{StageName, Topology};
 
 /// Key of the topology in the bucket.
 pub const KEY: &str = "topology";
@@ -42,19 +43,6 @@ impl Changes {
 /// The bucket's name for `topology`.
 pub fn bucket(topology: &Topology) -> String {
     format!("{}_CONFIG", topology.nats.stream_prefix)
-}
-
-/// `topology` without secrets, as stored in the bucket.
-pub fn shareable(topology: &Topology) -> Topology {
-    let mut t = topology.clone();
-    t.nats.auth = NatsAuth {
-        tls_required: t.nats.auth.tls_required,
-        ..NatsAuth::default()
-    };
-    t.nats.url = facepipe_core::redact::redact_url(&t.nats.url);
-    t.postgres.url = facepipe_core::redact::redact_url(&t.postgres.url);
-    t.api.token = None;
-    t
 }
 
 /// The topology stored by the last `apply`, if any.
@@ -101,8 +89,8 @@ pub async fn publish(bus: &Bus, topology: &Topology) -> Result<u64, BusError> {
             bus.js.get_key_value(&name).await.map_err(|e| setup(&name, e))?
         }
     };
-    let text = toml::to_string(&shareable(topology)).map_err(|e| setup(&name, e))?;
-    kv.put(KEY, text.into()).await.map_err(|e| setup(&name, e))
+    // Serialized without its secrets: they are never serialized (facepipe_core::secret).
+    kv.put(KEY, topology.to_toml().into()).await.map_err(|e| setup(&name, e))
 }
 
 fn setup(what: &str, e: impl Into<crate::error::Cause>) -> BusError {
@@ -125,7 +113,7 @@ fn flatten(topology: &Topology) -> BTreeMap<String, String> {
         }
     }
     let mut out = BTreeMap::new();
-    let value = toml::Value::try_from(shareable(topology)).expect("a topology is plain data");
+    let value = toml::Value::try_from(topology).expect("a topology is plain data");
     walk("", &value, &mut out);
     out
 }
@@ -269,10 +257,14 @@ mod tests {
         t.nats.auth.password = Some("nats-secret".into());
         t.nats.auth.user = Some("u".into());
         t.api.token = Some("api-secret".into());
-        t.postgres.url = "postgres://facepipe:db-secret@db/facepipe".into();
-        let text = toml::to_string(&shareable(&t)).unwrap();
-        for secret in ["nats-secret", "api-secret", "db-secret"] {
+        t.postgres.url = "host=db user=facepipe password='db secret' dbname=facepipe".parse().unwrap();
+        let text = t.to_toml();
+        for secret in ["nats-secret", "api-secret", "db secret"] {
             assert!(!text.contains(secret), "{secret} in {text}");
         }
+        let mut changed = t.clone();
+        changed.postgres.url = "postgres://facepipe:other-secret@db2/facepipe".parse().unwrap();
+        let shown = format!("{:?}", changes(&t, &changed));
+        assert!(shown.contains("db2") && !shown.contains("secret"), "{shown}");
     }
 }

@@ -1,4 +1,4 @@
-//! The one way to PostgreSQL: a database URL made into tokio-postgres's config and the
+//! The one way to PostgreSQL: a [`DatabaseUrl`] made into tokio-postgres's config and the
 //! rustls connector its `sslmode` and `sslrootcert` ask for.
 //!
 //! The URL's TLS parameters are read by [`facepipe_core::postgres_tls::PgTls`]; tokio-postgres
@@ -14,6 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use facepipe_core::database_url::DatabaseUrl;
 use facepipe_core::postgres_tls::{load_pem_certificates, PgTls, PgTlsError, RootCert, SslMode, Verification};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
@@ -43,20 +44,9 @@ pub enum TlsSetupError {
     Rustls(#[from] rustls::Error),
 }
 
-/// Why a database URL cannot be made ready to connect.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum TargetError {
-    /// tokio-postgres does not accept the rest of the URL.
-    #[error("{0}")]
-    Config(String),
-    /// The TLS settings cannot be used.
-    #[error(transparent)]
-    Tls(#[from] TlsSetupError),
-}
-
 /// A database URL made ready to connect.
 pub(crate) struct Target {
-    /// tokio-postgres's configuration, without the TLS parameters it does not know.
+    /// tokio-postgres's configuration, with the `sslmode` it knows for the URL's.
     pub config: tokio_postgres::Config,
     /// The connector every connection to this URL goes through (also for `disable`,
     /// where tokio-postgres never calls it).
@@ -64,17 +54,17 @@ pub(crate) struct Target {
 }
 
 impl Target {
-    /// Parses `url`, and builds the connector (reading `sslrootcert`). Errors never echo
+    /// The config and connector for `url` (reading `sslrootcert`). Errors never echo
     /// the URL: it may hold a password.
-    pub fn parse(url: &str) -> Result<Self, TargetError> {
-        let (settings, rest) = PgTls::split(url).map_err(TlsSetupError::from)?;
-        let mut config = rest.parse::<tokio_postgres::Config>().map_err(|e| TargetError::Config(describe(&e)))?;
+    pub fn new(url: &DatabaseUrl) -> Result<Self, TlsSetupError> {
+        let settings = url.tls();
+        let mut config = url.config().clone();
         config.ssl_mode(match settings.mode {
             SslMode::Disable => tokio_postgres::config::SslMode::Disable,
             SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
             SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => tokio_postgres::config::SslMode::Require,
         });
-        let tls = MakeRustlsConnect::new(client_config(&settings).map_err(TargetError::Tls)?);
+        let tls = MakeRustlsConnect::new(client_config(settings)?);
         Ok(Self { config, tls })
     }
 }
@@ -241,8 +231,14 @@ mod tests {
     use super::*;
     use tokio_postgres::config::SslMode as Wire;
 
-    fn parse(url: &str) -> Result<Target, TargetError> {
-        Target::parse(url)
+    /// The URL as the topology reads it, then made ready to connect; either error, as text.
+    fn parse(url: &str) -> Result<Target, String> {
+        let url: DatabaseUrl = url.parse().map_err(|e: facepipe_core::database_url::DatabaseUrlError| e.to_string())?;
+        Target::new(&url).map_err(|e| match e {
+            TlsSetupError::RootCertRejected { .. } => format!("rejected: {e}"),
+            TlsSetupError::NoSystemRoots(_) => format!("no roots: {e}"),
+            e => e.to_string(),
+        })
     }
 
     #[test]
@@ -266,13 +262,12 @@ mod tests {
     #[test]
     fn unusable_settings_are_permanent_errors_that_never_show_the_password() {
         let e = parse("postgres://u:hunter2@h/db?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem").err().unwrap();
-        assert!(matches!(e, TargetError::Tls(_)), "{e:?}");
-        assert!(e.to_string().contains("sslrootcert /nonexistent/ca.pem: cannot read it"), "{e}");
+        assert!(e.contains("sslrootcert /nonexistent/ca.pem: cannot read it"), "{e}");
         let e = parse("postgres://u:hunter2@h/db?sslmode=verify-full").err().unwrap();
-        assert!(e.to_string().contains("needs sslrootcert") && !e.to_string().contains("hunter2"), "{e}");
+        assert!(e.contains("needs sslrootcert") && !e.contains("hunter2"), "{e}");
         // An option tokio-postgres does not know is named, with its own reason.
         let e = parse("postgres://u:hunter2@h/db?sslmode=require&colour=blue").err().unwrap();
-        assert!(e.to_string().contains("unknown option `colour`") && !e.to_string().contains("hunter2"), "{e}");
+        assert!(e.contains("unknown option `colour`") && !e.contains("hunter2"), "{e}");
     }
 
     #[test]
@@ -281,15 +276,14 @@ mod tests {
         let pem = dir.path().join("ca.pem");
         std::fs::write(&pem, "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n").unwrap();
         let e = parse(&format!("host=h sslmode=verify-ca sslrootcert={}", pem.display())).err().unwrap();
-        assert!(matches!(e, TargetError::Tls(TlsSetupError::RootCertRejected { .. })), "{e:?}");
-        assert!(e.to_string().contains("not a usable CA certificate"), "{e}");
+        assert!(e.starts_with("rejected: ") && e.contains("not a usable CA certificate"), "{e}");
     }
 
     #[test]
     fn system_roots_load_where_the_platform_has_them() {
         match parse("postgres://h/db?sslmode=verify-full&sslrootcert=system") {
             Ok(target) => assert_eq!(target.config.get_ssl_mode(), Wire::Require),
-            Err(TargetError::Tls(TlsSetupError::NoSystemRoots(_))) => {
+            Err(e) if e.starts_with("no roots: ") => {
                 assert!(!Path::new("/etc/ssl/certs/ca-certificates.crt").exists(), "the roots are there but did not load")
             }
             Err(e) => panic!("{e}"),

@@ -272,14 +272,21 @@ pub struct TestDb {
     name: String,
 }
 
-fn admin_url() -> String {
+/// The URL of a PostgreSQL server where tests may create databases (and roles).
+pub fn admin_url() -> String {
     std::env::var("PIPELINE_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://facepipe:facepipe@127.0.0.1:5432/postgres".into())
 }
 
+/// The port of the tests' PostgreSQL server.
+pub fn connect_port() -> u16 {
+    let url: facepipe_core::database_url::DatabaseUrl = admin_url().parse().unwrap();
+    url.config().get_ports().first().copied().unwrap_or(5432)
+}
+
 /// One connection, through the pipeline's own connector (the URL's `sslmode` applies).
 pub async fn connect(url: &str) -> tokio_postgres::Client {
-    facepipe_runtime::db::connect_one(url)
+    facepipe_runtime::db::connect_one(&url.parse().expect("a database URL"))
         .await
         .unwrap_or_else(|e| panic!("PostgreSQL for tests unreachable (PIPELINE_TEST_DATABASE_URL): {e}"))
 }
@@ -307,7 +314,7 @@ impl TestDb {
 
     /// A migrated pool on the database.
     pub async fn pool(&self) -> Db {
-        let db = Db::connect(&self.url, 4).unwrap();
+        let db = Db::connect(&self.url.parse().unwrap(), 4).unwrap();
         db.migrate().await.unwrap();
         db
     }
@@ -349,8 +356,8 @@ pub fn use_shared_models(params: &mut facepipe_core::topology::DetectParams) {
 pub fn test_topology(nats_url: &str, db_url: &str, objects: &Path) -> Topology {
     let text = std::fs::read_to_string(repo_root().join("topology.toml")).unwrap();
     let mut t = Topology::parse(&text).unwrap();
-    t.nats.url = nats_url.to_string();
-    t.postgres.url = db_url.to_string();
+    t.nats.url = nats_url.parse().unwrap();
+    t.postgres.url = db_url.parse().unwrap();
     t.object_store.url = format!("file://{}", objects.display());
     use_shared_models(&mut t.stages.detect.params);
     t.retry.base = Duration::from_millis(200);
@@ -476,7 +483,7 @@ impl Deployment {
         let mut topology = test_topology(&urls, &db.url, &dir.path().join("objects"));
         edit(&mut topology);
         let topology_path = dir.path().join("topology.toml");
-        std::fs::write(&topology_path, toml::to_string(&topology).unwrap()).unwrap();
+        std::fs::write(&topology_path, topology.to_toml()).unwrap();
         let mut deployment = Self {
             stages: Vec::new(),
             topology,
@@ -573,8 +580,13 @@ impl Deployment {
     fn command_with(&self, binary: &str, topology: &Path) -> Command {
         let mut cmd = Command::new(bin(binary));
         cmd.arg("--topology").arg(topology);
-        for var in ["PIPELINE_NATS_URL", "PIPELINE_OBJECT_STORE_URL", "PIPELINE_DATABASE_URL", "PIPELINE_DETECT_MODEL", "PIPELINE_TOPOLOGY", "PIPELINE_METRICS_ADDR"] {
+        for var in ["PIPELINE_NATS_URL", "PIPELINE_OBJECT_STORE_URL", "PIPELINE_DATABASE_URL", "PIPELINE_DATABASE_PASSWORD", "PIPELINE_DETECT_MODEL", "PIPELINE_TOPOLOGY", "PIPELINE_METRICS_ADDR"] {
             cmd.env_remove(var);
+        }
+        // The file written from the topology has no password (secrets are never
+        // serialized): it comes through the environment, as in a deployment.
+        if let Some(password) = self.topology.postgres.url.config().get_password() {
+            cmd.env("PIPELINE_DATABASE_PASSWORD", String::from_utf8_lossy(password).into_owned());
         }
         // Only what the test gives: no object-store setting or key of the machine's own.
         for (var, _) in std::env::vars_os() {
@@ -690,6 +702,22 @@ pub fn write_zip(path: &Path, entries: &[(String, Vec<u8>)]) {
     w.finish().unwrap();
 }
 
+/// A ZIP of the first `count` labelled photos (again from the first when there are
+/// fewer), named `<n>-<file>` so that repeats are distinct entries.
+pub fn photos_zip(dir: &Path, name: &str, count: usize) -> PathBuf {
+    let faces_dir = shared_dir().join("data/faces");
+    let entries: Vec<(String, Vec<u8>)> = labelled_photos()
+        .iter()
+        .cycle()
+        .take(count)
+        .enumerate()
+        .map(|(i, p)| (format!("{i:03}-{}", p.file.replace('/', "_")), std::fs::read(faces_dir.join(&p.file)).unwrap()))
+        .collect();
+    let path = dir.join(name);
+    write_zip(&path, &entries);
+    path
+}
+
 /// The labelled photos.
 pub fn labelled_photos() -> Vec<Labelled> {
     let path = shared_dir().join("data/faces/manifest.json");
@@ -742,11 +770,16 @@ impl PgProxy {
         self.down.send_replace(down);
     }
 
-    /// `url` with its host and port replaced by the proxy's.
-    pub fn url_for(&self, url: &str) -> String {
-        let (scheme_user, rest) = url.split_once('@').unwrap();
+    /// `url` with its host and port replaced by the proxy's (its password kept).
+    pub fn url_for(&self, url: &facepipe_core::database_url::DatabaseUrl) -> facepipe_core::database_url::DatabaseUrl {
+        let shown = url.to_string();
+        let (scheme_user, rest) = shown.split_once('@').unwrap();
         let db = rest.split_once('/').unwrap().1;
-        format!("{scheme_user}@127.0.0.1:{}/{db}", self.port)
+        let mut proxied: facepipe_core::database_url::DatabaseUrl = format!("{scheme_user}@127.0.0.1:{}/{db}", self.port).parse().unwrap();
+        if let Some(password) = url.config().get_password() {
+            proxied.set_password(&String::from_utf8_lossy(password).into_owned().into());
+        }
+        proxied
     }
 }
 
