@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use facepipe_core::topology::StageName;
 use support::{labelled_photos, shared_dir, Deployment, S3Server};
+use facepipe_core::domain::BatchStatus;
 
 fn peak_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -71,7 +72,7 @@ async fn main() {
         let status = db.batch_status(&batch).await.unwrap();
         match status {
             Some(s) if s.image_count.is_some() => break s,
-            Some(s) if s.status == "failed" => panic!("batch failed: {s:?}\n{}", d.logs()),
+            Some(s) if s.status == BatchStatus::Failed => panic!("batch failed: {s:?}\n{}", d.logs()),
             _ => {}
         }
         assert!(started.elapsed() < Duration::from_secs(1800), "not ingested in 30 minutes\n{}", d.logs());

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use facepipe_runtime::bus::{self, Bus};
-use facepipe_runtime::db::{self, Db};
+use facepipe_ledger::{self as db, Db};
 use facepipe_control::deadletters;
 use facepipe_runtime::live;
 use facepipe_control::batches::{Batches, Started, ZipUpload};
-use facepipe_core::domain::Priority;
+use facepipe_core::domain::{BatchStatus, Priority};
 use facepipe_runtime::store::Store;
 use facepipe_core::topology::{StageName, Topology, TOPOLOGY_ENV};
 
@@ -374,20 +374,20 @@ async fn watch_batch(topology: &Topology, batch_id: &str) -> anyhow::Result<()> 
         .progress_chars("=> "),
     );
     bar.enable_steady_tick(Duration::from_millis(200));
-    let last = loop {
-        let Some(s) = db.batch_status(batch_id).await? else {
-            bar.abandon();
-            bail!("no batch `{batch_id}`");
-        };
+    let followed = facepipe_control::batches::follow(&db, batch_id, Duration::from_millis(250), None, |s| {
         if let Some(n) = s.image_count {
             bar.set_length(n as u64);
         }
         bar.set_position(s.processed as u64);
         bar.set_message(if s.failed > 0 { format!("{} ({} failed)", s.status, s.failed) } else { s.status.to_string() });
-        if s.status == "completed" || s.status == "failed" {
-            break s;
+    })
+    .await;
+    let last = match followed {
+        Ok(last) => last,
+        Err(e) => {
+            bar.abandon();
+            return Err(e.into());
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
     };
     bar.finish();
     println!(
@@ -399,34 +399,24 @@ async fn watch_batch(topology: &Topology, batch_id: &str) -> anyhow::Result<()> 
         last.failed,
         last.faces
     );
-    if last.status == "failed" {
+    if last.status == BatchStatus::Failed {
         bail!("batch failed: {}", last.error.unwrap_or_default());
     }
     Ok(())
 }
 
-/// Polls until the batch completes or fails, printing progress to stderr.
+/// Follows a batch until it completes or fails, printing each change of its progress to stderr.
 async fn wait_for_batch(db: &Db, batch_id: &str) -> anyhow::Result<db::BatchSummary> {
     let mut shown = String::new();
-    loop {
-        if let Some(s) = db.batch_status(batch_id).await? {
-            let line = format!(
-                "{}: {}/{} processed, {} failed",
-                s.status,
-                s.processed,
-                s.image_count.map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
-                s.failed
-            );
-            if line != shown {
-                eprintln!("  {line}");
-                shown = line;
-            }
-            if s.status == "completed" || s.status == "failed" {
-                return Ok(s);
-            }
+    Ok(facepipe_control::batches::follow(db, batch_id, Duration::from_millis(250), None, |s| {
+        let count = s.image_count.map(|n| n.to_string()).unwrap_or_else(|| "?".into());
+        let line = format!("{}: {}/{count} processed, {} failed", s.status, s.processed, s.failed);
+        if line != shown {
+            eprintln!("  {line}");
+            shown = line;
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    })
+    .await?)
 }
 
 async fn status(topology: &Topology, batch_id: &str, json: bool) -> anyhow::Result<()> {
@@ -456,19 +446,9 @@ async fn status(topology: &Topology, batch_id: &str, json: bool) -> anyhow::Resu
 
 async fn stats(topology: &Topology, json: bool) -> anyhow::Result<()> {
     let bus = Bus::connect(&topology.nats, "facepipe-cli", false).await?;
-    let queues = facepipe_control::stats::queue_stats(&bus, topology).await?;
-    let failed = database(topology)?.failed_by_stage().await?;
-    let failed_of = |stage: &str| failed.get(stage).copied().unwrap_or(0);
+    let queues = facepipe_control::stats::stage_stats(&bus, &database(topology)?, topology).await?;
     if json {
-        let rows: Vec<serde_json::Value> = queues
-            .iter()
-            .map(|q| {
-                let mut v = serde_json::to_value(q).expect("plain data");
-                v["failed"] = failed_of(&q.stage).into();
-                v
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        println!("{}", serde_json::to_string_pretty(&queues)?);
     } else {
         println!(
             "{:<8} {:>9} {:>7} {:>9} {:>10} {:>7} {:>9} {:>13}",
@@ -477,7 +457,7 @@ async fn stats(topology: &Topology, json: bool) -> anyhow::Result<()> {
         for q in &queues {
             println!(
                 "{:<8} {:>9} {:>7} {:>9} {:>10} {:>7} {:>9} {:>13}",
-                q.stage, q.waiting, q.active, q.retrying, q.completed, failed_of(&q.stage), q.replicas, q.idle_pullers
+                q.stage.as_str(), q.waiting, q.active, q.retrying, q.completed, q.failed, q.replicas, q.idle_pullers
             );
         }
     }

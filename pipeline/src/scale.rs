@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use facepipe_control::batches::{Batches, ZipUpload};
-use facepipe_core::domain::Priority;
+use facepipe_core::domain::{BatchStatus, Priority};
 use facepipe_core::keys;
 use facepipe_core::messages::{self, DeadLetter};
 use facepipe_core::topology::{StageName, Topology};
 use facepipe_runtime::bus::Bus;
-use facepipe_runtime::db::{Db, PageStart};
+use facepipe_ledger::{Db, PageStart};
 use facepipe_runtime::store::Store;
 
 use crate::processes::{StageGroup, Usage};
@@ -179,12 +179,12 @@ pub async fn run(topology_path: &Path, topology: &Topology, corpus: &[PathBuf], 
             }
         }
         let at = started.elapsed().as_secs_f64();
-        if ingested_at.is_none() && status.status != "ingesting" {
+        if ingested_at.is_none() && status.status != BatchStatus::Ingesting {
             ingested_at = Some(at);
         }
         let done = if args.ingest_only { detect_messages } else { status.processed as u64 };
         samples.push(Sample { at, done, cpu: watched.cpu() });
-        let finished = if args.ingest_only { status.status != "ingesting" } else { matches!(status.status.as_str(), "completed" | "failed") };
+        let finished = if args.ingest_only { status.status != BatchStatus::Ingesting } else { status.status.is_finished() };
         if finished {
             break status;
         }
@@ -192,7 +192,7 @@ pub async fn run(topology_path: &Path, topology: &Topology, corpus: &[PathBuf], 
     let wall = started.elapsed().as_secs_f64();
     let usage: Vec<Usage> = group.processes().iter().map(StageGroup::usage).collect();
     let nats_usage = args.nats_pid.map(|p| Usage::of(p, false));
-    let db_bytes = db.database_bytes().await?;
+    let db_bytes = crate::bench::ledger::database_bytes(&db).await?;
 
     if args.ingest_only {
         println!(
@@ -252,7 +252,7 @@ pub async fn run(topology_path: &Path, topology: &Topology, corpus: &[PathBuf], 
     if args.queries {
         queries(topology_path, topology, &db, &bus, &batch_id, n, args.dead_letters).await?;
     }
-    if !args.ingest_only && status.status != "completed" {
+    if !args.ingest_only && status.status != BatchStatus::Completed {
         bail!("batch {batch_id} ended {}", status.status);
     }
     Ok(())
@@ -371,8 +371,7 @@ async fn queries(topology_path: &Path, topology: &Topology, db: &Db, bus: &Bus, 
     row(
         "stats (queues, replicas, failures)",
         median_ms(5, || async {
-            facepipe_control::stats::queue_stats(bus, topology).await?;
-            Ok(db.failed_by_stage().await?)
+            Ok(facepipe_control::stats::stage_stats(bus, db, topology).await?)
         })
         .await?,
         "target < 200 ms",

@@ -20,6 +20,7 @@ use facepipe_core::topology::{CropAlign, CropParams, DetectParams};
 use facepipe_runtime::store::Store;
 use facepipe_vision::{crop, detect};
 use support::{labelled_photos, shared_dir, use_shared_models, write_zip, Deployment};
+use facepipe_core::domain::ImageStatus;
 
 /// Portraits known to hold exactly one face (face_recognition's examples and the astronaut).
 fn portraits() -> Vec<(String, Mat)> {
@@ -189,7 +190,7 @@ async fn the_crop_stage_levels_the_eyes_when_the_topology_says_so() {
     assert_eq!(results.len(), entries.len());
     let store = Store::open(&d.topology.object_store).unwrap();
     for r in &results {
-        assert_eq!(r.status, "cropped", "{r:?}");
+        assert_eq!(r.status, ImageStatus::Cropped, "{r:?}");
         assert!(r.faces.iter().all(|f| f.landmarks.is_some()), "landmarks are recorded: {r:?}");
         let crop = store.get(&r.crop_keys[0]).await.unwrap();
         let angle = eye_angle_of_crop(&crop).unwrap_or_else(|| panic!("{}: no face on the crop", r.crop_keys[0]));

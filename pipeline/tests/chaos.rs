@@ -13,6 +13,7 @@ use facepipe_runtime::store::Store;
 use facepipe_core::topology::StageName;
 use rand::Rng;
 use support::{labelled_photos, shared_dir, write_zip, Deployment, PgProxy};
+use facepipe_core::domain::{BatchStatus, ImageStatus};
 
 /// Copies of every labelled photo (164 each), plus planted bad entries.
 const COPIES: usize = 4;
@@ -64,7 +65,7 @@ async fn batch_survives_kills_restarts_and_outages() {
     client.flush().await.unwrap();
 
     let db = d.db.pool().await;
-    let done = |s: &Option<facepipe_runtime::db::BatchSummary>| s.as_ref().is_some_and(|s| s.status == "completed" || s.status == "failed");
+    let done = |s: &Option<facepipe_ledger::BatchSummary>| s.as_ref().is_some_and(|s| s.status == BatchStatus::Completed || s.status == BatchStatus::Failed);
     let mut rng = rand::rng();
     let (mut kills, mut nats_restarts, mut db_outages, mut sigterms) = (0, 0, 0, 0);
     let mut next_kill = Instant::now() + Duration::from_millis(rng.random_range(1000..2000));
@@ -125,7 +126,7 @@ async fn batch_survives_kills_restarts_and_outages() {
     let wall = started.elapsed();
 
     let status = db.batch_status(&batch).await.unwrap().unwrap();
-    assert_eq!(status.status, "completed", "{status:?}");
+    assert_eq!(status.status, BatchStatus::Completed, "{status:?}");
     assert_eq!(status.image_count, Some(image_count as i32));
     assert_eq!(status.processed, image_count as i32);
     assert_eq!(status.failed, PLANTED_BAD.len() as i32, "only the planted entries fail");
@@ -135,14 +136,14 @@ async fn batch_survives_kills_restarts_and_outages() {
     assert_eq!(results.len(), image_count);
     let entries: BTreeSet<&str> = results.iter().map(|r| r.entry.as_str()).collect();
     assert_eq!(entries.len(), image_count, "no entry twice");
-    assert!(results.iter().all(|r| r.status != "pending"));
-    let failed: BTreeSet<&str> = results.iter().filter(|r| r.status == "failed").map(|r| r.entry.as_str()).collect();
+    assert!(results.iter().all(|r| r.status != ImageStatus::Pending));
+    let failed: BTreeSet<&str> = results.iter().filter(|r| r.status == ImageStatus::Failed).map(|r| r.entry.as_str()).collect();
     assert_eq!(failed, PLANTED_BAD.into_iter().collect());
 
     // One crop object per cropped image, none extra, none twice.
     let store = Store::open(&d.topology.object_store).unwrap();
     let crops = store.list(&format!("batches/{batch}/crops")).await.unwrap();
-    let cropped: Vec<_> = results.iter().filter(|r| r.status == "cropped").collect();
+    let cropped: Vec<_> = results.iter().filter(|r| r.status == ImageStatus::Cropped).collect();
     assert_eq!(crops.len(), cropped.len());
     let recorded: BTreeSet<&str> = cropped.iter().flat_map(|r| r.crop_keys.iter().map(String::as_str)).collect();
     assert_eq!(recorded, crops.iter().map(String::as_str).collect::<BTreeSet<_>>());
@@ -160,7 +161,7 @@ async fn batch_survives_kills_restarts_and_outages() {
     let letters = deadletters::list(&bus, &d.topology, &filter).await.unwrap().letters;
     let mut planted_images: Vec<String> = results
         .iter()
-        .filter(|r| r.status == "failed")
+        .filter(|r| r.status == ImageStatus::Failed)
         .map(|r| r.image_id.clone())
         .collect();
     planted_images.sort();

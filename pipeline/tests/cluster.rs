@@ -16,6 +16,7 @@ use async_nats::jetstream;
 use facepipe_core::topology::StageName;
 use facepipe_runtime::store::Store;
 use support::{http_get, labelled_photos, shared_dir, write_zip, Deployment};
+use facepipe_core::domain::{BatchStatus, ImageStatus};
 
 const BATCH_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -117,13 +118,13 @@ async fn check_end_state(d: &Deployment, js: &jetstream::Context, batch: &str, e
     let results = d.db().await.results(batch).await.unwrap();
     let failures: Vec<String> = results
         .iter()
-        .filter(|r| r.status.as_str() == "failed")
+        .filter(|r| r.status == ImageStatus::Failed)
         .map(|r| format!("{} at {:?}: {}", r.entry, r.failed_stage, r.error.as_deref().unwrap_or("")))
         .collect();
     assert_eq!((status.status.as_str(), status.failed), ("completed", 1), "only the planted entry fails: {status:?}\n{failures:#?}");
     assert_eq!(results.len(), entries, "every entry recorded exactly once");
     assert_eq!(status.processed as usize, entries, "the counters count each once: {status:?}");
-    let failed: Vec<_> = results.iter().filter(|r| r.status.as_str() == "failed").collect();
+    let failed: Vec<_> = results.iter().filter(|r| r.status == ImageStatus::Failed).collect();
     assert!(failed.len() == 1 && failed[0].entry == PLANTED, "{failed:?}");
     let crop_keys: usize = results.iter().map(|r| r.crop_keys.len()).sum();
     let store = Store::open(&d.topology.object_store).unwrap();
@@ -228,7 +229,7 @@ async fn losing_two_of_three_nodes_pauses_the_batch_and_loses_nothing() {
     eprintln!("two nodes lost: detect's /readyz answers 503 {}", why.trim());
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(processed(&d, &batch).await, stalled_at, "no progress without a quorum");
-    assert_ne!(d.db().await.batch_status(&batch).await.unwrap().unwrap().status.as_str(), "completed");
+    assert_ne!(d.db().await.batch_status(&batch).await.unwrap().unwrap().status, BatchStatus::Completed);
 
     let down = lost.elapsed();
     let back = Instant::now();

@@ -20,6 +20,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use facepipe_core::topology::StageName;
 use serde_json::{json, Value};
 use support::{free_port, labelled_photos, shared_dir, wait_for_port, write_zip, ApiServer, Deployment, NatsServer};
+use facepipe_core::domain::{BatchStatus, ImageStatus};
 
 const TOKEN: &str = "dashboard-token-71c2";
 const BATCH_TIMEOUT: Duration = Duration::from_secs(240);
@@ -172,7 +173,7 @@ async fn dashboard_upload_progress_failures_boxes_replay_and_sign_in() {
     let start = Instant::now();
     let summary = loop {
         let s = db.batch_status(&batch_id).await.unwrap().expect("the form started a batch");
-        if s.image_count.is_some() && s.status == "processing" {
+        if s.image_count.is_some() && s.status == BatchStatus::Processing {
             break s;
         }
         assert!(start.elapsed() < BATCH_TIMEOUT, "extract did not register the images: {s:?}\n{}", d.logs());
@@ -212,7 +213,7 @@ async fn dashboard_upload_progress_failures_boxes_replay_and_sign_in() {
     let recorded = db.results(&batch_id).await.unwrap();
     for entry in ["planted/broken.jpg", labelled_photos()[1].file.as_str()] {
         let failure = recorded.iter().find(|r| r.entry == entry).unwrap();
-        assert_eq!(failure.status, "failed", "{failure:?}");
+        assert_eq!(failure.status, ImageStatus::Failed, "{failure:?}");
         let reason = failure.error.as_deref().unwrap().to_lowercase();
         let group = groups.iter().zip(&reasons).find(|(_, r)| **r == reason).map(|(g, _)| g);
         let group = group.unwrap_or_else(|| panic!("`{reason}` is not among the groups shown: {groups:?}"));
@@ -247,7 +248,7 @@ async fn dashboard_upload_progress_failures_boxes_replay_and_sign_in() {
     )
     .await;
     let image_id = c.execute("return location.hash.split('/image/')[1]", vec![]).await.unwrap();
-    let image = db.image(&batch_id, image_id.as_str().unwrap()).await.unwrap().unwrap();
+    let image = facepipe_api::listing::image(&db, &batch_id, image_id.as_str().unwrap()).await.unwrap().unwrap();
     assert_eq!(shown, json!(image.faces.len()), "one box per face");
     // Each box sits where its face is, relative to the image as drawn.
     let first = c
@@ -291,9 +292,9 @@ async fn dashboard_upload_progress_failures_boxes_replay_and_sign_in() {
     // Replayed, the image goes through detect again, now with its original.
     let start = Instant::now();
     loop {
-        let image = db.image(&batch_id, &taken.image_id).await.unwrap().unwrap();
+        let image = facepipe_api::listing::image(&db, &batch_id, &taken.image_id).await.unwrap().unwrap();
         let batch = db.batch_status(&batch_id).await.unwrap().unwrap();
-        if image.status != "pending" && image.status != "failed" && batch.status == "completed" {
+        if image.status != ImageStatus::Pending && image.status != ImageStatus::Failed && batch.status == BatchStatus::Completed {
             assert_eq!(batch.failed, 1, "only the broken entry is still failed");
             break;
         }
@@ -487,7 +488,7 @@ async fn ten_browsers_watching_one_batch() {
         }
         loop {
             let s = db.batch_status(&batch_id).await.unwrap().unwrap();
-            if s.status == "completed" {
+            if s.status == BatchStatus::Completed {
                 break;
             }
             assert!(started.elapsed() < Duration::from_secs(900), "{s:?}");

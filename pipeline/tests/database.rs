@@ -4,9 +4,10 @@
 mod support;
 
 use facepipe_core::domain::{Detector, Priority, StageName};
-use facepipe_runtime::db::{Db, NewImage, Recorded};
+use facepipe_ledger::{Db, NewImage, Recorded};
 use facepipe_core::messages::{FaceBox, ImageRef, ImageStatus, Outcome};
 use support::TestDb;
+use facepipe_core::domain::BatchStatus;
 
 fn outcome(image_id: &str, status: ImageStatus) -> Outcome {
     Outcome {
@@ -56,7 +57,7 @@ async fn same_outcome_twice_leaves_one_row_and_unchanged_counters() {
 
     let s = db.batch_status("b-1").await.unwrap().unwrap();
     assert_eq!((s.processed, s.failed, s.faces, s.skipped), (1, 0, 1, 1));
-    assert_eq!(s.status, "processing");
+    assert_eq!(s.status, BatchStatus::Processing);
     assert_eq!(s.progress_percent, 50.0);
 
     // The last image completes the batch, exactly once.
@@ -70,7 +71,7 @@ async fn same_outcome_twice_leaves_one_row_and_unchanged_counters() {
 
     let rows = db.results("b-1").await.unwrap();
     assert_eq!(rows.len(), 2);
-    assert_eq!(rows[0].status, "cropped");
+    assert_eq!(rows[0].status, ImageStatus::Cropped);
     assert_eq!(rows[0].faces.len(), 1);
     assert_eq!(rows[0].crop_keys, vec!["batches/b-1/crops/0000000-0.jpg"]);
 }
@@ -85,7 +86,7 @@ async fn unknown_images_are_permanent_errors_and_empty_batches_complete() {
     db.insert_batch("b-1", "proj", Priority::DEFAULT, "empty.zip").await.unwrap();
     assert!(db.finish_ingest("b-1", 0, &[]).await.unwrap(), "an empty archive completes at once");
     assert!(!db.finish_ingest("b-1", 0, &[]).await.unwrap(), "and only once");
-    assert_eq!(db.batch_status("b-1").await.unwrap().unwrap().status, "completed");
+    assert_eq!(db.batch_status("b-1").await.unwrap().unwrap().status, BatchStatus::Completed);
 }
 
 #[tokio::test]
@@ -96,9 +97,9 @@ async fn batch_completes_when_ingest_finishes_after_the_last_outcome() {
     db.insert_images("b-1", &[image("0000000")]).await.unwrap();
     // persist can record an image before extract has finished reading the archive.
     assert!(!db.record_outcome(&outcome("0000000", ImageStatus::Cropped)).await.unwrap().completed_batch);
-    assert_eq!(db.batch_status("b-1").await.unwrap().unwrap().status, "ingesting");
+    assert_eq!(db.batch_status("b-1").await.unwrap().unwrap().status, BatchStatus::Ingesting);
     assert!(db.finish_ingest("b-1", 1, &[]).await.unwrap());
-    assert_eq!(db.batch_status("b-1").await.unwrap().unwrap().status, "completed");
+    assert_eq!(db.batch_status("b-1").await.unwrap().unwrap().status, BatchStatus::Completed);
 }
 
 #[tokio::test]
@@ -118,8 +119,8 @@ async fn a_database_migrated_by_the_earlier_runner_is_adopted_without_running_an
     let test_db = TestDb::create().await;
     // What the pipeline's own runner left behind: the schema, and its versions in `schema_migrations`.
     let client = test_db.client().await;
-    client.batch_execute(include_str!("../runtime/migrations/V1__batches_and_images.sql")).await.unwrap();
-    client.batch_execute(include_str!("../runtime/migrations/V2__record_ids.sql")).await.unwrap();
+    client.batch_execute(include_str!("../ledger/migrations/V1__batches_and_images.sql")).await.unwrap();
+    client.batch_execute(include_str!("../ledger/migrations/V2__record_ids.sql")).await.unwrap();
     client
         .batch_execute(
             "CREATE TABLE schema_migrations (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());
@@ -152,7 +153,7 @@ async fn results_page_by_number_and_by_key_and_stream_past_a_chunk() {
     db.insert_batch("b-2", "proj", Priority::DEFAULT, "uploads/b-2.zip").await.unwrap();
     db.insert_images("b-2", &images[..10]).await.unwrap();
 
-    use facepipe_runtime::db::PageStart;
+    use facepipe_ledger::PageStart;
     let by_number = db.results_page("b-1", &PageStart::Offset(2300), 100).await.unwrap();
     assert_eq!(by_number.iter().map(|r| r.image_id.as_str()).collect::<Vec<_>>(), ids[2300..].iter().map(String::as_str).collect::<Vec<_>>());
     let by_key = db.results_page("b-1", &PageStart::After(ids[2299].clone()), 100).await.unwrap();
@@ -174,19 +175,19 @@ async fn results_page_by_number_and_by_key_and_stream_past_a_chunk() {
     let mut streamed = Vec::new();
     db.for_each_result("b-1", |r| {
         streamed.push(r.image_id);
-        Ok::<_, facepipe_runtime::db::DbError>(())
+        Ok::<_, facepipe_ledger::DbError>(())
     })
     .await
     .unwrap();
     assert_eq!(streamed, ids);
     // The callback's error stops the stream and comes back as it was.
-    let stopped = db.for_each_result("b-1", |_| Err(facepipe_runtime::db::DbError::Config("stop".into()))).await;
-    assert!(matches!(stopped, Err(facepipe_runtime::db::DbError::Config(m)) if m == "stop"));
+    let stopped = db.for_each_result("b-1", |_| Err(facepipe_ledger::DbError::Config("stop".into()))).await;
+    assert!(matches!(stopped, Err(facepipe_ledger::DbError::Config(m)) if m == "stop"));
 }
 
 #[tokio::test]
 async fn the_sweeper_sees_only_completed_batches_and_final_originals() {
-    use facepipe_runtime::db::ObjectKind;
+    use facepipe_ledger::ObjectKind;
     let test_db = TestDb::create().await;
     let db = test_db.pool().await;
     db.insert_batch("b-1", "proj", Priority::DEFAULT, "uploads/b-1.zip").await.unwrap();

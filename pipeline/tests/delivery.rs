@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use facepipe_runtime::faults::{FAULT_CRASH_ON_ENV, FAULT_SLOW_ON_ENV};
 use facepipe_core::topology::StageName;
 use support::{shared_dir, write_zip, Deployment};
+use facepipe_core::domain::{BatchStatus, ImageStatus};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn crash_on_every_delivery_becomes_a_dead_letter_then_replays() {
@@ -37,7 +38,7 @@ async fn crash_on_every_delivery_becomes_a_dead_letter_then_replays() {
     let status = loop {
         crashes += d.restart_exited();
         let s = db.batch_status("crash-me-1").await.unwrap();
-        if let Some(s) = s.filter(|s| s.status == "completed") {
+        if let Some(s) = s.filter(|s| s.status == BatchStatus::Completed) {
             break s;
         }
         assert!(started.elapsed() < Duration::from_secs(120), "batch never completed\n{}", d.logs());
@@ -46,9 +47,9 @@ async fn crash_on_every_delivery_becomes_a_dead_letter_then_replays() {
     assert_eq!(crashes, 2, "one crash per delivery, max_deliver = 2");
     assert_eq!((status.processed, status.failed), (2, 1));
     let results = db.results("crash-me-1").await.unwrap();
-    assert_eq!(results[0].status, "failed");
+    assert_eq!(results[0].status, ImageStatus::Failed);
     assert!(results[0].error.as_deref().unwrap().contains("without an ack"), "{:?}", results[0]);
-    assert_eq!(results[1].status, "cropped");
+    assert_eq!(results[1].status, ImageStatus::Cropped);
 
     let listed = d.cli_ok(&["dead-letters", "list", "--batch", "crash-me-1", "--json"]);
     let letters: Vec<serde_json::Value> = listed.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -73,7 +74,7 @@ async fn crash_on_every_delivery_becomes_a_dead_letter_then_replays() {
     let started = Instant::now();
     loop {
         let s = db.batch_status("crash-me-1").await.unwrap().unwrap();
-        if s.status == "completed" && s.failed == 0 {
+        if s.status == BatchStatus::Completed && s.failed == 0 {
             assert_eq!(s.processed, 2);
             break;
         }
@@ -81,7 +82,7 @@ async fn crash_on_every_delivery_becomes_a_dead_letter_then_replays() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let results = db.results("crash-me-1").await.unwrap();
-    assert_eq!(results[0].status, "cropped");
+    assert_eq!(results[0].status, ImageStatus::Cropped);
     assert!(d.cli_ok(&["dead-letters", "list"]).is_empty(), "a replayed letter leaves the stream");
 }
 
@@ -108,7 +109,7 @@ async fn slow_image_keeps_its_message_with_in_progress_acks() {
     assert_eq!(d.count_in_logs("fault injection: slow message"), 2, "{}", d.logs());
     assert_eq!(d.count_in_logs("redelivered message"), 0, "{}", d.logs());
     let results = d.db().await.results("slow-1").await.unwrap();
-    assert!(results.iter().all(|r| r.status == "cropped" && r.attempts == 1), "{results:?}");
+    assert!(results.iter().all(|r| r.status == ImageStatus::Cropped && r.attempts == 1), "{results:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

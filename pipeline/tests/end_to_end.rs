@@ -10,6 +10,7 @@ use std::time::Duration;
 use facepipe_core::messages::{DeadLetter, ExtractJob};
 use facepipe_runtime::store::Store;
 use support::{iou, labelled_photos, shared_dir, write_zip, Deployment};
+use facepipe_core::domain::{BatchStatus, ImageStatus};
 
 const BATCH_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -35,7 +36,7 @@ async fn zip_batch_flows_through_all_four_stages() {
     let batch = d.cli_ok(&["submit", zip.to_str().unwrap(), "--project", "e2e"]).trim().to_string();
 
     let status = d.wait_for_batch(&batch, BATCH_TIMEOUT).await;
-    assert_eq!(status.status, "completed", "{status:?}");
+    assert_eq!(status.status, BatchStatus::Completed, "{status:?}");
     assert_eq!(status.image_count, Some(image_count as i32));
     assert_eq!(status.processed, image_count as i32);
     assert_eq!(status.skipped, 1, "the README entry is skipped and counted");
@@ -45,20 +46,20 @@ async fn zip_batch_flows_through_all_four_stages() {
     // Every entry has exactly one terminal outcome.
     let results = d.db().await.results(&batch).await.unwrap();
     assert_eq!(results.len(), image_count);
-    let by_entry: BTreeMap<&str, &facepipe_runtime::db::ImageResult> =
+    let by_entry: BTreeMap<&str, &facepipe_ledger::ImageResult> =
         results.iter().map(|r| (r.entry.as_str(), r)).collect();
     assert_eq!(by_entry.len(), image_count, "entry names are unique");
     assert!(results.iter().all(|r| ["cropped", "no_face", "failed"].contains(&r.status.as_str())));
 
     let broken = by_entry["broken/truncated.jpg"];
-    assert_eq!(broken.status, "failed");
+    assert_eq!(broken.status, ImageStatus::Failed);
     assert_eq!(broken.failed_stage.map(|s| s.as_str()), Some("detect"));
     assert!(broken.error.as_deref().unwrap().contains("image"), "{broken:?}");
 
     // Crops exist, one per cropped image (policy `largest`), and are 300x300 JPEGs.
     let store = Store::open(&d.topology.object_store).unwrap();
     let crop_objects = store.list(&format!("batches/{batch}/crops")).await.unwrap();
-    let cropped: Vec<_> = results.iter().filter(|r| r.status == "cropped").collect();
+    let cropped: Vec<_> = results.iter().filter(|r| r.status == ImageStatus::Cropped).collect();
     assert!(cropped.len() > 100, "most photos hold a face: {}", cropped.len());
     assert_eq!(crop_objects.len(), cropped.len());
     for r in &cropped {
@@ -96,7 +97,7 @@ async fn zip_batch_flows_through_all_four_stages() {
     for photo in &no_face_photos {
         let r = by_entry[photo.file.as_str()];
         if r.faces.is_empty() {
-            assert_eq!(r.status, "no_face", "{}", photo.file);
+            assert_eq!(r.status, ImageStatus::NoFace, "{}", photo.file);
             assert!(r.crop_keys.is_empty());
             clean += 1;
         }
@@ -162,7 +163,7 @@ async fn job_published_by_hand_without_batch_id_makes_exactly_one_batch() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let status = d.wait_for_batch(&batch, BATCH_TIMEOUT).await;
-    assert_eq!(status.status, "completed");
+    assert_eq!(status.status, BatchStatus::Completed);
     assert_eq!(status.image_count, Some(2));
     let results = db.results(&batch).await.unwrap();
     let statuses: Vec<&str> = results.iter().map(|r| r.status.as_str()).collect();
@@ -173,7 +174,7 @@ async fn job_published_by_hand_without_batch_id_makes_exactly_one_batch() {
     while events.len() < 2 {
         let msg = tokio::time::timeout(Duration::from_secs(10), progress.next()).await.unwrap().unwrap();
         assert_eq!(msg.subject.as_str(), format!("faces.progress.{batch}"));
-        events.push(serde_json::from_slice::<facepipe_runtime::db::Progress>(&msg.payload).unwrap());
+        events.push(serde_json::from_slice::<facepipe_ledger::Progress>(&msg.payload).unwrap());
     }
     // Persist records outcomes concurrently, so events may arrive in either order.
     events.sort_by_key(|e| e.processed);

@@ -9,6 +9,7 @@ use opencv::core::{self, Mat, Vector};
 use opencv::imgcodecs;
 use opencv::prelude::*;
 use support::{shared_dir, write_zip, Deployment};
+use facepipe_core::domain::{BatchStatus, ImageStatus};
 
 fn encode(ext: &str, image: &Mat) -> Vec<u8> {
     let mut out = Vector::<u8>::new();
@@ -46,29 +47,29 @@ async fn every_planted_image_gets_a_clear_outcome_and_no_worker_dies() {
     let sliver = Mat::new_rows_cols_with_default(20, 4000, core::CV_8UC3, core::Scalar::all(90.0)).unwrap();
 
     // (entry, bytes, expected status, text the error must contain)
-    let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
-        ("gray.jpg", encode(".jpg", &converted(&astronaut, opencv::imgproc::COLOR_BGR2GRAY)), "cropped", ""),
-        ("alpha.png", encode(".png", &converted(&astronaut, opencv::imgproc::COLOR_BGR2BGRA)), "cropped", ""),
-        ("sixteen-bit.png", encode(".png", &deep), "cropped", ""),
-        ("photo.webp", encode(".webp", &astronaut), "cropped", ""),
-        ("photo.tiff", encode(".tiff", &astronaut), "cropped", ""),
-        ("photo.bmp", encode(".bmp", &astronaut), "cropped", ""),
-        ("png-named.jpg", encode(".png", &astronaut), "cropped", ""),
-        ("tiny.png", encode(".png", &tiny), "no_face", ""),
-        ("sliver.png", encode(".png", &sliver), "no_face", ""),
-        ("pixel-bomb.png", png_header_claiming(50_000, 50_000), "failed", "megapixel limit"),
-        ("empty.jpg", Vec::new(), "failed", "not a supported image"),
-        ("text.png", b"just some text, not a picture".to_vec(), "failed", "not a supported image"),
+    let cases: Vec<(&str, Vec<u8>, ImageStatus, &str)> = vec![
+        ("gray.jpg", encode(".jpg", &converted(&astronaut, opencv::imgproc::COLOR_BGR2GRAY)), ImageStatus::Cropped, ""),
+        ("alpha.png", encode(".png", &converted(&astronaut, opencv::imgproc::COLOR_BGR2BGRA)), ImageStatus::Cropped, ""),
+        ("sixteen-bit.png", encode(".png", &deep), ImageStatus::Cropped, ""),
+        ("photo.webp", encode(".webp", &astronaut), ImageStatus::Cropped, ""),
+        ("photo.tiff", encode(".tiff", &astronaut), ImageStatus::Cropped, ""),
+        ("photo.bmp", encode(".bmp", &astronaut), ImageStatus::Cropped, ""),
+        ("png-named.jpg", encode(".png", &astronaut), ImageStatus::Cropped, ""),
+        ("tiny.png", encode(".png", &tiny), ImageStatus::NoFace, ""),
+        ("sliver.png", encode(".png", &sliver), ImageStatus::NoFace, ""),
+        ("pixel-bomb.png", png_header_claiming(50_000, 50_000), ImageStatus::Failed, "megapixel limit"),
+        ("empty.jpg", Vec::new(), ImageStatus::Failed, "not a supported image"),
+        ("text.png", b"just some text, not a picture".to_vec(), ImageStatus::Failed, "not a supported image"),
         // libjpeg decodes what is there (the top, with the face) and greys the rest.
-        ("truncated.jpg", jpeg[..jpeg.len() * 6 / 10].to_vec(), "cropped", ""),
-        ("headless.jpg", jpeg[..jpeg.len() / 3].iter().skip(2).copied().collect(), "failed", "image"),
+        ("truncated.jpg", jpeg[..jpeg.len() * 6 / 10].to_vec(), ImageStatus::Cropped, ""),
+        ("headless.jpg", jpeg[..jpeg.len() / 3].iter().skip(2).copied().collect(), ImageStatus::Failed, "image"),
     ];
     let entries: Vec<(String, Vec<u8>)> = cases.iter().map(|(n, b, _, _)| (n.to_string(), b.clone())).collect();
     let zip = d.dir.path().join("hostile.zip");
     write_zip(&zip, &entries);
     d.cli_ok(&["submit", zip.to_str().unwrap(), "--batch-id", "hostile"]);
     let status = d.wait_for_batch("hostile", Duration::from_secs(120)).await;
-    assert_eq!(status.status, "completed");
+    assert_eq!(status.status, BatchStatus::Completed);
 
     let results = d.db().await.results("hostile").await.unwrap();
     eprintln!("{:<16} {:<8} error", "entry", "status");
@@ -76,7 +77,7 @@ async fn every_planted_image_gets_a_clear_outcome_and_no_worker_dies() {
         let r = results.iter().find(|r| r.entry == *name).unwrap();
         eprintln!("{:<16} {:<8} {}", name, r.status, r.error.as_deref().unwrap_or(""));
         assert_eq!(r.status, *want, "{name}: {r:?}");
-        if *want == "failed" {
+        if *want == ImageStatus::Failed {
             let error = r.error.as_deref().unwrap_or_default();
             assert!(error.contains(error_text), "{name}: a clear reason, got `{error}`");
         }
@@ -164,7 +165,7 @@ async fn zip64_encrypted_non_utf8_and_cmyk_entries_get_clear_outcomes() {
 
     d.cli_ok(&["submit", zip.to_str().unwrap(), "--batch-id", "odd"]);
     let status = d.wait_for_batch("odd", Duration::from_secs(180)).await;
-    assert_eq!(status.status, "completed", "{status:?}\n{}", d.logs());
+    assert_eq!(status.status, BatchStatus::Completed, "{status:?}\n{}", d.logs());
     assert_eq!(status.image_count, Some(5));
     assert_eq!(status.skipped, padding as i32);
     let results = d.db().await.results("odd").await.unwrap();
@@ -173,14 +174,14 @@ async fn zip64_encrypted_non_utf8_and_cmyk_entries_get_clear_outcomes() {
     for r in &results {
         eprintln!("{:<18} {:<8} {}", r.entry, r.status, r.error.as_deref().unwrap_or(""));
     }
-    assert_eq!(by_name("plain.png").status, "cropped");
-    assert_eq!(by_name("zip64-sized.png").status, "cropped");
-    assert_eq!(by_name("cmyk.jpg").status, "cropped", "CMYK is converted, not refused");
+    assert_eq!(by_name("plain.png").status, ImageStatus::Cropped);
+    assert_eq!(by_name("zip64-sized.png").status, ImageStatus::Cropped);
+    assert_eq!(by_name("cmyk.jpg").status, ImageStatus::Cropped, "CMYK is converted, not refused");
     // CP437 0x80-0x8a read as `ÇüéâäàåçêëèÆ...`: a name, decoded, never a path.
     let non_utf8 = results.iter().find(|r| r.entry.starts_with('Ç')).expect("the CP437 name is decoded");
-    assert_eq!(non_utf8.status, "cropped");
+    assert_eq!(non_utf8.status, ImageStatus::Cropped);
     let locked = by_name("locked.png");
-    assert_eq!(locked.status, "failed");
+    assert_eq!(locked.status, ImageStatus::Failed);
     assert_eq!(locked.failed_stage.map(|s| s.as_str()), Some("extract"));
     let error = locked.error.as_deref().unwrap().to_lowercase();
     assert!(error.contains("password") || error.contains("encrypt"), "a clear reason: {error}");

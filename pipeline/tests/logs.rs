@@ -6,6 +6,7 @@ mod support;
 use std::time::Duration;
 
 use support::{labelled_photos, shared_dir, write_zip, Deployment};
+use facepipe_core::domain::BatchStatus;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn json_logs_name_the_batch_and_image_on_every_line_about_an_image() {
@@ -26,7 +27,7 @@ async fn json_logs_name_the_batch_and_image_on_every_line_about_an_image() {
     write_zip(&zip, &entries);
     let batch = d.cli_ok(&["submit", zip.to_str().unwrap(), "--project", "logs"]).trim().to_string();
     let status = d.wait_for_batch(&batch, Duration::from_secs(120)).await;
-    assert_eq!(status.status, "completed", "{status:?}");
+    assert_eq!(status.status, BatchStatus::Completed, "{status:?}");
 
     let mut about_images = 0;
     let mut handler_lines = 0;

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use facepipe_runtime::db::{self, Db, DbError};
+use facepipe_ledger::{self as db, Db, DbError};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 
 /// The superuser `initdb` makes; trusted on loopback, so no password is involved.

@@ -6,6 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::{labelled_photos, shared_dir, write_zip, Deployment};
+use facepipe_core::domain::BatchStatus;
 
 fn photos_zip(dir: &std::path::Path, name: &str, count: usize) -> std::path::PathBuf {
     let faces_dir = shared_dir().join("data/faces");
@@ -43,14 +44,14 @@ async fn high_priority_batch_overtakes_a_large_low_priority_one_without_starving
     let large_at_submit = large_processed().await;
 
     let small_done = d.wait_for_batch(&small, Duration::from_secs(120)).await;
-    assert_eq!(small_done.status, "completed");
+    assert_eq!(small_done.status, BatchStatus::Completed);
     let large_at_small_done = db.batch_status(&large).await.unwrap().unwrap();
     println!(
         "large batch (priority 1): {large_at_submit}/{large_count} processed when the small one was submitted, \
          {}/{large_count} when the small one ({small_count} images, priority 10) completed",
         large_at_small_done.processed
     );
-    assert_ne!(large_at_small_done.status, "completed", "the small batch finished first");
+    assert_ne!(large_at_small_done.status, BatchStatus::Completed, "the small batch finished first");
     let remaining_before = large_count as i32 - large_at_submit;
     let remaining_after = large_count as i32 - large_at_small_done.processed;
     assert!(
@@ -63,7 +64,7 @@ async fn high_priority_batch_overtakes_a_large_low_priority_one_without_starving
         "the large batch kept making progress (its band gets a share of the pulls)"
     );
     let large_done = d.wait_for_batch(&large, Duration::from_secs(300)).await;
-    assert_eq!(large_done.status, "completed");
+    assert_eq!(large_done.status, BatchStatus::Completed);
     assert_eq!(large_done.processed, large_count as i32);
 
     // Each band is its own subject and consumer, visible in the queue statistics.

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use facepipe_runtime::store::Store;
 use support::{labelled_photos, shared_dir, write_zip, Deployment};
+use facepipe_core::domain::BatchStatus;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn crop_size_changed_mid_batch_applies_to_later_crops_without_restarts() {
@@ -50,7 +51,7 @@ async fn crop_size_changed_mid_batch_applies_to_later_crops_without_restarts() {
     let processed_at_change = db.batch_status(&batch).await.unwrap().unwrap().processed;
 
     let status = d.wait_for_batch(&batch, Duration::from_secs(300)).await;
-    assert_eq!(status.status, "completed", "{status:?}");
+    assert_eq!(status.status, BatchStatus::Completed, "{status:?}");
     assert_eq!(status.processed, 60, "no message lost");
 
     // Crops made before the change are 300 px, those after 200 px; both exist.

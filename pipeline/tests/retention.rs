@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use facepipe_core::topology::StageName;
 use facepipe_runtime::faults::FAULT_CRASH_ON_ENV;
 use support::{free_port, shared_dir, wait_for_port, write_zip, Deployment};
+use facepipe_core::domain::{BatchStatus, ImageStatus};
 
 fn files_under(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
@@ -138,7 +139,7 @@ async fn sweeps_keep_what_redeliveries_and_replays_need_and_delete_the_rest() {
     let start = Instant::now();
     loop {
         let r = db.results("kept").await.unwrap().remove(3);
-        if r.status == "failed" && db.batch_status("kept").await.unwrap().unwrap().status == "completed" {
+        if r.status == ImageStatus::Failed && db.batch_status("kept").await.unwrap().unwrap().status == BatchStatus::Completed {
             assert_eq!(r.error.as_deref(), Some(before.as_str()), "the same failure, not a missing original");
             break;
         }

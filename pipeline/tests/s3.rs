@@ -16,6 +16,7 @@ use facepipe_core::topology::{StageName, Topology};
 use facepipe_runtime::store::RANGE_BYTES;
 use serde_json::Value;
 use support::{free_port, labelled_photos, repo_root, shared_dir, wait_for_port, write_zip, Deployment, S3Server};
+use facepipe_core::domain::{BatchStatus, ImageStatus};
 
 const BATCH_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -163,9 +164,9 @@ async fn check_batch_in_bucket(
     prefix: &str,
     batch: &str,
     image_count: usize,
-) -> Vec<facepipe_runtime::db::ImageResult> {
+) -> Vec<facepipe_ledger::ImageResult> {
     let status = d.wait_for_batch(batch, BATCH_TIMEOUT).await;
-    assert_eq!(status.status, "completed", "{status:?}\n{}", d.logs());
+    assert_eq!(status.status, BatchStatus::Completed, "{status:?}\n{}", d.logs());
     assert_eq!(status.image_count, Some(image_count as i32));
     assert_eq!(status.processed, image_count as i32);
     assert_eq!(status.failed, 1, "only the planted broken image fails: {status:?}");
@@ -182,7 +183,7 @@ async fn check_batch_in_bucket(
     let crops: BTreeSet<String> = s3.keys(bucket, &under("crops")).into_iter().collect();
     let recorded: BTreeSet<String> =
         results.iter().flat_map(|r| r.crop_keys.iter().map(|k| format!("{prefix}{k}"))).collect();
-    let cropped = results.iter().filter(|r| r.status == "cropped").count();
+    let cropped = results.iter().filter(|r| r.status == ImageStatus::Cropped).count();
     assert!(cropped * 2 > image_count, "most photos hold a face: {cropped} of {image_count}");
     assert_eq!(recorded.len(), cropped, "one crop per cropped image (policy `largest`)");
     assert_eq!(crops, recorded, "the bucket holds exactly the recorded crops");
@@ -352,12 +353,12 @@ async fn batches_survive_the_s3_server_stopping_mid_batch() {
     let bus = facepipe_runtime::bus::Bus::connect(&d.topology.nats, "s3-test", false).await.unwrap();
     let filter = deadletters::Filter { limit: 100, ..Default::default() };
     let letters = deadletters::list(&bus, &d.topology, &filter).await.unwrap().letters;
-    let failed: Vec<&str> = results.iter().filter(|r| r.status == "failed").map(|r| r.entry.as_str()).collect();
+    let failed: Vec<&str> = results.iter().filter(|r| r.status == ImageStatus::Failed).map(|r| r.entry.as_str()).collect();
     assert_eq!(failed, ["broken/truncated.jpg", "broken/truncated.jpg"]);
     assert_eq!(letters.len(), 2, "dead letters: {letters:#?}");
     // Identical photos got identical outcomes, whether or not the outage hit them: the
     // two copies in a batch, and the two batches.
-    let outcomes = |batch: &[facepipe_runtime::db::ImageResult]| -> BTreeMap<String, (&'static str, usize)> {
+    let outcomes = |batch: &[facepipe_ledger::ImageResult]| -> BTreeMap<String, (&'static str, usize)> {
         batch.iter().map(|r| (r.entry.clone(), (r.status.as_str(), r.faces.len()))).collect()
     };
     let (a, b) = (outcomes(&results[..first_count]), outcomes(&results[first_count..]));

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use facepipe_core::topology::StageName;
 use support::{labelled_photos, prometheus_counter, shared_dir, write_zip, Deployment};
+use facepipe_core::domain::BatchStatus;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn three_detect_processes_share_a_batch_and_match_a_one_process_run() {
@@ -65,7 +66,7 @@ async fn three_detect_processes_share_a_batch_and_match_a_one_process_run() {
     d.cli_ok(&["submit", zip.to_str().unwrap(), "--batch-id", "single"]);
     d.wait_for_batch("single", std::time::Duration::from_secs(300)).await;
     let db = d.db().await;
-    let outcome = |rows: Vec<facepipe_runtime::db::ImageResult>| -> BTreeMap<String, (String, usize, Vec<String>)> {
+    let outcome = |rows: Vec<facepipe_ledger::ImageResult>| -> BTreeMap<String, (String, usize, Vec<String>)> {
         rows.into_iter()
             .map(|r| {
                 let boxes = r.faces.iter().map(|f| format!("{:.1},{:.1},{:.1},{:.1}", f.x, f.y, f.w, f.h)).collect();
@@ -108,7 +109,7 @@ async fn pipeline_up_starts_the_topology_replicas_unless_a_flag_overrides_them()
     write_zip(&zip, &[("astronaut.png".into(), astronaut)]);
     d.cli_ok(&["submit", zip.to_str().unwrap(), "--batch-id", "up"]);
     let status = d.wait_for_batch("up", std::time::Duration::from_secs(60)).await;
-    assert_eq!(status.status, "completed");
+    assert_eq!(status.status, BatchStatus::Completed);
     // SAFETY: kill(2) on a child we spawned and have not reaped.
     unsafe { libc::kill(up.id() as i32, libc::SIGTERM) };
     assert_eq!(support::wait_exit(&mut up, std::time::Duration::from_secs(30)), Ok(Some(0)));

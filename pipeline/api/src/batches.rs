@@ -15,9 +15,9 @@ use tokio::io::AsyncWriteExt;
 use super::{ApiError, ApiState};
 use crate::error::optional_param;
 use crate::wire::{AddImages, BatchStarted, ImageView, PriorityInput, RecordId, ResultsPage, StatusAnswer, UploadZipForm};
-use extract::archive;
+use facepipe_archive as archive;
 use facepipe_core::domain::{ImageStatus, Priority};
-use facepipe_runtime::db::{BatchSummary, PageStart};
+use facepipe_ledger::{BatchSummary, PageStart};
 use facepipe_core::keys;
 use facepipe_control::batches::{BatchError, ZipUpload};
 use facepipe_core::messages::RemoteImage;
@@ -179,6 +179,7 @@ fn refused(e: BatchError) -> ApiError {
         BatchError::Db(e) => ApiError::unavailable("PostgreSQL", e),
         BatchError::Bus(e) => ApiError::unavailable("NATS", e),
         BatchError::TimedOut { .. } => ApiError::unavailable("the pipeline", e),
+        BatchError::Unknown(_) => ApiError::not_found(e.to_string()),
     }
 }
 
@@ -348,7 +349,7 @@ pub async fn results(
     }
     let b = batch_or_404(&state, &batch_id).await?;
     let rows = match (status, after) {
-        (Some(status), after) => state.db.results_with_status(&batch_id, status, after.as_deref(), page.page_size).await,
+        (Some(status), after) => crate::listing::results_with_status(&state.db, &batch_id, status, after.as_deref(), page.page_size).await,
         (None, Some(after)) => state.db.results_page(&batch_id, &PageStart::After(after), page.page_size).await,
         (None, None) => {
             let skip = (page.page - 1).saturating_mul(page.page_size);

@@ -15,7 +15,7 @@ use crate::error::optional_param;
 use crate::wire::{BatchList, BatchRow, FailureGroupView, FailureGroups, ImageAnswer, ImageView};
 use facepipe_core::domain::BatchStatus;
 use facepipe_core::keys;
-use facepipe_runtime::db::{BatchCursor, BatchFilter};
+use crate::listing::{BatchCursor, BatchFilter};
 use facepipe_runtime::store::StoreError;
 
 /// Query of `GET /api/batches`.
@@ -67,7 +67,7 @@ pub async fn list(
         return Err(ApiError::bad_request("`project` holds a NUL character"));
     }
     let filter = BatchFilter { project, status, before, limit };
-    let page = state.db.list_batches(&filter).await.map_err(|e| ApiError::unavailable("PostgreSQL", e))?;
+    let page = crate::listing::list_batches(&state.db, &filter).await.map_err(|e| ApiError::unavailable("PostgreSQL", e))?;
     let now = chrono::Utc::now();
     Ok(Json(BatchList {
         success: true,
@@ -94,7 +94,7 @@ pub async fn list(
 )]
 pub async fn failures(State(state): State<Arc<ApiState>>, Path(batch_id): Path<String>) -> Result<Json<FailureGroups>, ApiError> {
     batch_or_404(&state, &batch_id).await?;
-    let groups = state.db.failure_groups(&batch_id).await.map_err(|e| ApiError::unavailable("PostgreSQL", e))?;
+    let groups = crate::listing::failure_groups(&state.db, &batch_id).await.map_err(|e| ApiError::unavailable("PostgreSQL", e))?;
     let groups = groups
         .into_iter()
         .map(|g| FailureGroupView { stage: g.stage, reason: g.reason, count: g.count, example: g.example })
@@ -103,13 +103,13 @@ pub async fn failures(State(state): State<Arc<ApiState>>, Path(batch_id): Path<S
 }
 
 /// Looks up one image, or answers 404.
-async fn image_or_404(state: &ApiState, batch_id: &str, image_id: &str) -> Result<facepipe_runtime::db::ImageResult, ApiError> {
+async fn image_or_404(state: &ApiState, batch_id: &str, image_id: &str) -> Result<facepipe_ledger::ImageResult, ApiError> {
     let missing = || ApiError::not_found(format!("no image `{image_id}` in batch `{batch_id}`"));
     valid_batch_id(batch_id)?;
     if !keys::is_valid_id(image_id) {
         return Err(missing());
     }
-    state.db.image(batch_id, image_id).await.map_err(|e| ApiError::unavailable("PostgreSQL", e))?.ok_or_else(missing)
+    crate::listing::image(&state.db, batch_id, image_id).await.map_err(|e| ApiError::unavailable("PostgreSQL", e))?.ok_or_else(missing)
 }
 
 /// One image's outcome: its faces (in upright original pixels), crops and error.

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use super::{ApiError, ApiState};
 use crate::batches::batch_or_404;
 use crate::wire::ImageView;
-use facepipe_runtime::db::{DbError, ImageResult};
+use facepipe_ledger::{DbError, ImageResult};
 
 /// Chunks of rows in flight between the reading task and the client.
 const CHUNKS_IN_FLIGHT: usize = 2;

@@ -4,7 +4,8 @@
 //! ## Layout
 //! - [`batches`]: `upload-zip` (streamed to disk, then to the object store),
 //!   `add-images`, `status`, paged `results` and crop downloads.
-//! - [`browse`]: the batch list, a batch's failures by reason, one image and its original.
+//! - [`browse`]: the batch list, a batch's failures by reason, one image and its original;
+//!   [`listing`]: the queries behind them.
 //! - [`export`]: a batch's outcomes as one JSON Lines or CSV download.
 //! - [`events`]: a batch's progress as server-sent events.
 //! - [`queues`]: `queue-stats` (the old queue names mapped onto the stages) and
@@ -33,6 +34,7 @@ pub mod error;
 pub mod events;
 pub mod export;
 pub mod guard;
+pub mod listing;
 pub mod openapi;
 pub mod queues;
 pub mod service;
@@ -49,7 +51,7 @@ use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
 use utoipa_axum::routes;
 
 use facepipe_runtime::bus::Bus;
-use facepipe_runtime::db::Db;
+use facepipe_ledger::Db;
 use facepipe_runtime::store::Store;
 use facepipe_core::topology::Topology;
 

@@ -8,6 +8,8 @@ use axum::extract::State;
 use axum::Json;
 use std::collections::BTreeMap;
 
+use facepipe_core::domain::StageName;
+
 use super::{ApiError, ApiState};
 use crate::wire::{OldStats, QueueCounts, QueueStatsAnswer, ReplicaView, Sample, StageStats, StatsAnswer};
 
@@ -15,8 +17,12 @@ use crate::wire::{OldStats, QueueCounts, QueueStatsAnswer, ReplicaView, Sample, 
 /// `batchIngestion` was the ZIP unpacking job, `faceDetection` the per-image
 /// detect-and-crop job (now split into detect and crop), and results were
 /// written in that same job (now persist).
-const OLD_NAMES: [(&str, &str); 4] =
-    [("extract", "batchIngestion"), ("detect", "faceDetection"), ("crop", "faceCrop"), ("persist", "resultPersist")];
+const OLD_NAMES: [(StageName, &str); 4] = [
+    (StageName::Extract, "batchIngestion"),
+    (StageName::Detect, "faceDetection"),
+    (StageName::Crop, "faceCrop"),
+    (StageName::Persist, "resultPersist"),
+];
 
 /// Queue counts per stage, also under the old queue names.
 ///
@@ -34,8 +40,7 @@ const OLD_NAMES: [(&str, &str); 4] =
     ),
 )]
 pub async fn queue_stats(State(state): State<Arc<ApiState>>) -> Result<Json<QueueStatsAnswer>, ApiError> {
-    let queues = facepipe_control::stats::queue_stats(&state.bus, &state.topology).await.map_err(|e| ApiError::unavailable("NATS", e))?;
-    let failed = state.db.failed_by_stage().await.map_err(|e| ApiError::unavailable("PostgreSQL", e))?;
+    let queues = stage_stats(&state).await?;
     let mut by_old_name = BTreeMap::new();
     let mut by_stage = BTreeMap::new();
     for q in &queues {
@@ -43,7 +48,7 @@ pub async fn queue_stats(State(state): State<Arc<ApiState>>) -> Result<Json<Queu
             waiting: q.waiting,
             active: q.active,
             completed: q.completed,
-            failed: failed.get(&q.stage).copied().unwrap_or(0),
+            failed: q.failed,
             delayed: q.retrying,
             idle_pullers: q.idle_pullers,
             replicas: q.replicas,
@@ -51,7 +56,7 @@ pub async fn queue_stats(State(state): State<Arc<ApiState>>) -> Result<Json<Queu
         if let Some((_, old)) = OLD_NAMES.iter().find(|(stage, _)| *stage == q.stage) {
             by_old_name.insert(old.to_string(), counts.clone());
         }
-        by_stage.insert(q.stage.clone(), counts);
+        by_stage.insert(q.stage.to_string(), counts);
     }
     let old = |name: &str| by_old_name.get(name).cloned().unwrap_or_default();
     let stats = OldStats {
@@ -62,6 +67,15 @@ pub async fn queue_stats(State(state): State<Arc<ApiState>>) -> Result<Json<Queu
         timestamp: unix_millis(),
     };
     Ok(Json(QueueStatsAnswer { success: true, stats, queues: by_old_name, stages: by_stage }))
+}
+
+/// Every stage's queue and failures, or 503 naming the service that did not answer.
+async fn stage_stats(state: &ApiState) -> Result<Vec<facepipe_control::stats::QueueStats>, ApiError> {
+    use facepipe_control::stats::StatsError;
+    facepipe_control::stats::stage_stats(&state.bus, &state.db, &state.topology).await.map_err(|e| match e {
+        StatsError::Bus(e) => ApiError::unavailable("NATS", e),
+        StatsError::Db(e) => ApiError::unavailable("PostgreSQL", e),
+    })
 }
 
 /// Milliseconds since the Unix epoch, as the old design's `stats.timestamp`.
@@ -131,20 +145,15 @@ impl Throughput {
     ),
 )]
 pub async fn stats(State(state): State<Arc<ApiState>>) -> Result<Json<StatsAnswer>, ApiError> {
-    let (queues, failed) = tokio::join!(
-        facepipe_control::stats::queue_stats(&state.bus, &state.topology),
-        state.db.failed_by_stage()
-    );
-    let queues = queues.map_err(|e| ApiError::unavailable("NATS", e))?;
-    let failed = failed.map_err(|e| ApiError::unavailable("PostgreSQL", e))?;
+    let queues = stage_stats(&state).await?;
     let now = unix_millis();
-    let mut rates = state.throughput.record(now, queues.iter().map(|q| (q.stage.clone(), q.completed)).collect());
+    let mut rates = state.throughput.record(now, queues.iter().map(|q| (q.stage.to_string(), q.completed)).collect());
     let stages = queues
         .into_iter()
         .map(|q| {
-            let (history, per_second) = rates.remove(&q.stage).unwrap_or_default();
+            let (history, per_second) = rates.remove(q.stage.as_str()).unwrap_or_default();
             StageStats {
-                failed: failed.get(&q.stage).copied().unwrap_or(0),
+                failed: q.failed,
                 waiting: q.waiting,
                 active: q.active,
                 retrying: q.retrying,
@@ -158,7 +167,7 @@ pub async fn stats(State(state): State<Arc<ApiState>>) -> Result<Json<StatsAnswe
                     .collect(),
                 per_second,
                 history,
-                stage: q.stage,
+                stage: q.stage.to_string(),
             }
         })
         .collect();

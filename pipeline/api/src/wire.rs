@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 
 use facepipe_core::domain::{BatchStatus, Detector, ImageStatus, Priority, StageName};
 use facepipe_core::messages::FaceBox;
-use facepipe_runtime::db::{BatchSummary, ImageResult};
+use facepipe_ledger::{BatchSummary, ImageResult};
 
 /// An error: `success` is false and `error` says why.
 #[derive(Debug, Serialize, ToSchema)]

@@ -16,7 +16,7 @@ use facepipe_core::keys;
 use facepipe_core::messages::{ExtractJob, RemoteImage};
 use facepipe_core::topology::Topology;
 use facepipe_runtime::bus::{Bus, BusError};
-use facepipe_runtime::db::{BatchSummary, Db, DbError};
+use facepipe_ledger::{BatchSummary, Db, DbError};
 use facepipe_runtime::store::{Store, StoreError};
 
 /// Why a batch could not be started or followed.
@@ -42,6 +42,9 @@ pub enum BatchError {
     /// The job could not be published.
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// No batch has this id.
+    #[error("no batch `{0}`")]
+    Unknown(String),
     /// The batch did not finish in time.
     #[error("batch {batch_id} did not finish within {waited:?}")]
     TimedOut {
@@ -145,20 +148,36 @@ impl Batches {
 
     /// Polls the batch every `poll` until it completes or fails, for at most `timeout`.
     pub async fn wait(&self, batch_id: &str, poll: Duration, timeout: Duration) -> Result<BatchSummary, BatchError> {
-        wait_for(&self.db, batch_id, poll, timeout).await
+        follow(&self.db, batch_id, poll, Some(timeout), |_| {}).await
     }
 }
 
-/// Polls `batch_id` in `db` every `poll` until it completes or fails, for at most `timeout`.
-pub async fn wait_for(db: &Db, batch_id: &str, poll: Duration, timeout: Duration) -> Result<BatchSummary, BatchError> {
+/// Follows a batch until it finishes (completed or failed): reads it every `poll`,
+/// hands each reading to `progress` (a progress bar, a log line), and returns the
+/// last. Gives up after `timeout`; with none it waits as long as the batch runs,
+/// and a batch that does not exist is an error at once (with a timeout it may yet
+/// appear: a job published by hand is recorded when extract takes it). The one way
+/// a caller waits for a batch: `pipeline submit --wait` and `watch`, bench, the tests.
+pub async fn follow(
+    db: &Db,
+    batch_id: &str,
+    poll: Duration,
+    timeout: Option<Duration>,
+    mut progress: impl FnMut(&BatchSummary),
+) -> Result<BatchSummary, BatchError> {
     let started = tokio::time::Instant::now();
     loop {
-        if let Some(s) = db.batch_status(batch_id).await? {
-            if s.status.is_finished() {
-                return Ok(s);
+        match db.batch_status(batch_id).await? {
+            Some(summary) => {
+                progress(&summary);
+                if summary.status.is_finished() {
+                    return Ok(summary);
+                }
             }
+            None if timeout.is_none() => return Err(BatchError::Unknown(batch_id.to_string())),
+            None => {}
         }
-        if started.elapsed() > timeout {
+        if let Some(timeout) = timeout.filter(|t| started.elapsed() > *t) {
             return Err(BatchError::TimedOut { batch_id: batch_id.to_string(), waited: timeout });
         }
         tokio::time::sleep(poll).await;

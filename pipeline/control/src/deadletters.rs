@@ -13,7 +13,7 @@ use async_nats::jetstream::consumer;
 use futures::StreamExt;
 
 use facepipe_runtime::bus::{Bus, BusError};
-use facepipe_runtime::db::{Db, DbError};
+use facepipe_ledger::{Db, DbError};
 use facepipe_core::messages::{self, DeadLetter, ExtractJob};
 use facepipe_core::topology::{StageName, Topology};
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use facepipe_core::keys;
 use facepipe_core::topology::{StageName, Topology};
-use facepipe_runtime::db::{Db, DbError, ObjectKind};
+use facepipe_ledger::{Db, DbError, ObjectKind};
 use facepipe_runtime::store::{Store, StoreError};
 
 /// Why a sweep stopped.

@@ -137,8 +137,8 @@ impl Detector {
     }
 }
 
-/// The wire name as `Display`, parsing it back with `FromStr`, and comparing with
-/// it, so `status == "completed"` reads as it is stored.
+/// The wire name as `Display`, and parsing it back with `FromStr`. Values compare
+/// with values (`status == BatchStatus::Completed`), never with their spelling.
 macro_rules! wire_name {
     ($($t:ty: $what:literal),*) => {$(
         impl std::fmt::Display for $t {
@@ -151,12 +151,6 @@ macro_rules! wire_name {
             type Err = UnknownValue;
             fn from_str(s: &str) -> Result<Self, Self::Err> {
                 parse_one(&Self::ALL, Self::as_str, $what, s)
-            }
-        }
-
-        impl PartialEq<&str> for $t {
-            fn eq(&self, other: &&str) -> bool {
-                self.as_str() == *other
             }
         }
     )*};

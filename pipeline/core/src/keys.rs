@@ -60,9 +60,43 @@ pub fn extension(name: &str) -> Option<String> {
         .then(|| ext.to_ascii_lowercase())
 }
 
-/// `Nats-Msg-Id` of the message a stage publishes for one image (or one batch).
-pub fn msg_id(stage: &str, batch_id: &str, image_id: &str) -> String {
-    format!("{stage}:{batch_id}:{image_id}")
+/// What a message is: the first part of its `Nats-Msg-Id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind {
+    /// A batch's extract job (`submit:<batch>:job`).
+    ExtractJob,
+    /// An image's detect job.
+    DetectJob,
+    /// An image's crop job.
+    CropJob,
+    /// An image's outcome, for persist.
+    Outcome,
+    /// An image's failure, for persist (its id also names the failed message).
+    Failure,
+}
+
+impl MessageKind {
+    /// The id's first part, as it has always been spelled.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ExtractJob => "submit",
+            Self::DetectJob => "detect",
+            Self::CropJob => "crop",
+            Self::Outcome => "persist",
+            Self::Failure => "failed",
+        }
+    }
+}
+
+/// `Nats-Msg-Id` of a message of `kind` about one image (or, for a job, one batch).
+pub fn msg_id(kind: MessageKind, batch_id: &str, image_id: &str) -> String {
+    format!("{}:{batch_id}:{image_id}", kind.as_str())
+}
+
+/// `Nats-Msg-Id` of the dead letter of message `sequence` of `stream`: a message fails
+/// for good once, however many replicas see it fail.
+pub fn dead_letter_msg_id(stream: &str, sequence: u64) -> String {
+    format!("dead:{stream}:{sequence}")
 }
 
 /// Batch id derived from the fields that identify one job message, so every
@@ -106,7 +140,7 @@ mod tests {
         assert_eq!(original_key("b-1", "7", "../../etc/passwd"), "batches/b-1/originals/7.bin");
         assert_eq!(crop_key("b-1", "0000042", 0), "batches/b-1/crops/0000042-0.jpg");
         assert!(crop_key("b", "i", 0).starts_with(&batch_prefix("b")));
-        assert_eq!(msg_id("detect", "b-1", "0000042"), "detect:b-1:0000042");
+        assert_eq!(msg_id(MessageKind::DetectJob, "b-1", "0000042"), "detect:b-1:0000042");
     }
 
     #[test]

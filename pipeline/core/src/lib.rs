@@ -16,15 +16,15 @@
 //! - [`domain`]: priority, image and batch status, detector: the values that cross crates.
 //! - [`messages`]: the JSON message of each subject.
 //! - [`keys`]: deterministic object keys, ids and `Nats-Msg-Id`s; the one owner of the key layout.
-//! - [`retry`]: transient or permanent, as each error type classifies itself.
+//! - [`error`]: transient or permanent, as each error type classifies itself; an error with its causes.
 //! - [`telemetry`]: metric names and buckets, per-step timing, object bytes.
 
 pub mod database_url;
 pub mod domain;
+pub mod error;
 pub mod keys;
 pub mod messages;
 pub mod postgres_tls;
-pub mod retry;
 pub mod secret;
 pub mod telemetry;
 pub mod topology;

@@ -14,10 +14,10 @@ pub use crate::domain::{Detector, ImageStatus, Priority, StageName};
 #[error("malformed message: {0}")]
 pub struct MessageError(#[from] serde_json::Error);
 
-impl crate::retry::Classify for MessageError {
+impl crate::error::Classify for MessageError {
     /// A message that does not parse never will.
-    fn kind(&self) -> crate::retry::ErrorKind {
-        crate::retry::ErrorKind::Permanent
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Permanent
     }
 }
 

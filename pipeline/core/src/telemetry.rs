@@ -12,6 +12,16 @@ use std::time::{Duration, Instant};
 
 use crate::topology::StageName;
 
+/// Counter: messages a stage handled, by `outcome` (see [`Handling`]).
+pub const MESSAGES: &str = "facepipe_messages_total";
+/// Counter: deliveries after a message's first.
+pub const REDELIVERIES: &str = "facepipe_redeliveries_total";
+/// Histogram: time from a message's delivery to its ack, Nak or Term.
+pub const PROCESSING_SECONDS: &str = "facepipe_processing_seconds";
+/// Gauge: messages being handled now.
+pub const IN_FLIGHT: &str = "facepipe_in_flight_messages";
+/// Counter: faces detect found.
+pub const FACES_FOUND: &str = "facepipe_faces_found_total";
 /// Histogram: time of one step of handling an image, by `step` (see [`Step`]).
 pub const STEP_SECONDS: &str = "facepipe_step_seconds";
 /// Counter: bytes read from the object store.
@@ -108,11 +118,11 @@ pub fn object_written(bytes: u64) {
 /// and so `/metrics` documents itself.
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!("facepipe_messages_total", "Messages handled, by outcome.");
-    describe_counter!("facepipe_redeliveries_total", "Deliveries after the first.");
-    describe_histogram!("facepipe_processing_seconds", Unit::Seconds, "Time from delivery to ack, Nak or Term.");
-    describe_gauge!("facepipe_in_flight_messages", "Messages being handled now.");
-    describe_counter!("facepipe_faces_found_total", "Faces detected.");
+    describe_counter!(MESSAGES, "Messages handled, by outcome.");
+    describe_counter!(REDELIVERIES, "Deliveries after the first.");
+    describe_histogram!(PROCESSING_SECONDS, Unit::Seconds, "Time from delivery to ack, Nak or Term.");
+    describe_gauge!(IN_FLIGHT, "Messages being handled now.");
+    describe_counter!(FACES_FOUND, "Faces detected.");
     describe_counter!(SECOND_PASS_IMAGES, "Photos decided by detect's second pass (RetinaFace), YuNet being unsure of them.");
     describe_histogram!(STEP_SECONDS, Unit::Seconds, "Time of one step (fetch, decode, detect, encode, store).");
     describe_counter!(OBJECT_READ_BYTES, Unit::Bytes, "Bytes read from the object store.");
@@ -122,8 +132,45 @@ pub fn describe() {
     describe_gauge!(CONSUMER_REDELIVERED, "Unacknowledged messages delivered more than once, per JetStream consumer.");
 }
 
-/// Outcomes of `facepipe_messages_total` (recorded by the stage runtime).
-pub const OUTCOMES: &[&str] = &["ok", "skipped", "retried", "dead_lettered", "ack_failed", "dead_letter_failed"];
+/// How a stage was done with a message: the `outcome` label of [`MESSAGES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handling {
+    /// Handled, outputs stored, acked.
+    Ok,
+    /// Its effect was already there (a redelivered outcome); acked.
+    Skipped,
+    /// Failed transiently; Nak'd with a delay.
+    Retried,
+    /// Failed for good; dead-lettered, its failure recorded, Term'd.
+    DeadLettered,
+    /// Handled, but the ack did not reach the server: it will be redelivered.
+    AckFailed,
+    /// Failed for good, and the dead letter could not be stored: left un-acked.
+    DeadLetterFailed,
+}
+
+impl Handling {
+    /// Every outcome.
+    pub const ALL: [Handling; 6] =
+        [Self::Ok, Self::Skipped, Self::Retried, Self::DeadLettered, Self::AckFailed, Self::DeadLetterFailed];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Skipped => "skipped",
+            Self::Retried => "retried",
+            Self::DeadLettered => "dead_lettered",
+            Self::AckFailed => "ack_failed",
+            Self::DeadLetterFailed => "dead_letter_failed",
+        }
+    }
+
+    /// Counts one message of `stage` handled this way.
+    pub fn count(self, stage: StageName) {
+        metrics::counter!(MESSAGES, "stage" => stage.as_str(), "outcome" => self.as_str()).increment(1);
+    }
+}
 
 /// Creates the stage's counters and histograms at zero, so a series exists
 /// before its first event: otherwise Prometheus first sees it at its first
@@ -136,13 +183,13 @@ pub fn register_zeros(stage_name: StageName) {
         let _ = metrics::histogram!(STEP_SECONDS, "step" => step.as_str());
     }
     let stage = stage_name.as_str();
-    let _ = metrics::histogram!("facepipe_processing_seconds", "stage" => stage);
-    for outcome in OUTCOMES {
-        metrics::counter!("facepipe_messages_total", "stage" => stage, "outcome" => *outcome).absolute(0);
+    let _ = metrics::histogram!(PROCESSING_SECONDS, "stage" => stage);
+    for outcome in Handling::ALL {
+        metrics::counter!(MESSAGES, "stage" => stage, "outcome" => outcome.as_str()).absolute(0);
     }
-    metrics::counter!("facepipe_redeliveries_total", "stage" => stage).absolute(0);
-    if stage == "detect" {
-        metrics::counter!("facepipe_faces_found_total", "stage" => stage).absolute(0);
+    metrics::counter!(REDELIVERIES, "stage" => stage).absolute(0);
+    if stage_name == StageName::Detect {
+        metrics::counter!(FACES_FOUND, "stage" => stage).absolute(0);
         metrics::counter!(SECOND_PASS_IMAGES, "stage" => stage).absolute(0);
     }
     metrics::counter!(OBJECT_READ_BYTES).absolute(0);
@@ -165,7 +212,7 @@ mod tests {
             drop(Step::Decode.start());
             object_read(1234);
             // An explicit stage label replaces the global one instead of duplicating it.
-            metrics::counter!("facepipe_messages_total", "stage" => "detect", "outcome" => "ok").increment(1);
+            Handling::Ok.count(StageName::Detect);
         });
         let text = handle.render();
         assert!(text.contains(r#"facepipe_step_seconds_bucket{stage="detect",step="decode",le="0.0005"}"#), "{text}");

@@ -10,7 +10,6 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, BusError};
-use crate::db::Db;
 use crate::health::Health;
 use crate::error::StageError;
 use crate::ctx::Ctx;
@@ -237,18 +236,23 @@ impl Stage {
         Ok(Self { ctx, shutdown })
     }
 
-    /// The topology's database, migrated; waits (with backoff) while PostgreSQL is
-    /// unreachable, unless the process is asked to stop ([`StartError::Stopped`]).
-    pub async fn database(&self) -> Result<Db, StartError> {
-        let pg = &self.ctx.topology.postgres;
-        let db = Db::connect(&pg.url, pg.pool_size).map_err(|e| StartError::Stage(e.to_string()))?;
+    /// `connect` retried with capped backoff while it fails with an error `is_permanent`
+    /// calls transient (a service still starting: PostgreSQL for extract and persist),
+    /// each failure logged as `what` not ready; a permanent error stops the start-up,
+    /// and so does SIGINT/SIGTERM ([`StartError::Stopped`]).
+    pub async fn wait_for<T, E: std::fmt::Display>(
+        &self,
+        what: &str,
+        mut connect: impl AsyncFnMut() -> Result<T, E>,
+        is_permanent: impl Fn(&E) -> bool,
+    ) -> Result<T, StartError> {
         let mut delay = Duration::from_millis(250);
         loop {
-            match db.migrate().await {
-                Ok(_) => return Ok(db),
-                Err(e) if e.is_permanent() => return Err(StartError::Stage(e.to_string())),
+            match connect().await {
+                Ok(connected) => return Ok(connected),
+                Err(e) if is_permanent(&e) => return Err(StartError::Stage(format!("{what}: {e}"))),
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?delay, "PostgreSQL not ready");
+                    tracing::warn!(error = %e, retry_in = ?delay, "{what} not ready");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = self.shutdown.cancelled() => return Err(StartError::Stopped),

@@ -59,10 +59,10 @@ pub enum BusError {
     },
 }
 
-impl facepipe_core::retry::Classify for BusError {
+impl facepipe_core::error::Classify for BusError {
     /// Every NATS failure is worth a retry: the server or the network will come back.
-    fn kind(&self) -> facepipe_core::retry::ErrorKind {
-        facepipe_core::retry::ErrorKind::Transient
+    fn kind(&self) -> facepipe_core::error::ErrorKind {
+        facepipe_core::error::ErrorKind::Transient
     }
 }
 
@@ -174,7 +174,7 @@ impl Bus {
     pub async fn publish_job_payload(&self, topology: &Topology, job: &ExtractJob, payload: Bytes) -> Result<(), BusError> {
         let subject = topology.priority_subject(&topology.stages.extract.subject, job.priority);
         let batch_id = job.batch_id.as_deref().unwrap_or_default();
-        self.publish(&subject, &facepipe_core::keys::msg_id("submit", batch_id, "job"), payload).await
+        self.publish(&subject, &facepipe_core::keys::msg_id(facepipe_core::keys::MessageKind::ExtractJob, batch_id, "job"), payload).await
     }
 
     /// The stage's durable pull consumers, one per priority band (highest

@@ -3,7 +3,7 @@
 use std::error::Error as StdError;
 use std::fmt;
 
-pub use facepipe_core::retry::{Classify, ErrorKind};
+pub use facepipe_core::error::{chain, Classify, ErrorKind};
 
 /// The cause of a [`StageError`], with its own source chain.
 pub type Cause = Box<dyn StdError + Send + Sync + 'static>;
@@ -51,21 +51,6 @@ impl StageError {
     pub fn message(&self) -> String {
         chain(&*self.cause)
     }
-}
-
-/// An error and its sources, `a: b: c`, leaving out a source whose text its parent
-/// already shows.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut next = e.source();
-    while let Some(source) = next {
-        let part = source.to_string();
-        if !text.contains(&part) {
-            text = format!("{text}: {part}");
-        }
-        next = source.source();
-    }
-    text
 }
 
 impl fmt::Display for StageError {

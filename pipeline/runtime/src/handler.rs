@@ -4,7 +4,6 @@ use std::future::Future;
 
 use facepipe_core::keys;
 use facepipe_core::messages::{self, ImageRef, Outcome};
-use facepipe_core::topology::StageName;
 use serde::de::DeserializeOwned;
 
 use crate::ctx::Ctx;
@@ -56,8 +55,9 @@ pub trait Handler: Send + Sync + 'static {
     }
 
     /// Records that a message failed for good, after it was dead-lettered and
-    /// before it is Term'd. The default records the image named in the payload
-    /// as failed, so its batch can still complete.
+    /// before it is Term'd. The default publishes the image named in the payload
+    /// as failed, to persist, so its batch can still complete; persist, which
+    /// records outcomes itself, overrides it.
     fn on_dead_letter(&self, ctx: &Ctx, failed: &Failed<'_>) -> impl Future<Output = Result<(), StageError>> + Send {
         let image = messages::decode::<ImageRef>(failed.payload).ok();
         let (message, attempts) = (failed.error.message(), failed.attempts);
@@ -65,12 +65,12 @@ pub trait Handler: Send + Sync + 'static {
         let msg_id_suffix = format!("{}:{}", ctx.stage, failed.stream_sequence);
         async move {
             match image {
-                Some(image) if ctx.stage != StageName::Persist => {
-                    let msg_id = keys::msg_id("failed", &image.batch_id, &format!("{}:{msg_id_suffix}", image.image_id));
+                Some(image) => {
+                    let msg_id = keys::msg_id(keys::MessageKind::Failure, &image.batch_id, &format!("{}:{msg_id_suffix}", image.image_id));
                     let outcome = Outcome::failed(image, ctx.stage, message, attempts);
                     ctx.publish_outcome(&msg_id, &outcome).await
                 }
-                _ => Ok(()),
+                None => Ok(()),
             }
         }
     }

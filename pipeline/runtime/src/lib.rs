@@ -1,17 +1,16 @@
 //! # facepipe-runtime: what every stage process runs on
 //!
-//! The connections (NATS, the object store, PostgreSQL) and the stage runtime
-//! that owns the delivery semantics, so that a stage is only a [`Handler`]:
+//! The connections (NATS, the object store) and the stage runtime that owns the
+//! delivery semantics, so that a stage is only a [`Handler`]:
 //! pull as many messages as there are free slots, ack after the outputs are
 //! stored, retry transient failures with a delay, dead-letter permanent ones,
-//! and shut down gracefully.
+//! and shut down gracefully. PostgreSQL is not here: the stages that record to it
+//! (extract, persist) link `facepipe-ledger` themselves.
 //!
 //! ## Layout
 //! - [`error`]: [`StageError`], a retry classification and its cause.
 //! - [`bus`]: NATS connection, stream/consumer plan and apply, acknowledged publishing.
 //! - [`store`]: the object store (`file://`, `s3://`).
-//! - [`db`]: PostgreSQL pool, migrations (`migrations/`) and the idempotent queries.
-//! - [`postgres_tls`]: the rustls connector every PostgreSQL connection goes through (`sslmode`, `sslrootcert`).
 //! - [`scratch`]: temporary files a restarted process can clean up after a crash.
 //! - [`bands`]: weighted pulling from a stage's priority bands.
 //! - [`live`]: live reconfiguration through a key-value bucket that running stages watch.
@@ -30,7 +29,6 @@ pub mod bands;
 pub mod bus;
 pub mod cpu;
 pub mod ctx;
-pub mod db;
 pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
@@ -38,7 +36,6 @@ pub mod handler;
 pub mod health;
 pub mod lag;
 pub mod live;
-pub mod postgres_tls;
 pub mod presence;
 pub mod scratch;
 pub mod store;

@@ -56,10 +56,10 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
 }
 
-impl facepipe_core::retry::Classify for StoreError {
+impl facepipe_core::error::Classify for StoreError {
     /// A missing object or a bad key will not appear on retry; an outage may end.
-    fn kind(&self) -> facepipe_core::retry::ErrorKind {
-        use facepipe_core::retry::ErrorKind;
+    fn kind(&self) -> facepipe_core::error::ErrorKind {
+        use facepipe_core::error::ErrorKind;
         match self {
             StoreError::NotFound(_) | StoreError::InvalidKey(_) => ErrorKind::Permanent,
             _ => ErrorKind::Transient,

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{AckKind, Message};
 use facepipe_core::messages::{self, DeadLetter, MessageIds};
+use facepipe_core::telemetry::{self, Handling};
 use futures::StreamExt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -245,7 +246,7 @@ impl<H: Handler> Worker<H> {
             attempt,
         );
         if attempt > 1 {
-            metrics::counter!("facepipe_redeliveries_total", "stage" => stage).increment(1);
+            metrics::counter!(telemetry::REDELIVERIES, "stage" => stage).increment(1);
             tracing::info!(parent: &span, "redelivered message");
         }
         #[cfg(feature = "fault-injection")]
@@ -292,16 +293,16 @@ impl<H: Handler> Worker<H> {
                 return;
             }
         };
-        metrics::histogram!("facepipe_processing_seconds", "stage" => stage)
+        metrics::histogram!(telemetry::PROCESSING_SECONDS, "stage" => stage)
             .record(started.elapsed().as_secs_f64());
 
         let outcome = match result {
             Ok(handled) => match msg.ack().await {
-                Ok(()) if handled == Handled::Skipped => "skipped",
-                Ok(()) => "ok",
+                Ok(()) if handled == Handled::Skipped => Handling::Skipped,
+                Ok(()) => Handling::Ok,
                 Err(e) => {
                     tracing::warn!(parent: &span, error = %e, "ack failed; the message will be redelivered");
-                    "ack_failed"
+                    Handling::AckFailed
                 }
             },
             Err(error) if !error.is_permanent() && i64::from(attempt) < settings.max_deliver => {
@@ -309,7 +310,7 @@ impl<H: Handler> Worker<H> {
                 let delay = current.retry.delay(attempt as u64, &mut rand::rng());
                 tracing::warn!(parent: &span, %error, ?delay, "transient failure; retrying later");
                 let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
-                "retried"
+                Handling::Retried
             }
             Err(error) => {
                 tracing::error!(parent: &span, %error, permanent = error.is_permanent(), "failed for good; dead-lettering");
@@ -324,18 +325,18 @@ impl<H: Handler> Worker<H> {
                 match self.give_up(failed).await {
                     Ok(()) => {
                         let _ = msg.ack_with(AckKind::Term).await;
-                        "dead_lettered"
+                        Handling::DeadLettered
                     }
                     Err(e) => {
                         // Leave it un-acked: it comes back after ack_wait, or is swept as a
                         // max-deliveries dead letter, rather than vanishing unrecorded.
                         tracing::error!(parent: &span, error = %e, "could not dead-letter; leaving the message un-acked");
-                        "dead_letter_failed"
+                        Handling::DeadLetterFailed
                     }
                 }
             }
         };
-        metrics::counter!("facepipe_messages_total", "stage" => stage, "outcome" => outcome).increment(1);
+        outcome.count(ctx.stage);
     }
 
     /// Publishes the dead letter, then lets the handler record the failure.
@@ -353,7 +354,7 @@ impl<H: Handler> Worker<H> {
             image_id: ids.image_id,
             time: chrono::Utc::now(),
         };
-        let msg_id = format!("dead:{}:{}", ctx.topology.stream_name(ctx.stage), failed.stream_sequence);
+        let msg_id = facepipe_core::keys::dead_letter_msg_id(&ctx.topology.stream_name(ctx.stage), failed.stream_sequence);
         ctx.bus
             .publish(&ctx.topology.dead_letter_subject(ctx.stage), &msg_id, messages::encode(&letter))
             .await?;
@@ -424,7 +425,7 @@ async fn sweep_max_deliveries<H: Handler>(worker: Arc<Worker<H>>) {
                 })
                 .await?;
             stream.delete_message(seq).await.map_err(StageError::transient)?;
-            metrics::counter!("facepipe_messages_total", "stage" => ctx.stage.as_str(), "outcome" => "dead_lettered").increment(1);
+            Handling::DeadLettered.count(ctx.stage);
             tracing::error!(stage = %ctx.stage, seq, deliveries = advisory.deliveries, "message exhausted its deliveries by ack timeout; dead-lettered");
             Ok::<(), StageError>(())
         }
@@ -450,13 +451,13 @@ struct InFlight(&'static str);
 
 impl InFlight {
     fn new(stage: &'static str) -> Self {
-        metrics::gauge!("facepipe_in_flight_messages", "stage" => stage).increment(1.0);
+        metrics::gauge!(telemetry::IN_FLIGHT, "stage" => stage).increment(1.0);
         Self(stage)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        metrics::gauge!("facepipe_in_flight_messages", "stage" => self.0).decrement(1.0);
+        metrics::gauge!(telemetry::IN_FLIGHT, "stage" => self.0).decrement(1.0);
     }
 }

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use facepipe_runtime::db::{BatchSummary, Db};
+use facepipe_ledger::{BatchSummary, Db};
 #[allow(unused_imports)] // each test binary uses a different part of the harness
 pub use pipeline::eval::{iou, Labelled};
 use facepipe_core::topology::{StageName, Topology};
@@ -286,7 +286,7 @@ pub fn connect_port() -> u16 {
 
 /// One connection, through the pipeline's own connector (the URL's `sslmode` applies).
 pub async fn connect(url: &str) -> tokio_postgres::Client {
-    facepipe_runtime::db::connect_one(&url.parse().expect("a database URL"))
+    facepipe_ledger::connect_one(&url.parse().expect("a database URL"))
         .await
         .unwrap_or_else(|e| panic!("PostgreSQL for tests unreachable (PIPELINE_TEST_DATABASE_URL): {e}"))
 }
@@ -629,19 +629,10 @@ impl Deployment {
     /// Waits until a batch is completed or failed; panics with the stage logs after `timeout`.
     pub async fn wait_for_batch(&self, batch_id: &str, timeout: Duration) -> BatchSummary {
         let db = self.db().await;
-        let start = Instant::now();
-        loop {
-            if let Some(s) = db.batch_status(batch_id).await.unwrap() {
-                if s.status == "completed" || s.status == "failed" {
-                    return s;
-                }
-                if start.elapsed() > timeout {
-                    panic!("batch {batch_id} not done after {timeout:?}: {s:?}\n{}", self.logs());
-                }
-            } else if start.elapsed() > timeout {
-                panic!("batch {batch_id} never appeared\n{}", self.logs());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut last = None;
+        match facepipe_control::batches::follow(&db, batch_id, Duration::from_millis(100), Some(timeout), |s| last = Some(s.clone())).await {
+            Ok(done) => done,
+            Err(e) => panic!("batch {batch_id}: {e}; last seen {last:?}\n{}", self.logs()),
         }
     }
 

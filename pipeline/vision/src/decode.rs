@@ -24,10 +24,10 @@ pub struct Header {
 
 /// Reads dimensions from the header and enforces the megapixel limit.
 pub fn probe(bytes: &[u8], max_megapixels: f64) -> Result<Header, VisionError> {
-    let size = imagesize::blob_size(bytes).map_err(|e| VisionError::Unsupported(e.to_string()))?;
+    let size = imagesize::blob_size(bytes).map_err(VisionError::Unsupported)?;
     let (w, h) = (size.width as u64, size.height as u64);
     if w == 0 || h == 0 {
-        return Err(VisionError::Unsupported("zero-sized image".into()));
+        return Err(VisionError::Empty);
     }
     if (w * h) as f64 > max_megapixels * 1e6 {
         return Err(VisionError::TooLarge { width: w, height: h, limit_mp: max_megapixels });
@@ -74,7 +74,7 @@ pub fn decode(bytes: &[u8], header: Header, reduction: u32) -> Result<Decoded, V
     let buf = Mat::from_slice(bytes)?;
     let image = imgcodecs::imdecode(&buf, flags)?;
     if image.empty() || image.cols() == 0 || image.rows() == 0 {
-        return Err(VisionError::Decode("decoder returned no pixels (truncated or corrupt data)".into()));
+        return Err(VisionError::NoPixels);
     }
     // EXIF orientation 5-8 swaps the axes; detect that from the decoded shape.
     let (w, h) = (header.width, header.height);

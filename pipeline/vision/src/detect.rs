@@ -171,7 +171,7 @@ fn load(params: &DetectParams) -> Result<Model, VisionError> {
             second_pass_cannot_run(params, "it runs after YuNet, which does not load")?;
             load_haar(&params.haar_cascade).map(Model::Haar)
         }
-        DetectFallback::None => Err(VisionError::NoDetector(format!(
+        DetectFallback::None => Err(VisionError::no_detector_because(format!(
             "YuNet does not load: {why} (fix stages.detect.params.model, or name a fallback with stages.detect.params.fallback = \"haar\")"
         ))),
     }
@@ -238,7 +238,7 @@ fn check_network(path: &Path, expected: &str) -> Result<(), String> {
 fn second_pass_cannot_run(params: &DetectParams, why: &str) -> Result<(), VisionError> {
     let Some(pass) = params.second_pass.active() else { return Ok(()) };
     if pass.required {
-        return Err(VisionError::NoDetector(format!(
+        return Err(VisionError::no_detector_because(format!(
             "the second pass (RetinaFace) cannot run: {why} (set stages.detect.params.second_pass.required = false to run YuNet alone, or enabled = false)"
         )));
     }
@@ -257,9 +257,9 @@ fn opencv_yunet(params: &DetectParams) -> (Option<&Path>, f32) {
 
 fn load_haar(path: &Path) -> Result<CascadeClassifier, VisionError> {
     let cascade = CascadeClassifier::new(path)
-        .map_err(|e| VisionError::NoDetector(format!("{}: {e}", path.display())))?;
+        .map_err(|e| VisionError::no_detector(path.display().to_string(), e))?;
     if cascade.empty()? {
-        return Err(VisionError::NoDetector(format!(
+        return Err(VisionError::no_detector_because(format!(
             "Haar cascade {} does not load (install opencv-data)",
             path.display()
         )));

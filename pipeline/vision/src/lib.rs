@@ -24,14 +24,21 @@ pub mod region;
 pub mod retinaface;
 pub mod yunet;
 
+/// What a [`VisionError`] keeps of the library error behind it (its sources included).
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Why an image could not be processed. The input's faults (unsupported, too
 /// large, undecodable) are permanent; a failure of OpenCV or ONNX Runtime
-/// itself, or a detector that cannot load, may pass, so it is retried.
+/// itself, or a detector that cannot load, may pass, so it is retried. Each keeps
+/// the library's error as its source.
 #[derive(Debug, thiserror::Error)]
 pub enum VisionError {
-    /// The bytes are not an image format we read.
-    #[error("not a supported image: {0}")]
-    Unsupported(String),
+    /// The header is not an image format we read.
+    #[error("not a supported image")]
+    Unsupported(#[source] imagesize::ImageError),
+    /// The header claims no pixels at all.
+    #[error("not a supported image: zero-sized image")]
+    Empty,
     /// The header claims more pixels than allowed.
     #[error("image of {width}x{height} exceeds the {limit_mp} megapixel limit")]
     TooLarge {
@@ -42,26 +49,70 @@ pub enum VisionError {
         /// Configured limit.
         limit_mp: f64,
     },
-    /// OpenCV could not decode the data (truncated or corrupt).
-    #[error("cannot decode image: {0}")]
-    Decode(String),
+    /// OpenCV's decoder gave no pixels (truncated or corrupt data).
+    #[error("cannot decode image: decoder returned no pixels (truncated or corrupt data)")]
+    NoPixels,
+    /// libjpeg could not decode the region asked for.
+    #[error("cannot decode image")]
+    Jpeg(#[source] jpeg_region::RegionError),
     /// An OpenCV call failed.
-    #[error("opencv: {0}")]
+    #[error("opencv")]
     OpenCv(#[from] opencv::Error),
-    /// The detector failed on an image.
-    #[error("inference: {0}")]
-    Inference(String),
+    /// ONNX Runtime failed to run a network on an image.
+    #[error("{network} inference")]
+    Inference {
+        /// `YuNet` or `RetinaFace`.
+        network: &'static str,
+        /// ONNX Runtime's error.
+        #[source]
+        source: ort::Error,
+    },
+    /// A network's output is not the shape its decoder reads.
+    #[error("{network} inference: {detail}")]
+    Output {
+        /// `YuNet` or `RetinaFace`.
+        network: &'static str,
+        /// What was found.
+        detail: String,
+    },
     /// No usable detector (neither the model nor the Haar cascade loads).
-    #[error("no face detector available: {0}")]
-    NoDetector(String),
+    #[error("no face detector available: {what}")]
+    NoDetector {
+        /// What does not load, and what to do about it.
+        what: String,
+        /// The loader's own error, when there is one.
+        #[source]
+        source: Option<Cause>,
+    },
 }
 
-impl facepipe_core::retry::Classify for VisionError {
-    fn kind(&self) -> facepipe_core::retry::ErrorKind {
-        use facepipe_core::retry::ErrorKind;
+impl VisionError {
+    /// A detector that does not load, for `what`, caused by `source`.
+    pub fn no_detector(what: impl Into<String>, source: impl Into<Cause>) -> Self {
+        Self::NoDetector { what: what.into(), source: Some(source.into()) }
+    }
+
+    /// A detector that does not load, for `what` alone.
+    pub fn no_detector_because(what: impl Into<String>) -> Self {
+        Self::NoDetector { what: what.into(), source: None }
+    }
+
+    /// ONNX Runtime's failure running `network`.
+    pub fn inference(network: &'static str) -> impl Fn(ort::Error) -> Self {
+        move |source| Self::Inference { network, source }
+    }
+}
+
+impl facepipe_core::error::Classify for VisionError {
+    fn kind(&self) -> facepipe_core::error::ErrorKind {
+        use facepipe_core::error::ErrorKind;
         match self {
-            VisionError::Unsupported(_) | VisionError::TooLarge { .. } | VisionError::Decode(_) => ErrorKind::Permanent,
-            VisionError::OpenCv(_) | VisionError::Inference(_) | VisionError::NoDetector(_) => ErrorKind::Transient,
+            VisionError::Unsupported(_) | VisionError::Empty | VisionError::TooLarge { .. } | VisionError::NoPixels | VisionError::Jpeg(_) => {
+                ErrorKind::Permanent
+            }
+            VisionError::OpenCv(_) | VisionError::Inference { .. } | VisionError::Output { .. } | VisionError::NoDetector { .. } => {
+                ErrorKind::Transient
+            }
         }
     }
 }

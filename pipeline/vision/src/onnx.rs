@@ -37,7 +37,7 @@ fn environment(library: Option<&Path>) -> Result<&'static Environment, VisionErr
             Ok((wanted.clone(), env))
         })
         .as_ref()
-        .map_err(|e| VisionError::NoDetector(format!("ONNX Runtime does not load: {e}")))?;
+        .map_err(|e| VisionError::no_detector_because(format!("ONNX Runtime does not load: {e}")))?;
     if *loaded != wanted {
         tracing::warn!(loaded = %loaded.display(), wanted = %wanted.display(), "ONNX Runtime is loaded once per process; keeping the first library");
     }
@@ -48,20 +48,22 @@ fn environment(library: Option<&Path>) -> Result<&'static Environment, VisionErr
 /// its input and outputs' fixed sizes made free.
 pub fn session(model: &Path, library: Option<&Path>) -> Result<Session, VisionError> {
     let env = environment(library)?;
-    let bytes = std::fs::read(model).map_err(|e| VisionError::NoDetector(format!("{}: {e}", model.display())))?;
+    let bytes = std::fs::read(model).map_err(|e| VisionError::no_detector(model.display().to_string(), e))?;
     let bytes = free_input_and_output_shapes(&bytes)
-        .map_err(|e| VisionError::NoDetector(format!("{} is not an ONNX model this code understands: {e}", model.display())))?;
-    let failed = |e: String| VisionError::NoDetector(format!("ONNX Runtime cannot load {}: {e}", model.display()));
-    let builder = Session::builder(env).map_err(|e| failed(e.to_string()))?;
+        .map_err(|e| VisionError::no_detector(format!("{} is not an ONNX model this code understands", model.display()), e))?;
+    let failed = |e: ort::Error| VisionError::no_detector(format!("ONNX Runtime cannot load {}", model.display()), e);
+    // The builder's errors carry the builder, for recovery; the error alone is kept.
+    let failed_building = |e: ort::Error<ort::session::builder::SessionBuilder>| failed(e.into());
+    let builder = Session::builder(env).map_err(failed)?;
     // No memory pattern: it keeps a peak-sized block per session (one per worker
     // thread); measured at 12 MP, 182 -> 152 MB peak RSS for detect, same speed.
     // (Without the arena too, malloc churn made it 310 MB and slower.)
-    let builder = builder.with_memory_pattern(false).map_err(|e| failed(e.to_string()))?;
-    let builder = builder.with_optimization_level(GraphOptimizationLevel::All).map_err(|e| failed(e.to_string()))?;
+    let builder = builder.with_memory_pattern(false).map_err(failed_building)?;
+    let builder = builder.with_optimization_level(GraphOptimizationLevel::All).map_err(failed_building)?;
     // One thread per session: the stage runs one image per worker thread.
-    let builder = builder.with_intra_threads(1).map_err(|e| failed(e.to_string()))?;
-    let mut builder = builder.with_inter_threads(1).map_err(|e| failed(e.to_string()))?;
-    let session = builder.commit_from_memory(&bytes).map_err(|e| failed(e.to_string()))?;
+    let builder = builder.with_intra_threads(1).map_err(failed_building)?;
+    let mut builder = builder.with_inter_threads(1).map_err(failed_building)?;
+    let session = builder.commit_from_memory(&bytes).map_err(failed)?;
     Ok(session)
 }
 

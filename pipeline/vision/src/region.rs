@@ -155,7 +155,7 @@ pub fn decode_area(bytes: &[u8], header: Header, orientation: u8, scale_num: u32
     let region = match jpeg_region::decode(bytes, m, x0 as u32, y0 as u32, (x1 - x0) as u32, (y1 - y0) as u32) {
         Ok(region) => region,
         Err(jpeg_region::RegionError::Unsupported) => return Ok(None),
-        Err(jpeg_region::RegionError::Decode(reason)) => return Err(VisionError::Decode(reason)),
+        Err(e @ jpeg_region::RegionError::Decode(_)) => return Err(VisionError::Jpeg(e)),
     };
     let out = &region;
     let image = Mat::new_rows_cols_with_data(out.height as i32, (out.width * 3) as i32, &out.bgr)
@@ -270,6 +270,6 @@ mod tests {
     fn garbage_is_a_decode_error() {
         let header = Header { width: 64, height: 48 };
         let area = Area { x0: 0.0, y0: 0.0, x1: 8.0, y1: 8.0 };
-        assert!(matches!(decode_area(b"\xFF\xD8\xFFnot really", header, 1, 8, area), Err(VisionError::Decode(_))));
+        assert!(matches!(decode_area(b"\xFF\xD8\xFFnot really", header, 1, 8, area), Err(VisionError::Jpeg(_))));
     }
 }

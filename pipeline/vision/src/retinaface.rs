@@ -45,7 +45,7 @@ impl RetinaFace {
             let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
             let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
             if inputs != [INPUT] || outputs != [OUTPUT] {
-                return Err(VisionError::NoDetector(format!(
+                return Err(VisionError::no_detector_because(format!(
                     "{} is not the converted RetinaFace (inputs {inputs:?}, outputs {outputs:?}; make it with tools/retinaface_onnx.py)",
                     model.display()
                 )));
@@ -68,15 +68,15 @@ impl RetinaFace {
         let (pw, ph) = ((w.div_ceil(32) * 32).max(32), (h.div_ceil(32) * 32).max(32));
         fill_input(input, image, pw, ph)?;
         let tensor = TensorRef::from_array_view(([1usize, ph, pw, 3], input.as_slice()))
-            .map_err(|e| VisionError::Inference(e.to_string()))?;
+            .map_err(VisionError::inference("RetinaFace"))?;
         let rows = {
             let mut session = self.sessions.get();
-            let outputs = session.run(ort::inputs![INPUT => tensor]).map_err(|e| VisionError::Inference(e.to_string()))?;
-            let (_, rows) = outputs[OUTPUT].try_extract_tensor::<f32>().map_err(|e| VisionError::Inference(e.to_string()))?;
+            let outputs = session.run(ort::inputs![INPUT => tensor]).map_err(VisionError::inference("RetinaFace"))?;
+            let (_, rows) = outputs[OUTPUT].try_extract_tensor::<f32>().map_err(VisionError::inference("RetinaFace"))?;
             rows.to_vec()
         };
         if rows.len() % ROW != 0 {
-            return Err(VisionError::Inference(format!("RetinaFace gave {} values, not rows of {ROW}", rows.len())));
+            return Err(VisionError::Output { network: "RetinaFace", detail: format!("{} values, not rows of {ROW}", rows.len()) });
         }
         let (fw, fh) = (pw as f32, ph as f32);
         // The graph ran its own NMS (IoU 0.4); boxes come highest score first.

@@ -52,7 +52,6 @@ impl OrtYunet {
     /// Loads `model` (YuNet 2022mar or 2023mar) into an ONNX Runtime session running on this thread alone.
     pub fn load(model: &Path, library: Option<&Path>) -> Result<Self, VisionError> {
         let session = onnx::session(model, library)?;
-        let failed = |e: String| VisionError::NoDetector(format!("ONNX Runtime cannot load {}: {e}", model.display()));
         let names: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
         let has = |name: &str| names.contains(&name);
         let release = if ["loc", "conf", "iou"].iter().all(|n| has(n)) {
@@ -60,7 +59,10 @@ impl OrtYunet {
         } else if STRIDES_2023.iter().all(|s| ["cls", "obj", "bbox", "kps"].iter().all(|k| has(&format!("{k}_{s}")))) {
             Release::Mar2023
         } else {
-            return Err(failed(format!("outputs {names:?} are neither YuNet 2022mar's nor 2023mar's")));
+            return Err(VisionError::no_detector_because(format!(
+                "ONNX Runtime cannot load {}: outputs {names:?} are neither YuNet 2022mar's nor 2023mar's",
+                model.display()
+            )));
         };
         Ok(Self { session, release, priors: Priors::default(), input: Vec::new() })
     }
@@ -81,11 +83,11 @@ impl OrtYunet {
             self.priors = Priors::new(pw, ph);
         }
         let input = TensorRef::from_array_view(([1usize, 3, ph, pw], self.input.as_slice()))
-            .map_err(|e| VisionError::Inference(e.to_string()))?;
-        let outputs = self.session.run(ort::inputs!["input" => input]).map_err(|e| VisionError::Inference(e.to_string()))?;
+            .map_err(VisionError::inference("YuNet"))?;
+        let outputs = self.session.run(ort::inputs!["input" => input]).map_err(VisionError::inference("YuNet"))?;
         let tensor = |name: &str| -> Result<&[f32], VisionError> {
-            let value = outputs.get(name).ok_or_else(|| VisionError::Inference(format!("no output {name}")))?;
-            let (_, data) = value.try_extract_tensor::<f32>().map_err(|e| VisionError::Inference(e.to_string()))?;
+            let value = outputs.get(name).ok_or_else(|| VisionError::Output { network: "YuNet", detail: format!("no output {name}") })?;
+            let (_, data) = value.try_extract_tensor::<f32>().map_err(VisionError::inference("YuNet"))?;
             Ok(data)
         };
         if self.release == Release::Mar2023 {
@@ -96,7 +98,8 @@ impl OrtYunet {
                 let (cls, obj, bbox, kps) = (get("cls")?, get("obj")?, get("bbox")?, get("kps")?);
                 let cells = cols * rows;
                 if cls.len() != cells || obj.len() != cells || bbox.len() != cells * 4 || kps.len() != cells * 10 {
-                    return Err(VisionError::Inference(format!("YuNet gave {} cells at stride {stride} for {pw}x{ph}", cls.len())));
+                    let detail = format!("{} cells at stride {stride} for {pw}x{ph}", cls.len());
+                    return Err(VisionError::Output { network: "YuNet", detail });
                 }
                 let at_stride = Stride2023 { stride, cols, cls, obj, bbox, kps };
                 at_stride.decode(score_threshold, &mut candidates);
@@ -106,10 +109,7 @@ impl OrtYunet {
         let (loc, conf, iou) = (tensor("loc")?, tensor("conf")?, tensor("iou")?);
         let n = self.priors.boxes.len();
         if loc.len() != n * 14 || conf.len() != n * 2 || iou.len() != n {
-            return Err(VisionError::Inference(format!(
-                "YuNet gave {} rows for {n} priors at {pw}x{ph}",
-                iou.len()
-            )));
+            return Err(VisionError::Output { network: "YuNet", detail: format!("{} rows for {n} priors at {pw}x{ph}", iou.len()) });
         }
         let candidates = decode(&self.priors, loc, conf, iou, score_threshold);
         Ok(non_maximum_suppression(candidates, nms_threshold))

@@ -43,7 +43,7 @@ impl Handler for Crop {
             detector: job.detector,
             image: job.image,
         };
-        let msg_id = keys::msg_id("persist", &outcome.image.batch_id, &outcome.image.image_id);
+        let msg_id = keys::msg_id(keys::MessageKind::Outcome, &outcome.image.batch_id, &outcome.image.image_id);
         ctx.publish_next(&msg_id, &outcome.image, &outcome).await?;
         Ok(Handled::Done)
     }

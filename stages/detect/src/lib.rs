@@ -72,7 +72,7 @@ impl Handler for Detect {
         let crop = ctx.current().stages.crop.params.clone();
         let found = ctx.blocking(move || Ok(detect::detect_faces_for(&bytes, &params, Some(&crop))?)).await?;
         tracing::debug!(faces = found.faces.len(), "detected");
-        metrics::counter!("facepipe_faces_found_total", "stage" => "detect").increment(found.faces.len() as u64);
+        metrics::counter!(telemetry::FACES_FOUND, "stage" => "detect").increment(found.faces.len() as u64);
         if found.detector == Detector::Retinaface {
             metrics::counter!(telemetry::SECOND_PASS_IMAGES, "stage" => "detect").increment(1);
         }
@@ -84,7 +84,7 @@ impl Handler for Detect {
             detector: Some(found.detector),
             image: job.image,
         };
-        let msg_id = keys::msg_id("crop", &crop.image.batch_id, &crop.image.image_id);
+        let msg_id = keys::msg_id(keys::MessageKind::CropJob, &crop.image.batch_id, &crop.image.image_id);
         ctx.publish_next(&msg_id, &crop.image, &crop).await?;
         Ok(Handled::Done)
     }

@@ -7,24 +7,23 @@
 //! `parallelism` entries whatever the batch's size.
 //!
 //! ## Layout
-//! - [`archive`]: reading a ZIP entry by entry with bounded memory.
 //! - [`download`]: fetching images given by URL, with time, size, redirect and address limits.
 //! - this file: the [`Extract`] handler, which stores, registers and publishes entries.
 
-pub mod archive;
 pub mod download;
 
 use std::path::PathBuf;
 
-use facepipe_core::keys;
+use facepipe_core::keys::{self, MessageKind};
 use facepipe_core::domain::{Priority, StageName};
 use facepipe_core::messages::{self, DetectJob, ExtractJob, ExtractSource, ImageRef, Outcome, RemoteImage};
-use facepipe_runtime::db::{Db, NewImage};
+use facepipe_ledger::{Db, NewImage};
 use facepipe_runtime::store::ObjectReader;
 use facepipe_runtime::{Ctx, Delivery, Failed, Handled, Handler, StageError};
 use futures::StreamExt;
 
-use crate::archive::Entry;
+use facepipe_archive as archive;
+use facepipe_archive::Entry;
 use crate::download::Downloader;
 
 /// The extract stage's handler.
@@ -187,11 +186,11 @@ impl Extract {
             |image_id: &str| ImageRef { batch_id: batch_id.to_string(), image_id: image_id.to_string(), priority };
         let detect_jobs = images.iter().map(|(image_id, key, _)| async move {
             let job = DetectJob { image: image_ref(image_id), key: key.clone() };
-            ctx.publish_next(&keys::msg_id("detect", batch_id, image_id), &job.image, &job).await
+            ctx.publish_next(&keys::msg_id(MessageKind::DetectJob, batch_id, image_id), &job.image, &job).await
         });
         let failed_outcomes = failures.iter().map(|(image_id, reason)| async move {
             let outcome = Outcome::failed(image_ref(image_id), StageName::Extract, reason.clone(), 1);
-            ctx.publish_outcome(&keys::msg_id("failed", batch_id, image_id), &outcome).await
+            ctx.publish_outcome(&keys::msg_id(MessageKind::Failure, batch_id, image_id), &outcome).await
         });
         for published in futures::future::join_all(detect_jobs).await {
             published?;

@@ -2,6 +2,7 @@
 
 use extract::Extract;
 use facepipe_core::topology::StageName;
+use facepipe_ledger::{Db, DbError};
 use facepipe_runtime::app::Stage;
 
 // One runtime thread: the heavy work runs on the stage's own CPU threads, and a
@@ -12,7 +13,10 @@ async fn main() -> anyhow::Result<()> {
         // Temporary files of crashed processes: the API's spooled uploads, and the downloads
         // of remote ZIPs that extract made before it read them in place.
         facepipe_runtime::scratch::sweep(&std::env::temp_dir());
-        Ok(Extract { db: stage.database().await? })
+        // PostgreSQL may start after the stage: wait for it, migrated.
+        let postgres = stage.ctx.topology.postgres.clone();
+        let db = stage.wait_for("PostgreSQL", async || Db::open(&postgres).await, DbError::is_permanent).await?;
+        Ok(Extract { db })
     })
     .await?)
 }

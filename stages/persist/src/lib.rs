@@ -1,8 +1,9 @@
 //! The persist stage: image outcome -> idempotent upsert in PostgreSQL, batch progress and completion.
 
-use facepipe_core::messages::{self, Outcome};
-use facepipe_runtime::db::Db;
-use facepipe_runtime::{Ctx, Delivery, Handled, Handler, StageError};
+use facepipe_core::domain::StageName;
+use facepipe_core::messages::{self, ImageRef, Outcome};
+use facepipe_ledger::{Db, DbError};
+use facepipe_runtime::{Ctx, Delivery, Failed, Handled, Handler, StageError};
 
 /// The persist stage's handler.
 pub struct Persist {
@@ -38,6 +39,18 @@ impl Handler for Persist {
             }
         }
         Ok(Handled::Done)
+    }
+
+    /// An outcome persist cannot record (not a final status, say) is recorded as the
+    /// image's failure, here: there is no stage after persist to send it to.
+    async fn on_dead_letter(&self, _: &Ctx, failed: &Failed<'_>) -> Result<(), StageError> {
+        let Ok(image) = messages::decode::<ImageRef>(failed.payload) else { return Ok(()) };
+        let outcome = Outcome::failed(image, StageName::Persist, failed.error.message(), failed.attempts);
+        match self.db.record_outcome(&outcome).await {
+            // An image extract never registered has nothing to record.
+            Ok(_) | Err(DbError::UnknownImage { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

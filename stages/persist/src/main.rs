@@ -1,6 +1,7 @@
 //! The persist stage binary: the [`persist::Persist`] handler on the stage runtime.
 
 use facepipe_core::topology::StageName;
+use facepipe_ledger::{Db, DbError};
 use facepipe_runtime::app::Stage;
 use persist::Persist;
 
@@ -8,5 +9,11 @@ use persist::Persist;
 // second runtime thread only adds wake-ups between the two.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    Ok(Stage::main(StageName::Persist, async |stage| { Ok(Persist { db: stage.database().await? }) }).await?)
+    Ok(Stage::main(StageName::Persist, async |stage| {
+        // PostgreSQL may start after the stage: wait for it, migrated.
+        let postgres = stage.ctx.topology.postgres.clone();
+        let db = stage.wait_for("PostgreSQL", async || Db::open(&postgres).await, DbError::is_permanent).await?;
+        Ok(Persist { db })
+    })
+    .await?)
 }

@@ -1,4 +1,6 @@
-//! Whether a failure is worth retrying, decided by its cause.
+//! How errors are handled across crates: whether a failure is worth retrying,
+//! decided by its cause ([`Classify`]), and how an error is shown with its causes
+//! ([`chain`]).
 //!
 //! Each library error type says which of its variants are properties of the
 //! input (retrying cannot help) and which are outages or runtime failures
@@ -21,4 +23,19 @@ pub enum ErrorKind {
 pub trait Classify: std::error::Error + Send + Sync + 'static {
     /// Transient or permanent, by cause.
     fn kind(&self) -> ErrorKind;
+}
+
+/// An error and its sources, `a: b: c`, leaving out a source whose text its parent
+/// already shows.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(source) = next {
+        let part = source.to_string();
+        if !text.contains(&part) {
+            text = format!("{text}: {part}");
+        }
+        next = source.source();
+    }
+    text
 }

@@ -1,10 +1,13 @@
-//! Reading a ZIP entry by entry with bounded memory.
+//! # facepipe-archive: reading a ZIP entry by entry with bounded memory
+//!
+//! Extract unpacks archives with it; the HTTP API counts an upload's images with it
+//! before the batch starts. Neither links the other.
 //!
 //! One central-directory record and one entry at a time are held in memory
 //! (the directory is walked record by record, never indexed whole), so an
 //! archive of any size and any number of entries unpacks in constant memory. The archive is
 //! any `Read + Seek`: a local file, or a remote object read by ranged GETs
-//! ([`facepipe_runtime::store::RangedReader`]), never downloaded whole. Each
+//! (the object store's ranged reader), never downloaded whole. Each
 //! entry becomes an [`Entry`]: an image to process, a non-image to skip, or an
 //! image that cannot be read (recorded as that image's failure, not the batch's).
 //!
@@ -186,7 +189,7 @@ impl Fault {
         let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
             // io::Error is not Clone: keep its kind and its whole message.
-            *slot = Some(io::Error::new(e.kind(), facepipe_runtime::error::chain(e)));
+            *slot = Some(io::Error::new(e.kind(), facepipe_core::error::chain(e)));
         }
     }
 

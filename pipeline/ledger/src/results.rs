@@ -9,7 +9,8 @@ use facepipe_core::domain::{Detector, ImageStatus, StageName};
 use facepipe_core::keys;
 use facepipe_core::messages::FaceBox;
 
-use super::{Db, DbError};
+use crate::error::DbError;
+use crate::pool::Db;
 
 /// One image's recorded outcome, as `pipeline results` prints it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -52,15 +53,37 @@ pub enum PageStart {
     After(String),
 }
 
-pub(super) const COLUMNS: &str = "image_id, entry_name, status, width, height, faces, crop_keys, original_key,
+impl ImageResult {
+    /// The columns [`ImageResult::from_row`] reads, in its order.
+    pub const COLUMNS: &str = "image_id, entry_name, status, width, height, faces, crop_keys, original_key,
                        detector, error, failed_stage, attempts, record_id";
+
+    /// An image row, selected with [`ImageResult::COLUMNS`].
+    pub fn from_row(r: &tokio_postgres::Row) -> Result<Self, DbError> {
+        Ok(Self {
+            image_id: r.get(0),
+            entry: r.get(1),
+            status: r.get::<_, &str>(2).parse()?,
+            width: r.get(3),
+            height: r.get(4),
+            faces: serde_json::from_value(r.get(5)).unwrap_or_default(),
+            crop_keys: r.get(6),
+            original_key: r.get(7),
+            detector: r.get::<_, Option<&str>>(8).map(str::parse).transpose()?,
+            error: r.get(9),
+            failed_stage: r.get::<_, Option<&str>>(10).map(str::parse).transpose()?,
+            attempts: r.get(11),
+            record_id: r.get(12),
+        })
+    }
+}
 
 /// Runs one page of a keyed read (`... ORDER BY <index order> LIMIT n`) with bitmap
 /// scans and sorts ruled out, so PostgreSQL walks the index in order and stops at
 /// the limit. Left to itself, it may believe a new batch (an id its statistics have
 /// never seen) holds a few dozen rows, and read and sort the whole rest of the batch
 /// for every page: 15 ms a page at 100,000 images, and more with each image.
-pub(super) async fn ordered_page(
+pub async fn ordered_page(
     client: &mut deadpool_postgres::Client,
     sql: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
@@ -75,23 +98,6 @@ pub(super) async fn ordered_page(
 /// Rows fetched per round trip when streaming: bounded memory, few round trips.
 const STREAM_CHUNK: i32 = 1000;
 
-pub(super) fn image_result(r: &tokio_postgres::Row) -> Result<ImageResult, DbError> {
-    Ok(ImageResult {
-        image_id: r.get(0),
-        entry: r.get(1),
-        status: r.get::<_, &str>(2).parse()?,
-        width: r.get(3),
-        height: r.get(4),
-        faces: serde_json::from_value(r.get(5)).unwrap_or_default(),
-        crop_keys: r.get(6),
-        original_key: r.get(7),
-        detector: r.get::<_, Option<&str>>(8).map(str::parse).transpose()?,
-        error: r.get(9),
-        failed_stage: r.get::<_, Option<&str>>(10).map(str::parse).transpose()?,
-        attempts: r.get(11),
-        record_id: r.get(12),
-    })
-}
 
 impl Db {
     /// Every image of a batch with its outcome, in image-id order, in memory
@@ -116,9 +122,9 @@ impl Db {
             PageStart::Offset(skip) => (">=", keys::image_id(usize::try_from(*skip).unwrap_or(0))),
             PageStart::After(key) => (">", key.clone()),
         };
-        let sql = format!("SELECT {COLUMNS} FROM images WHERE batch_id = $1 AND image_id {op} $2 ORDER BY image_id LIMIT $3");
+        let sql = format!("SELECT {} FROM images WHERE batch_id = $1 AND image_id {op} $2 ORDER BY image_id LIMIT $3", ImageResult::COLUMNS);
         let rows = ordered_page(&mut client, &sql, &[&batch_id, &key, &limit]).await?;
-        rows.iter().map(image_result).collect()
+        rows.iter().map(ImageResult::from_row).collect()
     }
 
     /// Calls `f` on every image of a batch, in image-id order (see [`Db::read_in_chunks`]).
@@ -165,7 +171,7 @@ impl Db {
         // A portal (a cursor) lives in a transaction; read-only, it holds no locks that matter.
         let tx = client.build_transaction().read_only(true).start().await.map_err(DbError::from)?;
         let statement = tx
-            .prepare(&format!("SELECT {COLUMNS} FROM images WHERE batch_id = $1 ORDER BY image_id"))
+            .prepare(&format!("SELECT {} FROM images WHERE batch_id = $1 ORDER BY image_id", ImageResult::COLUMNS))
             .await
             .map_err(DbError::from)?;
         let portal = tx.bind(&statement, &[&batch_id]).await.map_err(DbError::from)?;
@@ -174,7 +180,7 @@ impl Db {
             pin_mut!(rows);
             let mut chunk = Vec::with_capacity(STREAM_CHUNK as usize);
             while let Some(row) = rows.try_next().await.map_err(DbError::from)? {
-                chunk.push(image_result(&row)?);
+                chunk.push(ImageResult::from_row(&row)?);
             }
             let last = chunk.len() < STREAM_CHUNK as usize;
             if !on_chunk(chunk).await? || last {

@@ -1,7 +1,8 @@
 //! What the retention sweeper asks PostgreSQL: which completed batches have
 //! objects to delete, which originals are no longer needed, and what it swept.
 
-use super::{Db, DbError};
+use crate::error::DbError;
+use crate::pool::Db;
 
 /// A kind of object the sweeper deletes, each with its own retention period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +85,7 @@ impl Db {
     pub async fn final_originals(&self, batch_id: &str, after: &str, limit: i64) -> Result<Vec<(String, String)>, DbError> {
         let mut client = self.pool.get().await?;
         // Keyed pages through a whole batch: walked in index order, as results' pages are.
-        let rows = super::results::ordered_page(
+        let rows = crate::results::ordered_page(
             &mut client,
             "SELECT image_id, original_key FROM images
              WHERE batch_id = $1 AND image_id > $2 AND status IN ('cropped', 'no_face')

@@ -1,13 +1,13 @@
 //! What the dashboard reads: batches newest first, a batch's failures grouped by
 //! reason, its images of one status, and one image. Each is one index-backed
-//! query, so none costs more as the tables grow.
+//! query, so none costs more as the tables grow. They live here, with their one
+//! user, on a connection from the ledger's pool.
 
 use facepipe_core::domain::{BatchStatus, ImageStatus, StageName};
 
-use super::results::{image_result, ordered_page, COLUMNS};
-use super::{batch_summary, BatchSummary, Db, DbError, BATCH_COLUMNS};
+use facepipe_ledger::{ordered_page, BatchSummary, Db, DbError, ImageResult};
 
-/// Which batches [`Db::list_batches`] returns.
+/// Which batches [`list_batches`] returns.
 #[derive(Debug, Clone, Default)]
 pub struct BatchFilter {
     /// Only this project's.
@@ -83,77 +83,76 @@ impl std::str::FromStr for BatchCursor {
     }
 }
 
-impl Db {
-    /// Batches newest first, filtered, one page from `filter.before` on (an index
-    /// seek on `(created_at, batch_id)`, however deep the page is).
-    pub async fn list_batches(&self, filter: &BatchFilter) -> Result<BatchPage, DbError> {
-        let (before_at, before_id) = filter.before.as_ref().map(|c| (c.created_at, c.batch_id.as_str())).unzip();
-        let status = filter.status.map(|s| s.as_str());
-        let client = self.pool.get().await?;
-        let rows = client
-            .query(
-                &format!(
-                    "SELECT {BATCH_COLUMNS} FROM batches
+/// Batches newest first, filtered, one page from `filter.before` on (an index
+/// seek on `(created_at, batch_id)`, however deep the page is).
+pub async fn list_batches(db: &Db, filter: &BatchFilter) -> Result<BatchPage, DbError> {
+    let (before_at, before_id) = filter.before.as_ref().map(|c| (c.created_at, c.batch_id.as_str())).unzip();
+    let status = filter.status.map(|s| s.as_str());
+    let client = db.client().await?;
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {} FROM batches
                      WHERE ($1::text IS NULL OR project_id = $1)
                        AND ($2::text IS NULL OR status = $2)
                        AND ($3::timestamptz IS NULL OR (created_at, batch_id) < ($3, $4::text))
-                     ORDER BY created_at DESC, batch_id DESC LIMIT $5"
-                ),
-                &[&filter.project, &status, &before_at, &before_id, &filter.limit],
-            )
-            .await?;
-        let batches = rows.iter().map(batch_summary).collect::<Result<Vec<_>, _>>()?;
-        let next_before = (batches.len() as i64 == filter.limit).then(|| batches.last().map(BatchCursor::after)).flatten();
-        Ok(BatchPage { batches, next_before })
-    }
+                     ORDER BY created_at DESC, batch_id DESC LIMIT $5",
+                BatchSummary::COLUMNS
+            ),
+            &[&filter.project, &status, &before_at, &before_id, &filter.limit],
+        )
+        .await?;
+    let batches = rows.iter().map(BatchSummary::from_row).collect::<Result<Vec<_>, _>>()?;
+    let next_before = (batches.len() as i64 == filter.limit).then(|| batches.last().map(BatchCursor::after)).flatten();
+    Ok(BatchPage { batches, next_before })
+}
 
-    /// A batch's failed images grouped by stage and error, biggest groups first.
-    pub async fn failure_groups(&self, batch_id: &str) -> Result<Vec<FailureGroup>, DbError> {
-        let client = self.pool.get().await?;
-        let rows = client
-            .query(
-                "SELECT failed_stage, coalesce(error, ''), count(*), min(image_id) FROM images
+/// A batch's failed images grouped by stage and error, biggest groups first.
+pub async fn failure_groups(db: &Db, batch_id: &str) -> Result<Vec<FailureGroup>, DbError> {
+    let client = db.client().await?;
+    let rows = client
+        .query(
+            "SELECT failed_stage, coalesce(error, ''), count(*), min(image_id) FROM images
                  WHERE batch_id = $1 AND status = 'failed'
                  GROUP BY 1, 2 ORDER BY 3 DESC, 2 LIMIT $2",
-                &[&batch_id, &MAX_FAILURE_GROUPS],
-            )
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(FailureGroup {
-                    stage: r.get::<_, Option<&str>>(0).map(str::parse).transpose()?,
-                    reason: r.get(1),
-                    count: r.get(2),
-                    example: r.get(3),
-                })
+            &[&batch_id, &MAX_FAILURE_GROUPS],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(FailureGroup {
+                stage: r.get::<_, Option<&str>>(0).map(str::parse).transpose()?,
+                reason: r.get(1),
+                count: r.get(2),
+                example: r.get(3),
             })
-            .collect()
-    }
+        })
+        .collect()
+}
 
-    /// At most `limit` images of a batch in state `status`, after image `after`, in image order.
-    pub async fn results_with_status(
-        &self,
-        batch_id: &str,
-        status: ImageStatus,
-        after: Option<&str>,
-        limit: i64,
-    ) -> Result<Vec<super::ImageResult>, DbError> {
-        let mut client = self.pool.get().await?;
-        let sql = format!(
-            "SELECT {COLUMNS} FROM images WHERE batch_id = $1 AND status = $2 AND image_id > $3 ORDER BY image_id LIMIT $4"
-        );
-        let rows = ordered_page(&mut client, &sql, &[&batch_id, &status.as_str(), &after.unwrap_or(""), &limit]).await?;
-        rows.iter().map(image_result).collect()
-    }
+/// At most `limit` images of a batch in state `status`, after image `after`, in image order.
+pub async fn results_with_status(
+    db: &Db,
+    batch_id: &str,
+    status: ImageStatus,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<ImageResult>, DbError> {
+    let mut client = db.client().await?;
+    let sql = format!(
+        "SELECT {} FROM images WHERE batch_id = $1 AND status = $2 AND image_id > $3 ORDER BY image_id LIMIT $4",
+        ImageResult::COLUMNS
+    );
+    let rows = ordered_page(&mut client, &sql, &[&batch_id, &status.as_str(), &after.unwrap_or(""), &limit]).await?;
+    rows.iter().map(ImageResult::from_row).collect()
+}
 
-    /// One image of a batch with its outcome, or `None`.
-    pub async fn image(&self, batch_id: &str, image_id: &str) -> Result<Option<super::ImageResult>, DbError> {
-        let client = self.pool.get().await?;
-        let row = client
-            .query_opt(&format!("SELECT {COLUMNS} FROM images WHERE batch_id = $1 AND image_id = $2"), &[&batch_id, &image_id])
-            .await?;
-        row.as_ref().map(image_result).transpose()
-    }
+/// One image of a batch with its outcome, or `None`.
+pub async fn image(db: &Db, batch_id: &str, image_id: &str) -> Result<Option<ImageResult>, DbError> {
+    let client = db.client().await?;
+    let sql = format!("SELECT {} FROM images WHERE batch_id = $1 AND image_id = $2", ImageResult::COLUMNS);
+    let row = client.query_opt(&sql, &[&batch_id, &image_id]).await?;
+    row.as_ref().map(ImageResult::from_row).transpose()
 }
 
 #[cfg(test)]
@@ -164,7 +163,11 @@ mod tests {
     fn cursors_round_trip_and_reject_garbage() {
         let at = chrono::DateTime::from_timestamp_micros(1_765_000_000_123_456).unwrap();
         let cursor: BatchCursor = "1765000000123456.proj-a.b".parse().unwrap();
-        assert_eq!(cursor, BatchCursor { created_at: at, batch_id: "proj-a.b".into() }, "the id may hold dots; the time never does");
+        assert_eq!(
+            cursor,
+            BatchCursor { created_at: at, batch_id: "proj-a.b".into() },
+            "the id may hold dots; the time never does"
+        );
         assert_eq!(cursor.to_string(), "1765000000123456.proj-a.b");
         for bad in ["", "x.y", "12", ".id"] {
             assert!(bad.parse::<BatchCursor>().is_err(), "{bad}");

@@ -1,0 +1,32 @@
+//! # facepipe-ledger: PostgreSQL, the record of every batch and image
+//!
+//! The broker carries work; PostgreSQL is the ledger. Every image is in it from the
+//! moment extract registers it, and its outcome is recorded exactly once. This crate
+//! is the pool, the schema, and the queries on it; only the processes that use
+//! PostgreSQL link it (extract, persist, the CLI, the API), not detect or crop.
+//!
+//! ## Layout
+//! - [`pool`]: [`Db`], the pool; migrations (`migrations/V<n>__<name>.sql`, run by
+//!   refinery under an advisory lock); one connection outside the pool, to create the database.
+//! - [`tls`]: the rustls connector every connection goes through (`sslmode`, `sslrootcert`).
+//! - [`error`]: [`DbError`], with its cause and whether a retry can help.
+//! - [`writes`]: what the stages write (images registered, outcomes recorded once).
+//! - [`batches`]: a batch's progress as operators read it; reopening a failure for a replay.
+//! - [`results`]: a batch's per-image outcomes, by keyed page or as a stream.
+//! - [`retention`]: what the retention sweeper asks.
+
+pub mod batches;
+pub mod error;
+pub mod pool;
+pub mod results;
+pub mod retention;
+pub mod tls;
+pub mod writes;
+
+pub use batches::BatchSummary;
+pub use error::DbError;
+pub use pool::{connect_one, ensure_database, Db};
+pub use results::{ordered_page, ImageResult, PageStart};
+pub use retention::{ObjectKind, SweepLock};
+pub use tls::TlsSetupError;
+pub use writes::{NewImage, Progress, Recorded};
