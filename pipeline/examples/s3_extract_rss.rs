@@ -24,12 +24,6 @@ use facepipe_core::topology::StageName;
 use support::{labelled_photos, shared_dir, Deployment, S3Server};
 use facepipe_core::domain::BatchStatus;
 
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 #[tokio::main]
 async fn main() {
     let mib: u64 = std::env::args().nth(1).map(|a| a.parse().expect("the ZIP's size in MiB")).unwrap_or(1024);
@@ -80,9 +74,9 @@ async fn main() {
     };
     let ingest = started.elapsed() - uploaded;
     let extract_pid = d.stages[0].1.id();
-    let peak = peak_rss_kib(extract_pid);
-    let read = d.counter("facepipe_object_read_bytes_total", &[]);
-    let gets = d.counter("facepipe_step_seconds_count", &["step=\"fetch\""]);
+    let peak_mib = pipeline::processes::Usage::of(extract_pid, false).peak_rss_mib;
+    let read = d.counter(facepipe_core::telemetry::OBJECT_READ_BYTES, &[]);
+    let gets = d.counter(&format!("{}_count", facepipe_core::telemetry::STEP_SECONDS), &["step=\"fetch\""]);
     let originals = s3.keys("facepipe", &format!("rss/batches/{batch}/originals")).len();
     assert_eq!(ingested.image_count, Some(entries as i32), "{ingested:?}");
     assert_eq!(originals, entries, "every photo stored as an original in the bucket");
@@ -92,7 +86,7 @@ async fn main() {
         zip_bytes as f64 / (1 << 20) as f64,
         ingest.as_secs_f64(),
         uploaded.as_secs_f64(),
-        peak as f64 / 1024.0,
+        peak_mib,
         read / (1 << 20) as f64,
     );
     drop(d);

@@ -20,11 +20,7 @@ use facepipe_core::domain::{BatchStatus, Priority};
 use facepipe_runtime::store::Store;
 use facepipe_core::topology::{StageName, Topology, TOPOLOGY_ENV};
 
-mod account;
-mod bench;
-
 use pipeline::processes;
-mod scale;
 
 use processes::StageGroup;
 
@@ -38,8 +34,18 @@ struct Cli {
     command: Command,
 }
 
+/// Every command: the operator's, and the lab's, which run `pipeline-lab`.
 #[derive(Subcommand)]
 enum Command {
+    #[command(flatten)]
+    Operate(Operation),
+    #[command(flatten)]
+    Lab(LabCommand),
+}
+
+/// What an operator does to a deployment.
+#[derive(Subcommand)]
+enum Operation {
     /// Check the topology file without touching any server (`validate FILE` or `-t FILE`).
     Validate {
         /// The topology file, instead of `-t`.
@@ -107,31 +113,10 @@ enum Command {
         #[command(subcommand)]
         command: DeadLetterCommand,
     },
-    /// Score the detect stage's settings on labelled photos (precision, recall, count accuracy).
-    Eval {
-        /// Manifest of labelled photos (shared/data/faces/manifest.json format).
-        #[arg(long)]
-        manifest: PathBuf,
-        /// Fail (exit 1) when precision is below this.
-        #[arg(long)]
-        min_precision: Option<f64>,
-        /// Fail (exit 1) when recall is below this.
-        #[arg(long)]
-        min_recall: Option<f64>,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-        /// Measure YuNet alone, as a deployment with `second_pass.enabled = false` runs
-        /// (without it, eval measures exactly what the topology's detect runs).
-        #[arg(long)]
-        no_second_pass: bool,
-    },
-    /// Measure end-to-end throughput on a folder of photos against the in-process floor.
-    Bench(bench::BenchArgs),
     /// Run every stage on this machine as child processes until Ctrl-C.
     Up {
         /// Processes per stage, e.g. `--replicas detect=2` (default: each stage's `replicas` in the topology).
-        #[arg(long, value_parser = parse_replicas)]
+        #[arg(long, value_parser = processes::parse_replicas)]
         replicas: Vec<(StageName, usize)>,
     },
     /// Serve the HTTP API (the old design's endpoints) until Ctrl-C or SIGTERM.
@@ -140,6 +125,45 @@ enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
+}
+
+/// The measuring tools, in `pipeline-lab` (which links OpenCV and ONNX Runtime, as
+/// this CLI does not). Their arguments go to it unread.
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Score the detect stage's settings on labelled photos (runs `pipeline-lab eval`; see its `--help`).
+    #[command(disable_help_flag = true)]
+    Eval {
+        /// Arguments of `pipeline-lab eval`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+    /// Measure end-to-end throughput against the in-process floor (runs `pipeline-lab bench`; see its `--help`).
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// Arguments of `pipeline-lab bench`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+}
+
+impl LabCommand {
+    /// Replaces this process with `pipeline-lab <command> <args>`, found beside this
+    /// binary (as `git foo` runs `git-foo`); returns only the reason it could not.
+    fn exec(self, topology: &Path) -> anyhow::Error {
+        use std::os::unix::process::CommandExt;
+        let (name, args) = match self {
+            LabCommand::Eval { args } => ("eval", args),
+            LabCommand::Bench { args } => ("bench", args),
+        };
+        let lab = match processes::binary_dir() {
+            Ok(dir) => dir.join("pipeline-lab"),
+            Err(e) => return e,
+        };
+        // The topology through the environment, so a `-t` among the arguments still wins.
+        let error = std::process::Command::new(&lab).arg(name).args(args).env(TOPOLOGY_ENV, topology).exec();
+        anyhow::anyhow!("cannot run {}: {error} (it is built with the workspace: cargo build --release)", lab.display())
+    }
 }
 
 #[derive(Subcommand)]
@@ -173,56 +197,42 @@ enum DeadLetterCommand {
     },
 }
 
-pub(crate) fn parse_replicas(s: &str) -> Result<(StageName, usize), String> {
-    let (name, n) = s.split_once('=').ok_or("expected STAGE=N")?;
-    let stage = StageName::ALL
-        .into_iter()
-        .find(|st| st.as_str() == name)
-        .ok_or_else(|| format!("unknown stage `{name}`"))?;
-    let n = n.parse::<usize>().map_err(|e| e.to_string())?;
-    Ok((stage, n))
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut cli = Cli::parse();
+    let command = match cli.command {
+        Command::Operate(operation) => operation,
+        Command::Lab(lab) => return Err(lab.exec(&cli.topology)),
+    };
     // `pipeline validate topology.toml`, as `vector validate` and `promtool check config` take it.
-    if let Command::Validate { file: Some(file) } = &cli.command {
+    if let Operation::Validate { file: Some(file) } = &command {
         cli.topology = file.clone();
     }
     // A server logs its requests; the one-shot commands only what goes wrong.
-    let default_filter = if matches!(cli.command, Command::Serve { .. }) { "info" } else { "warn" };
+    let default_filter = if matches!(command, Operation::Serve { .. }) { "info" } else { "warn" };
     facepipe_runtime::app::init_logging(facepipe_runtime::app::LogFormat::Human, default_filter);
     let topology = Topology::load(&cli.topology)?;
-    match cli.command {
-        Command::Validate { .. } => {
+    match command {
+        Operation::Validate { .. } => {
             println!("{}: valid", cli.topology.display());
             Ok(())
         }
-        Command::Apply { dry_run } => apply(&topology, dry_run).await,
-        Command::Submit { zip, project, priority, batch_id, wait, watch } => {
+        Operation::Apply { dry_run } => apply(&topology, dry_run).await,
+        Operation::Submit { zip, project, priority, batch_id, wait, watch } => {
             let batch = submit(&topology, &zip, project, priority, batch_id, wait).await?;
             if watch {
                 watch_batch(&topology, &batch).await?;
             }
             Ok(())
         }
-        Command::Watch { batch } => watch_batch(&topology, &batch).await,
-        Command::Status { batch, json } => status(&topology, &batch, json).await,
-        Command::Stats { json } => stats(&topology, json).await,
-        Command::Results { batch } => results(&topology, &batch).await,
-        Command::Eval { manifest, min_precision, min_recall, json, no_second_pass } => {
-            let mut topology = topology;
-            if no_second_pass {
-                topology.stages.detect.params.second_pass.enabled = false;
-            }
-            eval(&topology, &manifest, min_precision, min_recall, json).await
-        }
-        Command::Bench(args) => bench::run(&cli.topology, &topology, args).await,
-        Command::DeadLetters { command } => dead_letters(&topology, command).await,
-        Command::Sweep { json } => sweep(&topology, json).await,
-        Command::Up { replicas } => up(&cli.topology, &topology, replicas.into_iter().collect()).await,
-        Command::Serve { listen } => serve(topology, listen).await,
+        Operation::Watch { batch } => watch_batch(&topology, &batch).await,
+        Operation::Status { batch, json } => status(&topology, &batch, json).await,
+        Operation::Stats { json } => stats(&topology, json).await,
+        Operation::Results { batch } => results(&topology, &batch).await,
+        Operation::DeadLetters { command } => dead_letters(&topology, command).await,
+        Operation::Sweep { json } => sweep(&topology, json).await,
+        Operation::Up { replicas } => up(&cli.topology, &topology, replicas.into_iter().collect()).await,
+        Operation::Serve { listen } => serve(topology, listen).await,
     }
 }
 
@@ -479,58 +489,6 @@ async fn results(topology: &Topology, batch_id: &str) -> anyhow::Result<()> {
     })
     .await?;
     out.flush()?;
-    Ok(())
-}
-
-async fn eval(
-    topology: &Topology,
-    manifest: &Path,
-    min_precision: Option<f64>,
-    min_recall: Option<f64>,
-    json: bool,
-) -> anyhow::Result<()> {
-    let params = topology.stages.detect.params.clone();
-    let manifest = manifest.to_owned();
-    facepipe_vision::detect::set_opencv_threads(1);
-    let report = tokio::task::spawn_blocking(move || pipeline::eval::evaluate(&manifest, &params)).await??;
-    let t = &report.total;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        let d = &topology.stages.detect.params;
-        println!(
-            "detector {} ({}) on {} at width {} (upscale {}), score >= {}, nms {}: {:.1} ms per image (decode + detect, one thread)",
-            report.detector, report.model, report.engine, d.width, d.upscale, report.score_threshold, d.nms_threshold, report.ms_per_image
-        );
-        if let (Some(model), Some(pass)) = (&report.second_pass, d.second_pass.active()) {
-            println!(
-                "second pass {model} (score >= {}) on the {} of {} photos where YuNet was unsure (a box scoring {} to {})",
-                pass.score_threshold, report.second_pass_images, report.images, pass.uncertain_from, pass.uncertain_to
-            );
-        }
-        println!("{:<18} {:>6} {:>6} {:>5} {:>5} {:>9} {:>7} {:>6} {:>10}", "source", "images", "faces", "TP", "FP", "precision", "recall", "F1", "count-acc");
-        let row = |name: &str, t: &pipeline::eval::Tally| {
-            let count = t.count_accuracy().map(|c| format!("{c:.3} ({})", t.count_images)).unwrap_or_else(|| "-".into());
-            println!(
-                "{name:<18} {:>6} {:>6} {:>5} {:>5} {:>9.3} {:>7.3} {:>6.3} {:>10}",
-                t.images, t.faces, t.true_positives, t.false_positives, t.precision(), t.recall(), t.f1(), count
-            );
-        };
-        for (source, tally) in &report.by_source {
-            row(source, tally);
-        }
-        row("all", t);
-    }
-    let mut failed = Vec::new();
-    if let Some(min) = min_precision.filter(|m| t.precision() < *m) {
-        failed.push(format!("precision {:.3} < {min}", t.precision()));
-    }
-    if let Some(min) = min_recall.filter(|m| t.recall() < *m) {
-        failed.push(format!("recall {:.3} < {min}", t.recall()));
-    }
-    if !failed.is_empty() {
-        bail!("below the floor: {}", failed.join(", "));
-    }
     Ok(())
 }
 

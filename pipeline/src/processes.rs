@@ -158,3 +158,14 @@ impl StageGroup {
         Ok(())
     }
 }
+
+/// `STAGE=N` (`--replicas detect=2`).
+pub fn parse_replicas(s: &str) -> Result<(StageName, usize), String> {
+    let (name, n) = s.split_once('=').ok_or("expected STAGE=N")?;
+    let stage = StageName::ALL
+        .into_iter()
+        .find(|st| st.as_str() == name)
+        .ok_or_else(|| format!("unknown stage `{name}`"))?;
+    let n = n.parse::<usize>().map_err(|e| e.to_string())?;
+    Ok((stage, n))
+}

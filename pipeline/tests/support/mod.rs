@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use facepipe_ledger::{BatchSummary, Db};
 #[allow(unused_imports)] // each test binary uses a different part of the harness
-pub use pipeline::eval::{iou, Labelled};
+pub use facepipe_lab::eval::{iou, Labelled};
 use facepipe_core::topology::{StageName, Topology};
 
 /// Repository root.

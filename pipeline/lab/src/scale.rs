@@ -20,7 +20,7 @@ use facepipe_runtime::bus::Bus;
 use facepipe_ledger::{Db, PageStart};
 use facepipe_runtime::store::Store;
 
-use crate::processes::{StageGroup, Usage};
+use pipeline::processes::{StageGroup, Usage};
 
 /// Options of a scale run (part of `pipeline bench`'s flags).
 #[derive(Debug, Clone, clap::Args)]
@@ -150,7 +150,7 @@ pub async fn run(topology_path: &Path, topology: &Topology, corpus: &[PathBuf], 
         watched.with_children.push(false);
     }
     watched.names.push("postgres".into());
-    watched.pids.push(crate::processes::postgres_pids());
+    watched.pids.push(pipeline::processes::postgres_pids());
     watched.with_children.push(true);
 
     let batch_id = keys::derived_batch_id(&["scale", &n.to_string(), &chrono::Utc::now().to_rfc3339()]);
@@ -416,7 +416,7 @@ async fn queries(topology_path: &Path, topology: &Topology, db: &Db, bus: &Bus, 
     }
     let export_url = format!("{base}/api/batch/{batch_id}/export?format=csv");
     let ms = median_ms(3, || async { Ok(http.get(&export_url).send().await?.error_for_status()?.bytes().await?.len()) }).await?;
-    let serve_rss = serve.id().map_or(0.0, |pid| crate::processes::Usage::of(pid, false).peak_rss_mib);
+    let serve_rss = serve.id().map_or(0.0, |pid| pipeline::processes::Usage::of(pid, false).peak_rss_mib);
     row(&format!("export all {n} as CSV (HTTP, streamed)"), ms, &format!("server peak RSS {serve_rss:.0} MiB (median of 3)"));
     serve.kill().await.ok();
     Ok(())

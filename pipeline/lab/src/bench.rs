@@ -18,7 +18,7 @@ use facepipe_runtime::store::Store;
 use facepipe_core::topology::{StageName, Topology};
 use facepipe_vision::{crop, detect};
 
-use crate::processes::{StageGroup, Usage};
+use pipeline::processes::{StageGroup, Usage};
 
 /// Options of `pipeline bench`.
 #[derive(Debug, clap::Args)]
@@ -26,7 +26,7 @@ pub struct BenchArgs {
     /// Folder of photos (`.jpg`, `.jpeg`, `.png`), e.g. made by shared/bench/make_corpus.py.
     pub corpus: PathBuf,
     /// Processes per stage, e.g. `--replicas detect=2`.
-    #[arg(long, value_parser = crate::parse_replicas)]
+    #[arg(long, value_parser = pipeline::processes::parse_replicas)]
     pub replicas: Vec<(StageName, usize)>,
     /// Worker threads of the in-process floor (default: the number of cores).
     #[arg(long)]
@@ -177,7 +177,7 @@ impl PipelineBench<'_> {
         // Let every stage bind its consumer and load its detector before the clock starts.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let services = |pid: Option<u32>| pid.map(|p| Usage::of(p, false).cpu_seconds).unwrap_or(0.0);
-        let postgres = || crate::processes::postgres_pids().into_iter().map(|p| Usage::of(p, true).cpu_seconds).sum::<f64>();
+        let postgres = || pipeline::processes::postgres_pids().into_iter().map(|p| Usage::of(p, true).cpu_seconds).sum::<f64>();
         let messages0 = match &self.nats_monitor {
             Some(m) => Some(crate::account::nats_messages(m).await?),
             None => None,
@@ -338,7 +338,7 @@ pub async fn run(topology_path: &Path, topology: &Topology, args: BenchArgs) -> 
         db: db.clone(),
         service: Batches::new(topology.clone(), bus, db, Store::open(&topology.object_store)?),
     };
-    let this_build = crate::processes::binary_dir()?;
+    let this_build = pipeline::processes::binary_dir()?;
     let mut pairs: Vec<(RunFigures, RunFigures)> = Vec::new();
     for round in 1..=rounds {
         let (label_a, label_b) = if args.baseline_bin.is_some() { (format!("A, round {round}"), format!("B, round {round}")) } else { (String::new(), String::new()) };
