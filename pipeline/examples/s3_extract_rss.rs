@@ -7,14 +7,15 @@
 //! ```
 //!
 //! It starts what the integration tests start (a nats-server, a fresh PostgreSQL
-//! database, an s3s-fs server on a free loopback port, see `tests/support`),
+//! database, an s3s-fs server on a free loopback port, see `tests/it/support`),
 //! writes a ZIP of the labelled photos repeated up to the size asked (entries
 //! stored, not deflated: JPEGs do not shrink), uploads it with `pipeline submit`,
 //! runs the release `extract` binary alone (its detect jobs are left queued) and
 //! prints extract's peak RSS (`VmHWM`) once the archive is ingested, with the bytes
 //! and ranged GETs it took.
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../tests/it/support/mod.rs"]
+#[allow(dead_code, unused_imports)] // the example uses a part of the tests' harness
 mod support;
 
 use std::io::Write;

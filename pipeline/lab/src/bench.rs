@@ -182,7 +182,7 @@ impl PipelineBench<'_> {
             Some(m) => Some(crate::account::nats_messages(m).await?),
             None => None,
         };
-        let commits0 = ledger::commits(&self.db).await?;
+        let commits0 = crate::ledger::commits(&self.db).await?;
         let recording = match account {
             Some(_) => Some(crate::account::Recording::start(scratch, label)?),
             None => None,
@@ -207,7 +207,7 @@ impl PipelineBench<'_> {
             .iter()
             .filter_map(|p| Some((p.child.id()?, p.name.split('#').next().unwrap_or(&p.name).to_string())))
             .collect();
-        let latencies = ledger::latencies(&self.db, &batch_id).await?;
+        let latencies = crate::ledger::latencies(&self.db, &batch_id).await?;
 
         println!(
             "pipeline    {:.1} images/s end to end ({n} images, {wall:.2}s from submit to completion, {} failed){}",
@@ -254,7 +254,7 @@ impl PipelineBench<'_> {
         }
         // PostgreSQL publishes its counters about once a second.
         tokio::time::sleep(Duration::from_millis(1100)).await;
-        println!("database    {:.2} transactions committed per image", (ledger::commits(&self.db).await? - commits0) as f64 / n as f64);
+        println!("database    {:.2} transactions committed per image", (crate::ledger::commits(&self.db).await? - commits0) as f64 / n as f64);
         if let (Some(account), Some(samples)) = (account, samples) {
             account.add(&samples, &crate::account::Roles { stages: stage_pids, nats: self.nats_pid, this: crate::account::Role::Client });
         }
@@ -368,35 +368,4 @@ pub async fn run(topology_path: &Path, topology: &Topology, args: BenchArgs) -> 
         }
     }
     Ok(())
-}
-
-/// What the bench asks PostgreSQL beside the pipeline's own queries.
-pub(crate) mod ledger {
-    use facepipe_ledger::{Db, DbError};
-
-    /// Size of the database on disk, tables and indexes (`pg_database_size`).
-    pub async fn database_bytes(db: &Db) -> Result<i64, DbError> {
-        Ok(db.client().await?.query_one("SELECT pg_database_size(current_database())", &[]).await?.get(0))
-    }
-
-    /// Transactions this database has committed since its statistics were reset
-    /// (`pg_stat_database.xact_commit`, which PostgreSQL updates about once a second).
-    pub async fn commits(db: &Db) -> Result<i64, DbError> {
-        let sql = "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()";
-        Ok(db.client().await?.query_one(sql, &[]).await?.get(0))
-    }
-
-    /// Seconds from each image's registration by extract to its recorded outcome, sorted.
-    pub async fn latencies(db: &Db, batch_id: &str) -> Result<Vec<f64>, DbError> {
-        let rows = db
-            .client()
-            .await?
-            .query(
-                "SELECT extract(epoch FROM updated_at - created_at)::float8 FROM images
-                 WHERE batch_id = $1 AND status <> 'pending' ORDER BY 1",
-                &[&batch_id],
-            )
-            .await?;
-        Ok(rows.into_iter().map(|r| r.get(0)).collect())
-    }
 }

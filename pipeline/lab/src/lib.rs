@@ -9,6 +9,7 @@
 //!   of two builds (`bench --baseline-bin`).
 //! - [`account`]: CPU per image by process and operation, from `perf` samples of the
 //!   whole machine (`bench --account`).
+//! - [`ledger`]: what the bench asks PostgreSQL (commits, latencies, size).
 //! - [`scale`]: one large batch watched per tenth, and the timing of operators' reads
 //!   against it (`bench --scale N`).
 //! - `src/main.rs`: the `pipeline-lab` binary.
@@ -16,4 +17,5 @@
 pub mod account;
 pub mod bench;
 pub mod eval;
+pub mod ledger;
 pub mod scale;

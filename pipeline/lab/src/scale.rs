@@ -192,7 +192,7 @@ pub async fn run(topology_path: &Path, topology: &Topology, corpus: &[PathBuf], 
     let wall = started.elapsed().as_secs_f64();
     let usage: Vec<Usage> = group.processes().iter().map(StageGroup::usage).collect();
     let nats_usage = args.nats_pid.map(|p| Usage::of(p, false));
-    let db_bytes = crate::bench::ledger::database_bytes(&db).await?;
+    let db_bytes = crate::ledger::database_bytes(&db).await?;
 
     if args.ingest_only {
         println!(

@@ -273,9 +273,7 @@ impl<H: Handler> Worker<H> {
                 match result {
                     // On the last attempt, an outage must not turn a good message into a
                     // dead letter: wait for the services and try again in place.
-                    Err(e) if !e.is_permanent()
-                        && i64::from(attempt) >= settings.max_deliver
-                        && self.handler.ready(ctx).await.is_err() =>
+                    Err(e) if is_last_transient(&e, attempt, settings.max_deliver) && self.handler.ready(ctx).await.is_err() =>
                     {
                         tracing::warn!(parent: &span, error = %e, "last attempt failed during an outage; waiting for the service");
                         self.wait_ready().await;
@@ -296,8 +294,9 @@ impl<H: Handler> Worker<H> {
         metrics::histogram!(telemetry::PROCESSING_SECONDS, "stage" => stage)
             .record(started.elapsed().as_secs_f64());
 
-        let outcome = match result {
-            Ok(handled) => match msg.ack().await {
+        let verdict = verdict(&result, attempt, settings.max_deliver, &current.retry, &mut rand::rng());
+        let outcome = match verdict {
+            Verdict::Ack(handled) => match msg.ack().await {
                 Ok(()) if handled == Handled::Skipped => Handling::Skipped,
                 Ok(()) => Handling::Ok,
                 Err(e) => {
@@ -305,21 +304,20 @@ impl<H: Handler> Worker<H> {
                     Handling::AckFailed
                 }
             },
-            Err(error) if !error.is_permanent() && i64::from(attempt) < settings.max_deliver => {
+            Verdict::Retry(delay, error) => {
                 self.degraded.store(true, Ordering::SeqCst);
-                let delay = current.retry.delay(attempt as u64, &mut rand::rng());
                 tracing::warn!(parent: &span, %error, ?delay, "transient failure; retrying later");
                 let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
                 Handling::Retried
             }
-            Err(error) => {
+            Verdict::DeadLetter(error) => {
                 tracing::error!(parent: &span, %error, permanent = error.is_permanent(), "failed for good; dead-lettering");
                 let failed = Failed {
                     subject: &msg.subject,
                     payload: &msg.payload,
                     stream_sequence: delivery.stream_sequence,
                     published: delivery.published.clone(),
-                    error: &error,
+                    error,
                     attempts: attempt,
                 };
                 match self.give_up(failed).await {
@@ -360,6 +358,40 @@ impl<H: Handler> Worker<H> {
             .await?;
         self.handler.on_dead_letter(ctx, &failed).await
     }
+}
+
+/// What the runtime does with a message once its handler is done with it.
+#[derive(Debug)]
+enum Verdict<'a> {
+    /// Ack it: handled, or its effect was already there.
+    Ack(Handled),
+    /// Nak it, to be redelivered after this delay.
+    Retry(std::time::Duration, &'a StageError),
+    /// Dead-letter it, record its failure, then Term it.
+    DeadLetter(&'a StageError),
+}
+
+/// The runtime's rule: a success is acked; a transient failure is retried with the
+/// policy's delay until the `max_deliver`-th attempt; a permanent failure, or a
+/// transient one on the last attempt, is dead-lettered.
+fn verdict<'a>(
+    result: &'a Result<Handled, StageError>,
+    attempt: u32,
+    max_deliver: i64,
+    retry: &facepipe_core::topology::RetryConfig,
+    rng: &mut impl rand::Rng,
+) -> Verdict<'a> {
+    match result {
+        Ok(handled) => Verdict::Ack(*handled),
+        Err(e) if !e.is_permanent() && i64::from(attempt) < max_deliver => Verdict::Retry(retry.delay(u64::from(attempt), rng), e),
+        Err(e) => Verdict::DeadLetter(e),
+    }
+}
+
+/// A transient failure on the last attempt allowed: the one case where an outage
+/// would turn a good message into a dead letter, so the runtime waits for the service.
+fn is_last_transient(error: &StageError, attempt: u32, max_deliver: i64) -> bool {
+    !error.is_permanent() && i64::from(attempt) >= max_deliver
 }
 
 /// How often `/readyz` re-checks the stage's services while nothing else does.
@@ -459,5 +491,46 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         metrics::gauge!(telemetry::IN_FLIGHT, "stage" => self.0).decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use facepipe_core::topology::RetryConfig;
+    use std::time::Duration;
+
+    fn retry() -> RetryConfig {
+        RetryConfig { base: Duration::from_secs(1), factor: 4.0, max: Duration::from_secs(60), jitter: 0.0 }
+    }
+
+    /// The verdict, as text: `ack Done`, `retry 4s`, `dead letter`.
+    fn decide(result: Result<Handled, StageError>, attempt: u32, max_deliver: i64) -> String {
+        match verdict(&result, attempt, max_deliver, &retry(), &mut rand::rng()) {
+            Verdict::Ack(handled) => format!("ack {handled:?}"),
+            Verdict::Retry(delay, _) => format!("retry {delay:?}"),
+            Verdict::DeadLetter(_) => "dead letter".into(),
+        }
+    }
+
+    #[test]
+    fn a_success_is_acked_as_done_or_skipped() {
+        assert_eq!(decide(Ok(Handled::Done), 1, 3), "ack Done");
+        assert_eq!(decide(Ok(Handled::Skipped), 3, 3), "ack Skipped", "even on the last attempt");
+    }
+
+    #[test]
+    fn a_transient_failure_is_retried_with_growing_delays_until_the_last_attempt() {
+        assert_eq!(decide(Err(StageError::transient("store down")), 1, 3), "retry 1s");
+        assert_eq!(decide(Err(StageError::transient("store down")), 2, 3), "retry 4s");
+        assert_eq!(decide(Err(StageError::transient("store down")), 3, 3), "dead letter");
+        assert!(!is_last_transient(&StageError::transient("x"), 2, 3));
+        assert!(is_last_transient(&StageError::transient("x"), 3, 3), "the last attempt waits out an outage");
+    }
+
+    #[test]
+    fn a_permanent_failure_is_dead_lettered_at_once_and_never_waits() {
+        assert_eq!(decide(Err(StageError::permanent("not an image")), 1, 3), "dead letter");
+        assert!(!is_last_transient(&StageError::permanent("x"), 3, 3));
     }
 }

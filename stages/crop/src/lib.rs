@@ -49,3 +49,45 @@ impl Handler for Crop {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use facepipe_core::domain::{Detector, Priority, StageName};
+    use facepipe_core::messages::{FaceBox, ImageRef};
+    use facepipe_testkit::{shared_dir, StageHarness};
+
+    fn job(faces: Vec<FaceBox>) -> CropJob {
+        let image = ImageRef { batch_id: "b-1".into(), image_id: "0000000".into(), priority: Priority::DEFAULT };
+        CropJob { image, key: "batches/b-1/originals/0000000.png".into(), width: 512, height: 512, faces, detector: Some(Detector::Yunet) }
+    }
+
+    /// The handler on a real nats-server: the face's crop is stored under its deterministic
+    /// key as a JPEG of the configured size, and the outcome goes on to persist.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_face_becomes_a_stored_crop_and_a_cropped_outcome() {
+        let h = StageHarness::start(StageName::Crop, |_| {}).await;
+        let astronaut = std::fs::read(shared_dir().join("data/faces/skimage/astronaut.png")).unwrap();
+        h.ctx.store.put("batches/b-1/originals/0000000.png", astronaut.into()).await.unwrap();
+        // The astronaut's face, as detect reports it (x, y, w, h in original pixels).
+        let face = FaceBox::new(175.0, 70.0, 110.0, 140.0, 0.9);
+        assert_eq!(Crop.handle(&h.ctx, job(vec![face]), StageHarness::first_delivery()).await.unwrap(), Handled::Done);
+        let crop = h.ctx.store.get("batches/b-1/crops/0000000-0.jpg").await.unwrap();
+        let size = imagesize::blob_size(&crop).unwrap();
+        assert_eq!((size.width, size.height), (300, 300));
+        let published = h.published_to(StageName::Persist).await;
+        assert_eq!(published.len(), 1);
+        assert_eq!(published[0].msg_id.as_deref(), Some("persist:b-1:0000000"));
+        let outcome: Outcome = facepipe_core::messages::decode(&published[0].payload).unwrap();
+        assert_eq!((outcome.status, outcome.crop_keys.as_slice()), (ImageStatus::Cropped, &["batches/b-1/crops/0000000-0.jpg".to_string()][..]));
+    }
+
+    /// No face: nothing is read or stored, and the outcome says so.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn no_face_is_an_outcome_without_crops() {
+        let h = StageHarness::start(StageName::Crop, |_| {}).await;
+        assert_eq!(Crop.handle(&h.ctx, job(Vec::new()), StageHarness::first_delivery()).await.unwrap(), Handled::Done);
+        let outcome: Outcome = facepipe_core::messages::decode(&h.published_to(StageName::Persist).await[0].payload).unwrap();
+        assert_eq!((outcome.status, outcome.crop_keys.len()), (ImageStatus::NoFace, 0));
+    }
+}

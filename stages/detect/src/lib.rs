@@ -89,3 +89,54 @@ impl Handler for Detect {
         Ok(Handled::Done)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use facepipe_core::domain::{Priority, StageName};
+    use facepipe_core::messages::ImageRef;
+    use facepipe_testkit::{shared_dir, use_shared_models, StageHarness};
+
+    fn job(image_id: &str, priority: i64) -> DetectJob {
+        let image = ImageRef { batch_id: "b-1".into(), image_id: image_id.into(), priority: Priority::new(priority).unwrap() };
+        DetectJob { key: format!("batches/b-1/originals/{image_id}.png"), image }
+    }
+
+    /// The handler on a real nats-server: a portrait's one face goes on to crop, on its
+    /// priority's band, under the message id that makes a redelivery a duplicate.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_photo_becomes_a_crop_job_with_its_face_on_its_band() {
+        let h = StageHarness::start(StageName::Detect, |t| use_shared_models(&mut t.stages.detect.params)).await;
+        let params = h.ctx.topology.stages.detect.params.clone();
+        let astronaut = std::fs::read(shared_dir().join("data/faces/skimage/astronaut.png")).unwrap();
+        for (id, priority) in [("0000000", 5), ("0000001", 9)] {
+            h.ctx.store.put(&job(id, priority).key, astronaut.clone().into()).await.unwrap();
+        }
+        let detect = Detect::new(params);
+        for (id, priority) in [("0000000", 5), ("0000001", 9)] {
+            let handled = detect.handle(&h.ctx, job(id, priority), StageHarness::first_delivery()).await.unwrap();
+            assert_eq!(handled, Handled::Done);
+        }
+        let published = h.published_to(StageName::Crop).await;
+        let subjects: Vec<&str> = published.iter().map(|p| p.subject.as_str()).collect();
+        assert_eq!(subjects, ["faces.crop", "faces.crop.high"], "each on its priority's band");
+        assert_eq!(published[0].msg_id.as_deref(), Some("crop:b-1:0000000"));
+        let crop: CropJob = facepipe_core::messages::decode(&published[0].payload).unwrap();
+        assert_eq!((crop.width, crop.height, crop.faces.len()), (512, 512, 1), "{crop:?}");
+        assert_eq!(crop.detector, Some(Detector::Yunet), "a portrait YuNet is sure of");
+        assert!(crop.faces[0].landmarks.is_some());
+    }
+
+    /// An original that is no image fails for good (no retry can help), and nothing goes on.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_undecodable_original_is_a_permanent_failure() {
+        let h = StageHarness::start(StageName::Detect, |t| use_shared_models(&mut t.stages.detect.params)).await;
+        let detect = Detect::new(h.ctx.topology.stages.detect.params.clone());
+        h.ctx.store.put(&job("0000000", 5).key, b"not a picture".to_vec().into()).await.unwrap();
+        let e = detect.handle(&h.ctx, job("0000000", 5), StageHarness::first_delivery()).await.unwrap_err();
+        assert!(e.is_permanent() && e.message().contains("not a supported image"), "{}", e.message());
+        let missing = detect.handle(&h.ctx, job("0000009", 5), StageHarness::first_delivery()).await.unwrap_err();
+        assert!(missing.is_permanent(), "a missing original: {}", missing.message());
+        assert!(h.published_to(StageName::Crop).await.is_empty());
+    }
+}

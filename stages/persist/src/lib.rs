@@ -54,3 +54,60 @@ impl Handler for Persist {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use facepipe_core::domain::{ImageStatus, Priority};
+    use facepipe_ledger::NewImage;
+    use facepipe_runtime::StageError;
+    use facepipe_testkit::{StageHarness, TestDb};
+
+    fn outcome(status: ImageStatus) -> Outcome {
+        let image = ImageRef { batch_id: "b-1".into(), image_id: "0000000".into(), priority: Priority::DEFAULT };
+        Outcome { status, ..Outcome::failed(image, StageName::Crop, String::new(), 1) }
+    }
+
+    async fn ledger() -> (TestDb, Db) {
+        let test_db = TestDb::create().await;
+        let db = test_db.pool().await;
+        db.insert_batch("b-1", "p", Priority::DEFAULT, "test").await.unwrap();
+        let image = NewImage { image_id: "0000000".into(), entry_name: "a.jpg".into(), original_key: "k".into(), record_id: None };
+        db.insert_images("b-1", &[image]).await.unwrap();
+        db.finish_ingest("b-1", 1, &[]).await.unwrap();
+        (test_db, db)
+    }
+
+    /// The handler on a real nats-server and PostgreSQL: the first outcome is recorded
+    /// and completes the batch; a redelivery changes nothing and says so.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_first_outcome_is_recorded_and_a_redelivery_is_skipped() {
+        let h = StageHarness::start(StageName::Persist, |_| {}).await;
+        let (_test_db, db) = ledger().await;
+        let persist = Persist { db: db.clone() };
+        let delivery = StageHarness::first_delivery;
+        assert_eq!(persist.handle(&h.ctx, outcome(ImageStatus::NoFace), delivery()).await.unwrap(), Handled::Done);
+        assert_eq!(persist.handle(&h.ctx, outcome(ImageStatus::Cropped), delivery()).await.unwrap(), Handled::Skipped);
+        let batch = db.batch_status("b-1").await.unwrap().unwrap();
+        assert_eq!((batch.status, batch.processed), (facepipe_core::domain::BatchStatus::Completed, 1));
+        assert_eq!(db.results("b-1").await.unwrap()[0].status, ImageStatus::NoFace, "the first outcome wins");
+    }
+
+    /// An outcome that is not final is refused for good, and the dead letter's failure is
+    /// recorded by persist itself: there is no stage after it to send it to.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_outcome_it_cannot_record_is_recorded_as_the_images_failure() {
+        let h = StageHarness::start(StageName::Persist, |_| {}).await;
+        let (_test_db, db) = ledger().await;
+        let persist = Persist { db: db.clone() };
+        let pending = outcome(ImageStatus::Pending);
+        let error: StageError = persist.handle(&h.ctx, pending.clone(), StageHarness::first_delivery()).await.unwrap_err();
+        assert!(error.is_permanent(), "{}", error.message());
+        let payload = messages::encode(&pending);
+        let failed = Failed { subject: "faces.persist", payload: &payload, stream_sequence: 7, published: String::new(), error: &error, attempts: 1 };
+        persist.on_dead_letter(&h.ctx, &failed).await.unwrap();
+        let result = &db.results("b-1").await.unwrap()[0];
+        assert_eq!((result.status, result.failed_stage), (ImageStatus::Failed, Some(StageName::Persist)));
+        assert!(result.error.as_deref().unwrap_or_default().contains("must be final"), "{result:?}");
+    }
+}

@@ -10,8 +10,6 @@
 //! `/usr/bin/chromium` (Debian's, installed by `scripts/setup --test`), or
 //! `PIPELINE_TEST_CHROMIUM`.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,7 +17,7 @@ use std::time::{Duration, Instant};
 use fantoccini::{Client, ClientBuilder, Locator};
 use facepipe_core::topology::StageName;
 use serde_json::{json, Value};
-use support::{free_port, labelled_photos, shared_dir, wait_for_port, write_zip, ApiServer, Deployment, NatsServer};
+use crate::support::{free_port, labelled_photos, shared_dir, wait_for_port, ApiServer, Deployment, NatsServer, PhotoZip};
 use facepipe_core::domain::{BatchStatus, ImageStatus};
 
 const TOKEN: &str = "dashboard-token-71c2";
@@ -111,20 +109,6 @@ async fn serve_one_photo(photo: Vec<u8>) -> String {
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     base
-}
-
-/// The ZIP: labelled photos, plus an entry that is not an image at all.
-fn upload_zip(dir: &Path) -> PathBuf {
-    let faces = shared_dir().join("data/faces");
-    let mut entries: Vec<(String, Vec<u8>)> = labelled_photos()
-        .iter()
-        .take(PHOTOS)
-        .map(|p| (p.file.clone(), std::fs::read(faces.join(&p.file)).unwrap()))
-        .collect();
-    entries.push(("planted/broken.jpg".into(), b"this is not a JPEG".to_vec()));
-    let path = dir.join("photos.zip");
-    write_zip(&path, &entries);
-    path
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -454,16 +438,7 @@ async fn ten_browsers_watching_one_batch() {
     d.start_stage(StageName::Detect);
     let api = ApiServer::start_with_token(&d, Some(TOKEN));
     let driver = Chromedriver::start(&d.dir.path().join("chromedriver.log"));
-    let faces = shared_dir().join("data/faces");
-    let photos: Vec<(String, Vec<u8>)> = labelled_photos()
-        .iter()
-        .flat_map(|p| {
-            let bytes = std::fs::read(faces.join(&p.file)).unwrap();
-            (0..COPIES).map(move |c| (format!("copy{c}/{}", p.file), bytes.clone()))
-        })
-        .collect();
-    let zip = d.dir.path().join("watched.zip");
-    write_zip(&zip, &photos);
+    let (zip, image_count) = PhotoZip::of(&labelled_photos()).copies(COPIES).write(&d.dir.path().join("watched.zip"));
     let db = d.db.pool().await;
     let usage = || pipeline::processes::Usage::of(api.child.id(), false);
 
@@ -498,12 +473,12 @@ async fn ten_browsers_watching_one_batch() {
             until(c, "100% in every browser", "return document.querySelector('#batch-progress').value >= 100", Duration::from_secs(30)).await;
         }
         let (after, seconds) = (usage(), started.elapsed().as_secs_f64());
-        rows.push((watchers, photos.len(), seconds, after.cpu_seconds - before.cpu_seconds, before.rss_mib, after.rss_mib, after.peak_rss_mib));
+        rows.push((watchers, image_count, seconds, after.cpu_seconds - before.cpu_seconds, before.rss_mib, after.rss_mib, after.peak_rss_mib));
         for c in browsers {
             c.close().await.unwrap();
         }
     }
-    println!("\nAPI server (`pipeline serve`, this build) while one batch of {} images runs:", photos.len());
+    println!("\nAPI server (`pipeline serve`, this build) while one batch of {} images runs:", image_count);
     println!("{:>9} {:>9} {:>12} {:>13} {:>15} {:>14}", "browsers", "seconds", "CPU seconds", "CPU % of core", "RSS MiB before", "after (peak)");
     for (watchers, _, seconds, cpu, rss_before, rss_after, peak) in &rows {
         println!("{watchers:>9} {seconds:>9.1} {cpu:>12.2} {:>12.1}% {rss_before:>15.1} {rss_after:>7.1} ({peak:.1})", cpu / seconds * 100.0);
@@ -515,4 +490,9 @@ async fn ten_browsers_watching_one_batch() {
         (watched.3 / watched.2 - base.3 / base.2) * 100.0,
         watched.5 - base.5
     );
+}
+
+/// `PHOTOS` labelled photos and one planted bad entry.
+fn upload_zip(dir: &Path) -> PathBuf {
+    PhotoZip::of(labelled_photos().iter().take(PHOTOS)).with("planted/broken.jpg", *b"this is not a JPEG").write(&dir.join("photos.zip")).0
 }

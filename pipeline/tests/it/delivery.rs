@@ -2,13 +2,11 @@
 //! crashes on every delivery must end as a dead letter and a recorded failure,
 //! and a replay must bring it back once the fault is gone.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use facepipe_runtime::faults::{FAULT_CRASH_ON_ENV, FAULT_SLOW_ON_ENV};
 use facepipe_core::topology::StageName;
-use support::{shared_dir, write_zip, Deployment};
+use crate::support::{shared_dir, write_zip, Deployment};
 use facepipe_core::domain::{BatchStatus, ImageStatus};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -104,7 +102,7 @@ async fn slow_image_keeps_its_message_with_in_progress_acks() {
     write_zip(&zip, &[("slow.png".into(), photo.clone()), ("fast.png".into(), photo)]);
     d.cli_ok(&["submit", zip.to_str().unwrap(), "--batch-id", "slow-1"]);
     let status = d.wait_for_batch("slow-1", Duration::from_secs(60)).await;
-    assert_eq!((status.status.as_str(), status.processed, status.failed), ("completed", 2, 0));
+    assert_eq!((status.status, status.processed, status.failed), (BatchStatus::Completed, 2, 0));
     // detect and crop both see the key in their message; each handles it once.
     assert_eq!(d.count_in_logs("fault injection: slow message"), 2, "{}", d.logs());
     assert_eq!(d.count_in_logs("redelivered message"), 0, "{}", d.logs());
@@ -122,7 +120,7 @@ async fn stage_waiting_for_postgres_at_start_stops_cleanly_on_sigterm() {
     let path = d.dir.path().join("unreachable.toml");
     std::fs::write(&path, toml::to_string(&unreachable).unwrap()).unwrap();
     let log = d.dir.path().join("waiting.log");
-    let mut persist = std::process::Command::new(support::bin("persist"))
+    let mut persist = std::process::Command::new(crate::support::bin("persist"))
         .arg("--topology")
         .arg(&path)
         .stderr(std::fs::File::create(&log).unwrap())
@@ -136,7 +134,7 @@ async fn stage_waiting_for_postgres_at_start_stops_cleanly_on_sigterm() {
     }
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(persist.id() as i32, libc::SIGTERM) };
-    let code = support::wait_exit(&mut persist, Duration::from_secs(10)).expect("ignored SIGTERM while waiting");
+    let code = crate::support::wait_exit(&mut persist, Duration::from_secs(10)).expect("ignored SIGTERM while waiting");
     assert_eq!(code, Some(0));
 }
 
@@ -180,7 +178,7 @@ async fn extract_job_that_crashes_every_time_fails_its_batch() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn readiness_follows_postgres() {
-    let proxy = support::PgProxy::start().await;
+    let proxy = crate::support::PgProxy::start().await;
     let mut d = Deployment::start(|t| t.postgres.url = proxy.url_for(&t.postgres.url)).await;
     let port = d.start_stage_with_metrics(StageName::Persist);
     let wait_for = |want: u16| {
@@ -188,7 +186,7 @@ async fn readiness_follows_postgres() {
         loop {
             if let Ok(conn) = std::net::TcpStream::connect(("127.0.0.1", port)) {
                 drop(conn);
-                if support::http_get(port, "/readyz").0 == want {
+                if crate::support::http_get(port, "/readyz").0 == want {
                     return;
                 }
             }
@@ -199,7 +197,7 @@ async fn readiness_follows_postgres() {
     wait_for(200);
     proxy.set_down(true);
     wait_for(503);
-    assert_eq!(support::http_get(port, "/healthz").0, 200, "alive while not ready");
+    assert_eq!(crate::support::http_get(port, "/healthz").0, 200, "alive while not ready");
     proxy.set_down(false);
     wait_for(200);
 }

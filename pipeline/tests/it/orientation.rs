@@ -2,14 +2,12 @@
 //! (pixels transformed, tag set so that a viewer shows it upright) must give
 //! the same upright face boxes and the same upright crop as the original.
 
-mod support;
-
 use opencv::core::{self, Mat, Vector};
 use opencv::imgcodecs;
 use opencv::prelude::*;
 use facepipe_core::topology::{CropParams, DetectParams, SecondPass};
 use facepipe_vision::{crop, detect};
-use support::{iou, labelled_photos, shared_dir};
+use crate::support::{iou, labelled_photos, shared_dir};
 
 /// Stored pixels for orientation `tag`, given the upright image: the inverse of
 /// the transform a viewer applies.

@@ -1,12 +1,10 @@
 //! Live reconfiguration: `pipeline apply` of a changed topology reaches the
 //! running stages through the key-value bucket, without a restart.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use facepipe_runtime::store::Store;
-use support::{labelled_photos, shared_dir, write_zip, Deployment};
+use crate::support::{labelled_photos, shared_dir, write_zip, Deployment};
 use facepipe_core::domain::BatchStatus;
 
 #[tokio::test(flavor = "multi_thread")]

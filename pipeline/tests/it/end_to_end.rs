@@ -1,7 +1,5 @@
 //! The whole flow through the real binaries, a real nats-server and a real PostgreSQL.
 
-mod support;
-
 use std::collections::BTreeMap;
 
 use futures::StreamExt;
@@ -9,25 +7,10 @@ use std::time::Duration;
 
 use facepipe_core::messages::{DeadLetter, ExtractJob};
 use facepipe_runtime::store::Store;
-use support::{iou, labelled_photos, shared_dir, write_zip, Deployment};
+use crate::support::{iou, labelled_photos, shared_dir, write_zip, Deployment, PhotoZip};
 use facepipe_core::domain::{BatchStatus, ImageStatus};
 
 const BATCH_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// Every labelled photo, plus a corrupt "image" and a non-image, in one ZIP.
-fn faces_zip(dir: &std::path::Path) -> (std::path::PathBuf, usize) {
-    let faces_dir = shared_dir().join("data/faces");
-    let mut entries: Vec<(String, Vec<u8>)> = labelled_photos()
-        .iter()
-        .map(|p| (p.file.clone(), std::fs::read(faces_dir.join(&p.file)).unwrap()))
-        .collect();
-    let images = entries.len() + 1;
-    entries.push(("broken/truncated.jpg".into(), b"\xff\xd8\xff\xe0 not really a jpeg".to_vec()));
-    entries.push(("notes/README.txt".into(), b"not an image".to_vec()));
-    let path = dir.join("faces.zip");
-    write_zip(&path, &entries);
-    (path, images)
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn zip_batch_flows_through_all_four_stages() {
@@ -259,7 +242,7 @@ async fn malformed_messages_are_dead_lettered_and_workers_keep_serving() {
     let job = ExtractJob::for_zip(Some("after-bad".into()), "p".into(), facepipe_core::domain::Priority::DEFAULT, zip.display().to_string());
     client.publish("faces.extract", serde_json::to_vec(&job).unwrap().into()).await.unwrap();
     let status = d.wait_for_batch("after-bad", BATCH_TIMEOUT).await;
-    assert_eq!((status.status.as_str(), status.processed, status.failed), ("completed", 1, 0));
+    assert_eq!((status.status, status.processed, status.failed), (BatchStatus::Completed, 1, 0));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -299,9 +282,9 @@ async fn an_outcome_delivered_again_is_counted_as_skipped_and_changes_nothing() 
 
     // A persist process with metrics takes over; the outcome arrives once more.
     d.signal(3, libc::SIGTERM);
-    assert_eq!(support::wait_exit(&mut d.stages[3].1, Duration::from_secs(30)), Ok(Some(0)));
+    assert_eq!(crate::support::wait_exit(&mut d.stages[3].1, Duration::from_secs(30)), Ok(Some(0)));
     let port = d.start_stage_with_metrics(facepipe_core::topology::StageName::Persist);
-    support::wait_for_port(port, Duration::from_secs(30));
+    crate::support::wait_for_port(port, Duration::from_secs(30));
     let row = d.db().await.results("once").await.unwrap().remove(0);
     let outcome = serde_json::json!({
         "batch_id": "once", "image_id": row.image_id, "status": row.status, "faces": row.faces,
@@ -310,7 +293,7 @@ async fn an_outcome_delivered_again_is_counted_as_skipped_and_changes_nothing() 
     let client = async_nats::connect(&d.nats.url).await.unwrap();
     client.publish("faces.persist", outcome.to_string().into()).await.unwrap();
     client.flush().await.unwrap();
-    let skipped = || support::prometheus_counter(port, "facepipe_messages_total", &[r#"stage="persist""#, r#"outcome="skipped""#]);
+    let skipped = || crate::support::prometheus_counter(port, "facepipe_messages_total", &[r#"stage="persist""#, r#"outcome="skipped""#]);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while skipped() < 1.0 {
         assert!(std::time::Instant::now() < deadline, "not counted as skipped\n{}", d.logs());
@@ -322,7 +305,7 @@ async fn an_outcome_delivered_again_is_counted_as_skipped_and_changes_nothing() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn by_default_uncertain_photos_are_decided_by_the_second_pass_and_recorded_so() {
-    let retinaface = support::shared_dir().join("models/retinaface_mnv2.onnx");
+    let retinaface = crate::support::shared_dir().join("models/retinaface_mnv2.onnx");
     assert!(retinaface.is_file(), "{} is missing (../shared/models)", retinaface.display());
     // The repository's topology as it is: the second pass is on.
     let mut d = Deployment::start(|t| assert!(t.stages.detect.params.second_pass.active().is_some())).await;
@@ -335,26 +318,28 @@ async fn by_default_uncertain_photos_are_decided_by_the_second_pass_and_recorded
     assert_eq!(d.stages.remove(detect).1.wait().unwrap().code(), Some(0));
     let metrics = d.start_stage_with_metrics(facepipe_core::topology::StageName::Detect);
     // Crowded WIDER photos (YuNet is unsure of some faces) and single portraits (it is not).
-    let faces_dir = shared_dir().join("data/faces");
-    let entries: Vec<(String, Vec<u8>)> = labelled_photos()
-        .iter()
-        .filter(|p| p.file.starts_with("wider_val_subset/") || p.file.starts_with("face_recognition/"))
-        .step_by(6)
-        .map(|p| (p.file.clone(), std::fs::read(faces_dir.join(&p.file)).unwrap()))
-        .collect();
-    let zip = d.dir.path().join("second-pass.zip");
-    write_zip(&zip, &entries);
+    let photos = labelled_photos();
+    let chosen = photos.iter().filter(|p| p.file.starts_with("wider_val_subset/") || p.file.starts_with("face_recognition/")).step_by(6);
+    let (zip, image_count) = PhotoZip::of(chosen).write(&d.dir.path().join("second-pass.zip"));
     let batch = d.cli_ok(&["submit", zip.to_str().unwrap(), "--project", "second-pass"]).trim().to_string();
     let status = d.wait_for_batch(&batch, BATCH_TIMEOUT).await;
-    assert_eq!((status.status.as_str(), status.failed), ("completed", 0), "{status:?}");
+    assert_eq!((status.status, status.failed), (BatchStatus::Completed, 0), "{status:?}");
 
     let results = d.db().await.results(&batch).await.unwrap();
     let decided_by = |name: &str| results.iter().filter(|r| r.detector.map(|d| d.as_str()) == Some(name)).count();
     let (second, first) = (decided_by("retinaface"), decided_by("yunet"));
-    assert_eq!(second + first, entries.len(), "every photo names the detector that decided it");
+    assert_eq!(second + first, image_count, "every photo names the detector that decided it");
     assert!(second > 0 && first > 0, "RetinaFace decided {second} photos, YuNet {first}");
     assert!(results.iter().filter(|r| r.detector.map(|d| d.as_str()) == Some("retinaface")).any(|r| !r.faces.is_empty()));
     assert!(d.logs().contains("retinaface_mnv2.onnx"), "detect announces its second pass");
-    let counted = support::prometheus_counter(metrics, "facepipe_second_pass_images_total", &[r#"stage="detect""#]);
+    let counted = crate::support::prometheus_counter(metrics, "facepipe_second_pass_images_total", &[r#"stage="detect""#]);
     assert_eq!(counted, second as f64, "the metric counts the photos RetinaFace decided");
+}
+
+/// Every labelled photo, a truncated JPEG and a text file; its image count.
+fn faces_zip(dir: &std::path::Path) -> (std::path::PathBuf, usize) {
+    PhotoZip::of(&labelled_photos())
+        .with("broken/truncated.jpg", *b"\xff\xd8\xff\xe0 not really a jpeg")
+        .with("notes/README.txt", *b"not an image")
+        .write(&dir.join("faces.zip"))
 }

@@ -3,15 +3,14 @@
 //! configuration (`deploy/prometheus.yml`, its ports and interval replaced by
 //! the test's), and its HTTP API reports a processed rate for every stage.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use facepipe_core::topology::{StageName, Topology};
-use support::{free_port, labelled_photos, repo_root, shared_dir, write_zip, Deployment};
+use facepipe_core::domain::BatchStatus;
+use crate::support::{free_port, labelled_photos, repo_root, Deployment, PhotoZip};
 
 /// Photos in the test batch: enough for every stage to work for a few scrapes.
 const PHOTOS: usize = 40;
@@ -162,17 +161,10 @@ async fn prometheus_scrapes_all_four_stages_and_sees_each_process_a_batch() {
         .await;
     println!("stages scraped before the batch: {scraped:?}");
 
-    let faces_dir = shared_dir().join("data/faces");
-    let entries: Vec<(String, Vec<u8>)> = labelled_photos()
-        .iter()
-        .take(PHOTOS)
-        .map(|p| (p.file.clone(), std::fs::read(faces_dir.join(&p.file)).unwrap()))
-        .collect();
-    let zip = d.dir.path().join("faces.zip");
-    write_zip(&zip, &entries);
+    let (zip, _) = PhotoZip::of(labelled_photos().iter().take(PHOTOS)).write(&d.dir.path().join("faces.zip"));
     d.cli_ok(&["submit", zip.to_str().unwrap(), "--batch-id", "scraped"]);
     let status = d.wait_for_batch("scraped", Duration::from_secs(300)).await;
-    assert_eq!((status.status.as_str(), status.processed), ("completed", PHOTOS as i32));
+    assert_eq!((status.status, status.processed), (BatchStatus::Completed, PHOTOS as i32));
 
     // Wait for the last scrapes: one extract job, and every photo through the other three.
     let expected: BTreeMap<String, f64> =
@@ -217,7 +209,7 @@ async fn prometheus_scrapes_all_four_stages_and_sees_each_process_a_batch() {
     // One process never exposes the same series twice (the global stage label
     // must merge with an explicit one), which Prometheus would reject.
     for (stage, port) in &ports {
-        let (status, body) = support::http_get(*port, "/metrics");
+        let (status, body) = crate::support::http_get(*port, "/metrics");
         assert_eq!(status, 200);
         let mut seen = std::collections::HashSet::new();
         for line in body.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {

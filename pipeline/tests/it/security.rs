@@ -1,13 +1,11 @@
 //! NATS authentication and TLS from topology and environment, against a real
 //! nats-server that requires them; and no secret in any output.
 
-mod support;
-
 use std::process::{Command, Output, Stdio};
 
 use facepipe_core::topology::StageName;
 
-use support::{bin, test_topology, NatsServer, TestDb};
+use crate::support::{bin, test_topology, NatsServer, TestDb};
 
 /// Runs `pipeline <args>` with a topology for `nats_url` and extra environment.
 fn pipeline_cli(dir: &std::path::Path, nats_url: &str, db_url: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
@@ -200,7 +198,7 @@ fn serve_everywhere(dir: &std::path::Path, nats_url: &str, db_url: &str, env: &[
     let topology = test_topology(nats_url, db_url, &dir.join("objects"));
     let path = dir.join("topology.toml");
     std::fs::write(&path, toml::to_string(&topology).unwrap()).unwrap();
-    let port = support::free_port();
+    let port = crate::support::free_port();
     let log = std::fs::File::create(dir.join(format!("serve-{port}.log"))).unwrap();
     let child = Command::new(bin("pipeline"))
         .arg("--topology")
@@ -235,7 +233,7 @@ async fn serve_refuses_an_open_address_without_a_token_unless_told_to() {
 
     // No token on 0.0.0.0: it says why and exits, serving nothing.
     let (mut child, port) = serve_everywhere(dir.path(), &nats.url, &db.url, &[]);
-    let status = support::wait_exit(&mut child, std::time::Duration::from_secs(30)).expect("serve exits");
+    let status = crate::support::wait_exit(&mut child, std::time::Duration::from_secs(30)).expect("serve exits");
     assert_ne!(status, Some(0), "{}", log(port));
     let said = log(port);
     assert!(said.contains("refusing to serve 0.0.0.0:") && said.contains("PIPELINE_API_TOKEN"), "{said}");
@@ -243,7 +241,7 @@ async fn serve_refuses_an_open_address_without_a_token_unless_told_to() {
 
     // Told to: it serves anyone, and warns at start.
     let (mut child, port) = serve_everywhere(dir.path(), &nats.url, &db.url, &[("PIPELINE_API_ALLOW_UNAUTHENTICATED", "true")]);
-    support::wait_for_port(port, std::time::Duration::from_secs(30));
+    crate::support::wait_for_port(port, std::time::Duration::from_secs(30));
     assert_eq!(stats(port, None).await, 200);
     assert!(log(port).contains("warning: serving 0.0.0.0:"), "{}", log(port));
     child.kill().unwrap();
@@ -251,7 +249,7 @@ async fn serve_refuses_an_open_address_without_a_token_unless_told_to() {
 
     // With a token: it serves, to those who carry it, without a warning.
     let (mut child, port) = serve_everywhere(dir.path(), &nats.url, &db.url, &[("PIPELINE_API_TOKEN", "s3cret-token")]);
-    support::wait_for_port(port, std::time::Duration::from_secs(30));
+    crate::support::wait_for_port(port, std::time::Duration::from_secs(30));
     assert_eq!(stats(port, None).await, 401);
     assert_eq!(stats(port, Some("s3cret-token")).await, 200);
     assert!(!log(port).contains("without a token"), "{}", log(port));
@@ -270,7 +268,7 @@ struct TestRole {
 impl TestRole {
     async fn create() -> Self {
         let tag = format!("{}_{}", std::process::id(), rand::random::<u32>());
-        let admin = support::connect(&support::admin_url()).await;
+        let admin = crate::support::connect(&crate::support::admin_url()).await;
         let name = format!("fp_secret_{tag}");
         admin.batch_execute(&format!("CREATE ROLE {name} LOGIN CREATEDB")).await.unwrap();
         // So that the test's own role can drop what this role will own.
@@ -287,10 +285,10 @@ impl TestRole {
 impl Drop for TestRole {
     fn drop(&mut self) {
         let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE); DROP ROLE IF EXISTS {}", self.database, self.name);
-        let url = support::admin_url();
+        let url = crate::support::admin_url();
         let _ = std::thread::spawn(move || {
             tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-                let client = support::connect(&url).await;
+                let client = crate::support::connect(&url).await;
                 for statement in sql.split("; ") {
                     let _ = client.batch_execute(statement).await;
                 }
@@ -316,7 +314,7 @@ async fn no_secret_of_any_form_reaches_the_bucket_the_output_or_the_logs() {
     let dir = tempfile::tempdir().unwrap();
     let (r, db) = (&role.name, &role.database);
     let encode = |s: &str| percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string();
-    let pg_port = support::connect_port();
+    let pg_port = crate::support::connect_port();
     let forms: Vec<(&str, String, String)> = [
         ("userinfo", format!("Us3r:Inf0@Pw/{tag}")),
         ("query parameter", format!("Qu3ry&Pw={tag}")),
@@ -400,7 +398,7 @@ async fn no_secret_of_any_form_reaches_the_bucket_the_output_or_the_logs() {
         }
         stages.push(cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap());
     }
-    let zip = support::photos_zip(dir.path(), "photos.zip", 3);
+    let zip = crate::support::photos_zip(dir.path(), "photos.zip", 3);
     let (ok, out) = cli(&path, &["submit", zip.to_str().unwrap(), "--batch-id", "secret-run", "--wait"]);
     assert!(ok, "{out}");
     leaks("submit --wait", &out);
@@ -409,12 +407,12 @@ async fn no_secret_of_any_form_reaches_the_bucket_the_output_or_the_logs() {
         assert!(ok, "{args:?}: {out}");
         leaks(&format!("{args:?}"), &out);
     }
-    let port = support::free_port();
+    let port = crate::support::free_port();
     let serve_log = logs.join("serve.log");
     let mut serve = Command::new(bin("pipeline"));
     serve.arg("--topology").arg(&path).args(["serve", "--listen", &format!("127.0.0.1:{port}")]).env("RUST_LOG", "debug");
     let mut serve = serve.stdout(Stdio::null()).stderr(std::fs::File::create(&serve_log).unwrap()).spawn().unwrap();
-    support::wait_for_port(port, std::time::Duration::from_secs(30));
+    crate::support::wait_for_port(port, std::time::Duration::from_secs(30));
     let http = reqwest::Client::new();
     let base_url = format!("http://127.0.0.1:{port}");
     let ok = http.get(format!("{base_url}/api/batch/status/secret-run")).bearer_auth(&api_secret).send().await.unwrap();
@@ -427,7 +425,7 @@ async fn no_secret_of_any_form_reaches_the_bucket_the_output_or_the_logs() {
     for mut child in stages {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let _ = support::wait_exit(&mut child, std::time::Duration::from_secs(20));
+        let _ = crate::support::wait_exit(&mut child, std::time::Duration::from_secs(20));
         let _ = child.kill();
         let _ = child.wait();
     }

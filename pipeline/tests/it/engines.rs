@@ -2,8 +2,6 @@
 //! model with OpenCV 4.6's pre- and post-processing, so the same boxes and
 //! scores and landmarks (up to float noise) on real photos.
 
-mod support;
-
 use opencv::core::{Mat, Rect, Size, Vector};
 use opencv::imgcodecs;
 use opencv::imgproc;
@@ -11,7 +9,7 @@ use opencv::objdetect::FaceDetectorYN;
 use opencv::prelude::*;
 use facepipe_core::messages::{FaceBox, Landmarks};
 use facepipe_vision::yunet::{OrtYunet, Release};
-use support::{labelled_photos, onnxruntime_library, shared_dir};
+use crate::support::{labelled_photos, onnxruntime_library, shared_dir};
 
 const THRESHOLD: f32 = 0.5;
 const NMS: f32 = 0.3;

@@ -3,15 +3,13 @@
 //! redelivery finds its original; once it completes (and the readers' retry
 //! horizon has passed) the expired objects go, and what a replay needs stays.
 
-mod support;
-
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use facepipe_core::topology::StageName;
 use facepipe_runtime::faults::FAULT_CRASH_ON_ENV;
-use support::{free_port, shared_dir, wait_for_port, write_zip, Deployment};
+use crate::support::{free_port, shared_dir, wait_for_port, write_zip, Deployment};
 use facepipe_core::domain::{BatchStatus, ImageStatus};
 
 fn files_under(dir: &Path) -> Vec<String> {
@@ -116,7 +114,7 @@ async fn sweeps_keep_what_redeliveries_and_replays_need_and_delete_the_rest() {
     // The redelivery after those sweeps finds its original.
     assert_eq!(d.restart_exited(), 1);
     let status = d.wait_for_batch("kept", Duration::from_secs(120)).await;
-    assert_eq!((status.status.as_str(), status.processed, status.failed), ("completed", 4, 1));
+    assert_eq!((status.status, status.processed, status.failed), (BatchStatus::Completed, 4, 1));
     let results = d.db().await.results("kept").await.unwrap();
     assert_eq!((results[0].status.as_str(), results[0].attempts), ("cropped", 2), "{results:?}");
     let crops = files_under(&objects.join("batches/kept/crops"));
@@ -148,7 +146,7 @@ async fn sweeps_keep_what_redeliveries_and_replays_need_and_delete_the_rest() {
     }
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(serve.id() as i32, libc::SIGTERM) };
-    assert_eq!(support::wait_exit(&mut serve, Duration::from_secs(20)).unwrap(), Some(0));
+    assert_eq!(crate::support::wait_exit(&mut serve, Duration::from_secs(20)).unwrap(), Some(0));
 
     // `pipeline sweep` once by hand: the batch completed again, so it is swept again, and
     // the failed image's original still stays.

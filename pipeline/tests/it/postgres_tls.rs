@@ -8,8 +8,6 @@
 //! (Debian's `postgresql` package, which `scripts/setup` installs), else `PATH`. As root,
 //! `initdb` and `postgres` run as the `postgres` user (they refuse to run as root).
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -137,7 +135,7 @@ impl PgServer {
         let out = initdb.output().unwrap_or_else(|e| panic!("initdb ({e}): install PostgreSQL (scripts/setup) or set PIPELINE_PG_BIN"));
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
 
-        let port = support::free_port();
+        let port = crate::support::free_port();
         let mut postgres = pg_command("postgres");
         postgres.arg("-D").arg(&data);
         let settings = [
@@ -194,7 +192,7 @@ impl Drop for PgServer {
             // session to end, and this test's own sessions may still be open on a runtime
             // that cannot run while this drop blocks it.
             unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-            if support::wait_exit(&mut child, Duration::from_secs(10)).is_err() {
+            if crate::support::wait_exit(&mut child, Duration::from_secs(10)).is_err() {
                 let _ = child.kill();
                 let _ = child.wait();
             }
@@ -330,11 +328,11 @@ async fn server_without_tls() {
 #[test]
 fn validate_checks_the_database_tls_settings() {
     let dir = tempfile::tempdir().unwrap();
-    let topology = std::fs::read_to_string(support::repo_root().join("topology.toml")).unwrap();
+    let topology = std::fs::read_to_string(crate::support::repo_root().join("topology.toml")).unwrap();
     let validate = |url: &str| {
         let path = dir.path().join("topology.toml");
         std::fs::write(&path, &topology).unwrap();
-        let out = Command::new(support::bin("pipeline"))
+        let out = Command::new(crate::support::bin("pipeline"))
             .args(["validate"])
             .arg(&path)
             .env("PIPELINE_DATABASE_URL", url)

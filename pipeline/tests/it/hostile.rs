@@ -1,14 +1,12 @@
 //! Broken and unusual input through the real pipeline: every planted entry
 //! gets a clear recorded outcome and no worker dies.
 
-mod support;
-
 use std::time::Duration;
 
 use opencv::core::{self, Mat, Vector};
 use opencv::imgcodecs;
 use opencv::prelude::*;
-use support::{shared_dir, write_zip, Deployment};
+use crate::support::{shared_dir, write_zip, Deployment};
 use facepipe_core::domain::{BatchStatus, ImageStatus};
 
 fn encode(ext: &str, image: &Mat) -> Vec<u8> {

@@ -3,30 +3,15 @@
 //! is refused while the old detector keeps running, and Haar runs only where
 //! the topology names it. Real binaries, nats-server and PostgreSQL.
 
-mod support;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use facepipe_core::topology::{DetectFallback, StageName};
-use support::{bin, http_get, labelled_photos, repo_root, shared_dir, wait_for_port, write_zip, Deployment};
+use facepipe_core::domain::BatchStatus;
+use crate::support::{bin, http_get, labelled_photos, repo_root, wait_for_port, Deployment, PhotoZip};
 
 const BATCH_TIMEOUT: Duration = Duration::from_secs(300);
 const MISSING: &str = "/nonexistent/face_detection_yunet.onnx";
-
-/// A ZIP of the first few labelled photos that hold faces.
-fn photos_zip(dir: &std::path::Path) -> std::path::PathBuf {
-    let faces_dir = shared_dir().join("data/faces");
-    let entries: Vec<(String, Vec<u8>)> = labelled_photos()
-        .iter()
-        .filter(|p| p.faces.as_ref().is_some_and(|f| !f.is_empty()))
-        .take(4)
-        .map(|p| (p.file.clone(), std::fs::read(faces_dir.join(&p.file)).unwrap()))
-        .collect();
-    let path = dir.join("photos.zip");
-    write_zip(&path, &entries);
-    path
-}
 
 /// Polls `/readyz` until its status is `want` with a body containing `says`; returns the body.
 fn wait_readyz(port: u16, want: u16, says: &str) -> String {
@@ -72,7 +57,7 @@ async fn haar_runs_only_where_the_topology_names_it_as_the_fallback() {
     let port = d.start_stage_with_metrics(StageName::Detect);
     wait_readyz(port, 200, "ready");
     assert!(d.logs().contains("Haar fallback the topology names"), "the fallback is announced: {}", d.logs());
-    let zip = photos_zip(d.dir.path());
+    let zip = faces_zip(d.dir.path());
     let batch = d.cli_ok(&["submit", zip.to_str().unwrap(), "--project", "haar"]).trim().to_string();
     d.wait_for_batch(&batch, BATCH_TIMEOUT).await;
     let results = d.db().await.results(&batch).await.unwrap();
@@ -91,10 +76,10 @@ async fn a_live_change_to_a_model_that_does_not_load_is_refused_and_the_old_dete
     // Running stages watch the live configuration; give detect a moment to see the change.
     std::thread::sleep(Duration::from_secs(2));
 
-    let zip = photos_zip(d.dir.path());
+    let zip = faces_zip(d.dir.path());
     let batch = d.cli_ok(&["submit", zip.to_str().unwrap(), "--project", "live"]).trim().to_string();
     let status = d.wait_for_batch(&batch, BATCH_TIMEOUT).await;
-    assert_eq!((status.status.as_str(), status.failed), ("completed", 0), "{status:?}");
+    assert_eq!((status.status, status.failed), (BatchStatus::Completed, 0), "{status:?}");
     let results = d.db().await.results(&batch).await.unwrap();
     assert!(results.iter().any(|r| !r.faces.is_empty()), "YuNet kept finding faces: {results:?}");
     assert!(results.iter().all(|r| r.detector != Some(facepipe_core::domain::Detector::Haar)), "{results:?}");
@@ -122,10 +107,10 @@ async fn a_second_pass_that_cannot_run_is_refused_unless_the_topology_allows_yun
     let body = wait_readyz(port, 200, "ready, without the second pass");
     assert!(body.contains(NO_RETINAFACE), "{body}");
     assert!(d.logs().contains("second pass unavailable"), "the log says so: {}", d.logs());
-    let zip = photos_zip(d.dir.path());
+    let zip = faces_zip(d.dir.path());
     let batch = d.cli_ok(&["submit", zip.to_str().unwrap(), "--project", "alone"]).trim().to_string();
     let status = d.wait_for_batch(&batch, BATCH_TIMEOUT).await;
-    assert_eq!((status.status.as_str(), status.failed), ("completed", 0), "{status:?}");
+    assert_eq!((status.status, status.failed), (BatchStatus::Completed, 0), "{status:?}");
     let results = d.db().await.results(&batch).await.unwrap();
     assert!(results.iter().all(|r| r.detector == Some(facepipe_core::domain::Detector::Yunet)), "{results:?}");
 }
@@ -138,4 +123,11 @@ fn validate_takes_the_topology_as_a_positional_argument_too() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("topology.toml: valid"));
     let missing = Command::new(bin("pipeline")).args(["validate", "/nonexistent/topology.toml"]).output().unwrap();
     assert!(!missing.status.success(), "a missing file is an error");
+}
+
+/// Four labelled photos that hold faces.
+fn faces_zip(dir: &std::path::Path) -> std::path::PathBuf {
+    let photos = labelled_photos();
+    let with_faces = photos.iter().filter(|p| p.faces.as_ref().is_some_and(|f| !f.is_empty())).take(4);
+    PhotoZip::of(with_faces).write(&dir.join("photos.zip")).0
 }

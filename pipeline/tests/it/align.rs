@@ -7,8 +7,6 @@
 //! angle crop turned it back by), and the way a person would check it, by
 //! detecting the face on the crop itself and reading its eye line.
 
-mod support;
-
 use std::time::Duration;
 
 use opencv::core::{self, Mat, Point2f, Scalar, Size, Vector};
@@ -19,8 +17,8 @@ use facepipe_core::messages::FaceBox;
 use facepipe_core::topology::{CropAlign, CropParams, DetectParams};
 use facepipe_runtime::store::Store;
 use facepipe_vision::{crop, detect};
-use support::{labelled_photos, shared_dir, use_shared_models, write_zip, Deployment};
-use facepipe_core::domain::ImageStatus;
+use crate::support::{labelled_photos, shared_dir, use_shared_models, write_zip, Deployment};
+use facepipe_core::domain::{BatchStatus, ImageStatus};
 
 /// Portraits known to hold exactly one face (face_recognition's examples and the astronaut).
 fn portraits() -> Vec<(String, Mat)> {
@@ -185,7 +183,7 @@ async fn the_crop_stage_levels_the_eyes_when_the_topology_says_so() {
     write_zip(&zip, &entries);
     let batch = d.cli_ok(&["submit", zip.to_str().unwrap(), "--project", "align"]).trim().to_string();
     let status = d.wait_for_batch(&batch, Duration::from_secs(180)).await;
-    assert_eq!((status.status.as_str(), status.failed), ("completed", 0), "{status:?}");
+    assert_eq!((status.status, status.failed), (BatchStatus::Completed, 0), "{status:?}");
     let results = d.db().await.results(&batch).await.unwrap();
     assert_eq!(results.len(), entries.len());
     let store = Store::open(&d.topology.object_store).unwrap();

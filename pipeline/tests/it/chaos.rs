@@ -3,8 +3,6 @@
 //! and every stage is stopped with SIGTERM once. Then every entry must have
 //! exactly one outcome and the only dead letters must be the planted ones.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
@@ -12,31 +10,12 @@ use facepipe_control::deadletters;
 use facepipe_runtime::store::Store;
 use facepipe_core::topology::StageName;
 use rand::Rng;
-use support::{labelled_photos, shared_dir, write_zip, Deployment, PgProxy};
+use crate::support::{labelled_photos, photo_bytes, Deployment, PgProxy, PhotoZip};
 use facepipe_core::domain::{BatchStatus, ImageStatus};
 
 /// Copies of every labelled photo (164 each), plus planted bad entries.
 const COPIES: usize = 4;
 const PLANTED_BAD: [&str; 2] = ["bad/truncated.jpg", "bad/garbage.png"];
-
-fn chaos_zip(dir: &std::path::Path) -> (std::path::PathBuf, usize) {
-    let faces_dir = shared_dir().join("data/faces");
-    let photos = labelled_photos();
-    let mut entries = Vec::new();
-    for copy in 0..COPIES {
-        for p in &photos {
-            entries.push((format!("copy{copy}/{}", p.file), std::fs::read(faces_dir.join(&p.file)).unwrap()));
-        }
-    }
-    let mut truncated = std::fs::read(faces_dir.join(&photos[0].file)).unwrap();
-    truncated.truncate(200);
-    entries.push((PLANTED_BAD[0].into(), truncated));
-    entries.push((PLANTED_BAD[1].into(), b"\x89PNG but nothing else".to_vec()));
-    let images = entries.len();
-    let path = dir.join("chaos.zip");
-    write_zip(&path, &entries);
-    (path, images)
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn batch_survives_kills_restarts_and_outages() {
@@ -104,7 +83,7 @@ async fn batch_survives_kills_restarts_and_outages() {
                         for i in 0..d.stages.len() {
                             d.signal(i, libc::SIGTERM);
                             let stage = d.stages[i].0;
-                            let code = support::wait_exit(&mut d.stages[i].1, Duration::from_secs(30))
+                            let code = crate::support::wait_exit(&mut d.stages[i].1, Duration::from_secs(30))
                                 .unwrap_or_else(|()| panic!("{stage:?} ignored SIGTERM\n{}", d.logs()));
                             assert_eq!(code, Some(0), "{:?} exit on SIGTERM\n{}", d.stages[i].0, d.logs());
                             sigterms += 1;
@@ -182,4 +161,16 @@ async fn batch_survives_kills_restarts_and_outages() {
     );
     assert!(kills >= 3 && nats_restarts == 1 && db_outages == 1 && sigterms == StageName::ALL.len());
     assert!(redeliveries > 0, "faults that cause no redelivery prove nothing");
+}
+
+/// Every labelled photo `COPIES` times, and the planted bad entries; its image count.
+fn chaos_zip(dir: &std::path::Path) -> (std::path::PathBuf, usize) {
+    let photos = labelled_photos();
+    let mut truncated = photo_bytes(&photos[0]);
+    truncated.truncate(200);
+    PhotoZip::of(&photos)
+        .copies(COPIES)
+        .with(PLANTED_BAD[0], truncated)
+        .with(PLANTED_BAD[1], *b"\x89PNG but nothing else")
+        .write(&dir.join("chaos.zip"))
 }

@@ -5,8 +5,6 @@
 //! served from the bucket, and a batch survives the server being killed and
 //! restarted mid-batch with nothing lost and nothing doubled.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -15,29 +13,10 @@ use facepipe_control::deadletters;
 use facepipe_core::topology::{StageName, Topology};
 use facepipe_runtime::store::RANGE_BYTES;
 use serde_json::Value;
-use support::{free_port, labelled_photos, repo_root, shared_dir, wait_for_port, write_zip, Deployment, S3Server};
+use crate::support::{free_port, labelled_photos, repo_root, wait_for_port, Deployment, PhotoZip, S3Server};
 use facepipe_core::domain::{BatchStatus, ImageStatus};
 
 const BATCH_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// The labelled photos `copies` times over, the first `limit` of them each time,
-/// plus one broken "image" and one text file.
-fn photos_zip(dir: &std::path::Path, name: &str, copies: usize, limit: usize) -> (std::path::PathBuf, usize) {
-    let faces_dir = shared_dir().join("data/faces");
-    let photos = labelled_photos();
-    let mut entries = Vec::new();
-    for copy in 0..copies {
-        for p in photos.iter().take(limit) {
-            entries.push((format!("copy{copy}/{}", p.file), std::fs::read(faces_dir.join(&p.file)).unwrap()));
-        }
-    }
-    entries.push(("broken/truncated.jpg".into(), b"\xff\xd8\xff\xe0 not really a jpeg".to_vec()));
-    let images = entries.len();
-    entries.push(("notes/README.txt".into(), b"not an image".to_vec()));
-    let path = dir.join(name);
-    write_zip(&path, &entries);
-    (path, images)
-}
 
 /// `KEY: value` lines of the block under the first line of `text` that reads
 /// `header` (trimmed), up to the next line indented no deeper than the header.
@@ -77,10 +56,10 @@ fn compose_describes_the_store_the_tests_use() {
     let want: BTreeMap<String, String> = [
         ("PIPELINE_OBJECT_STORE_URL", "s3://facepipe"),
         ("PIPELINE_OBJECT_STORE_ENDPOINT", "http://minio:9000"),
-        ("PIPELINE_OBJECT_STORE_REGION", support::S3_REGION),
+        ("PIPELINE_OBJECT_STORE_REGION", crate::support::S3_REGION),
         ("PIPELINE_OBJECT_STORE_ALLOW_HTTP", "true"),
-        ("AWS_ACCESS_KEY_ID", support::S3_ACCESS_KEY),
-        ("AWS_SECRET_ACCESS_KEY", support::S3_SECRET_KEY),
+        ("AWS_ACCESS_KEY_ID", crate::support::S3_ACCESS_KEY),
+        ("AWS_SECRET_ACCESS_KEY", crate::support::S3_SECRET_KEY),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -105,7 +84,7 @@ fn compose_describes_the_store_the_tests_use() {
     t.validate().unwrap();
     assert_eq!(t.object_store.url, "s3://facepipe");
     assert_eq!(t.object_store.endpoint.as_deref(), Some("http://minio:9000"));
-    assert_eq!((t.object_store.region.as_deref(), t.object_store.allow_http), (Some(support::S3_REGION), Some(true)));
+    assert_eq!((t.object_store.region.as_deref(), t.object_store.allow_http), (Some(crate::support::S3_REGION), Some(true)));
 
     if std::process::Command::new("docker-compose").arg("version").output().is_ok_and(|o| o.status.success()) {
         let out = std::process::Command::new("docker-compose")
@@ -209,7 +188,7 @@ async fn cli_and_api_batches_on_s3_with_the_compose_settings() {
     let mut d = Deployment::start_with(|_| {}, Vec::new(), env.into_iter().collect(), true).await;
 
     // The CLI: every labelled photo (16 MB, two ranged GETs' worth).
-    let (zip, image_count) = photos_zip(d.dir.path(), "cli.zip", 1, usize::MAX);
+    let (zip, image_count) = planted_zip(d.dir.path(), "cli.zip", 1, usize::MAX);
     let zip_bytes = std::fs::metadata(&zip).unwrap().len();
     assert!(zip_bytes > RANGE_BYTES, "{zip_bytes}");
     let started = Instant::now();
@@ -236,7 +215,7 @@ async fn cli_and_api_batches_on_s3_with_the_compose_settings() {
 
     // The HTTP API: upload, follow, read the results, download every crop from the bucket.
     let api = ApiServer::start(&d);
-    let (zip, image_count) = photos_zip(d.dir.path(), "api.zip", 1, 20);
+    let (zip, image_count) = planted_zip(d.dir.path(), "api.zip", 1, 20);
     let form = reqwest::multipart::Form::new()
         .text("projectId", "s3-api")
         .part("file", reqwest::multipart::Part::bytes(std::fs::read(&zip).unwrap()).file_name("photos.zip"));
@@ -290,9 +269,9 @@ async fn batches_survive_the_s3_server_stopping_mid_batch() {
         }
     };
     let d = Deployment::start_with(endpoint_topology, Vec::new(), s3.key_env(), true).await;
-    let (zip, first_count) = photos_zip(d.dir.path(), "first.zip", 2, usize::MAX);
+    let (zip, first_count) = planted_zip(d.dir.path(), "first.zip", 2, usize::MAX);
     let first = d.cli_ok(&["submit", zip.to_str().unwrap(), "--project", "s3-outage"]).trim().to_string();
-    let (zip, second_count) = photos_zip(d.dir.path(), "second.zip", 1, usize::MAX);
+    let (zip, second_count) = planted_zip(d.dir.path(), "second.zip", 1, usize::MAX);
     let total = (first_count + second_count) as i32;
 
     let db = d.db().await;
@@ -321,7 +300,7 @@ async fn batches_survive_the_s3_server_stopping_mid_batch() {
     let mut unready = BTreeSet::new();
     while down_at.elapsed() < outage {
         for stage in [StageName::Extract, StageName::Detect, StageName::Crop] {
-            if support::http_get(d.metrics_port(stage), "/readyz").0 == 503 {
+            if crate::support::http_get(d.metrics_port(stage), "/readyz").0 == 503 {
                 unready.insert(stage);
             }
         }
@@ -347,7 +326,7 @@ async fn batches_survive_the_s3_server_stopping_mid_batch() {
         "every stage using the store reported not ready during the outage"
     );
     for stage in [StageName::Extract, StageName::Detect, StageName::Crop, StageName::Persist] {
-        assert_eq!(support::http_get(d.metrics_port(stage), "/readyz").0, 200, "{stage} ready again");
+        assert_eq!(crate::support::http_get(d.metrics_port(stage), "/readyz").0, 200, "{stage} ready again");
     }
     // The only dead letters are the planted broken images: the outage cost no image.
     let bus = facepipe_runtime::bus::Bus::connect(&d.topology.nats, "s3-test", false).await.unwrap();
@@ -384,4 +363,13 @@ async fn batches_survive_the_s3_server_stopping_mid_batch() {
         resumed.as_secs_f64(),
         start.elapsed().as_secs_f64(),
     );
+}
+
+/// `limit` labelled photos `copies` times, a truncated JPEG and a text file; its image count.
+fn planted_zip(dir: &std::path::Path, name: &str, copies: usize, limit: usize) -> (std::path::PathBuf, usize) {
+    PhotoZip::of(labelled_photos().iter().take(limit))
+        .copies(copies)
+        .with("broken/truncated.jpg", *b"\xff\xd8\xff\xe0 not really a jpeg")
+        .with("notes/README.txt", *b"not an image")
+        .write(&dir.join(name))
 }

@@ -1,12 +1,10 @@
 //! Outcome recording against a real PostgreSQL: idempotent upserts, counters
 //! that cannot double count, and a batch that completes exactly once.
 
-mod support;
-
 use facepipe_core::domain::{Detector, Priority, StageName};
 use facepipe_ledger::{Db, NewImage, Recorded};
 use facepipe_core::messages::{FaceBox, ImageRef, ImageStatus, Outcome};
-use support::TestDb;
+use crate::support::TestDb;
 use facepipe_core::domain::BatchStatus;
 
 fn outcome(image_id: &str, status: ImageStatus) -> Outcome {
@@ -66,7 +64,7 @@ async fn same_outcome_twice_leaves_one_row_and_unchanged_counters() {
     let replay = db.record_outcome(&outcome("0000001", ImageStatus::NoFace)).await.unwrap();
     assert_eq!(replay, Recorded { first: false, completed_batch: false, progress: None });
     let s = db.batch_status("b-1").await.unwrap().unwrap();
-    assert_eq!((s.status.as_str(), s.processed, s.failed), ("completed", 2, 0));
+    assert_eq!((s.status, s.processed, s.failed), (BatchStatus::Completed, 2, 0));
     assert!(s.completed_at.is_some());
 
     let rows = db.results("b-1").await.unwrap();
@@ -119,8 +117,8 @@ async fn a_database_migrated_by_the_earlier_runner_is_adopted_without_running_an
     let test_db = TestDb::create().await;
     // What the pipeline's own runner left behind: the schema, and its versions in `schema_migrations`.
     let client = test_db.client().await;
-    client.batch_execute(include_str!("../ledger/migrations/V1__batches_and_images.sql")).await.unwrap();
-    client.batch_execute(include_str!("../ledger/migrations/V2__record_ids.sql")).await.unwrap();
+    client.batch_execute(include_str!("../../ledger/migrations/V1__batches_and_images.sql")).await.unwrap();
+    client.batch_execute(include_str!("../../ledger/migrations/V2__record_ids.sql")).await.unwrap();
     client
         .batch_execute(
             "CREATE TABLE schema_migrations (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());
@@ -261,5 +259,5 @@ async fn concurrent_outcomes_and_their_redeliveries_complete_the_batch_exactly_o
     seen.sort();
     assert_eq!(seen, (1..=200).collect::<Vec<i32>>(), "every count from 1 to 200 reported once");
     let s = db.batch_status("b-1").await.unwrap().unwrap();
-    assert_eq!((s.status.as_str(), s.processed, s.failed, s.faces), ("completed", 200, 0, 200));
+    assert_eq!((s.status, s.processed, s.failed, s.faces), (BatchStatus::Completed, 200, 0, 200));
 }

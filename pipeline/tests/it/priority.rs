@@ -1,27 +1,10 @@
 //! Priority bands: a small priority-10 batch submitted behind a large
 //! priority-1 batch finishes first, and the large one keeps moving meanwhile.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::{labelled_photos, shared_dir, write_zip, Deployment};
+use crate::support::{photos_zip, Deployment};
 use facepipe_core::domain::BatchStatus;
-
-fn photos_zip(dir: &std::path::Path, name: &str, count: usize) -> std::path::PathBuf {
-    let faces_dir = shared_dir().join("data/faces");
-    let photos = labelled_photos();
-    let entries: Vec<(String, Vec<u8>)> = photos
-        .iter()
-        .cycle()
-        .take(count)
-        .enumerate()
-        .map(|(i, p)| (format!("{i:03}-{}", p.file.replace('/', "_")), std::fs::read(faces_dir.join(&p.file)).unwrap()))
-        .collect();
-    let path = dir.join(name);
-    write_zip(&path, &entries);
-    path
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn high_priority_batch_overtakes_a_large_low_priority_one_without_starving_it() {

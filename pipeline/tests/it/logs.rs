@@ -1,11 +1,9 @@
 //! Structured logs: with `PIPELINE_LOG_FORMAT=json` every line is a JSON object,
 //! and every line about an image names its batch and image, the handlers' own too.
 
-mod support;
-
 use std::time::Duration;
 
-use support::{labelled_photos, shared_dir, write_zip, Deployment};
+use crate::support::{labelled_photos, Deployment, PhotoZip};
 use facepipe_core::domain::BatchStatus;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -16,15 +14,8 @@ async fn json_logs_name_the_batch_and_image_on_every_line_about_an_image() {
         ("RUST_LOG".to_string(), "info,pipeline=debug,extract=debug,detect=debug,crop=debug,persist=debug".to_string()),
     ];
     let d = Deployment::start_with_env(|_| {}, env).await;
-    let faces_dir = shared_dir().join("data/faces");
-    let mut entries: Vec<(String, Vec<u8>)> = labelled_photos()
-        .iter()
-        .take(3)
-        .map(|p| (p.file.clone(), std::fs::read(faces_dir.join(&p.file)).unwrap()))
-        .collect();
-    entries.push(("broken.jpg".into(), b"\xff\xd8\xff\xe0 truncated".to_vec()));
-    let zip = d.dir.path().join("batch.zip");
-    write_zip(&zip, &entries);
+    let photos = labelled_photos();
+    let (zip, _) = PhotoZip::of(photos.iter().take(3)).with("broken.jpg", *b"\xff\xd8\xff\xe0 truncated").write(&d.dir.path().join("batch.zip"));
     let batch = d.cli_ok(&["submit", zip.to_str().unwrap(), "--project", "logs"]).trim().to_string();
     let status = d.wait_for_batch(&batch, Duration::from_secs(120)).await;
     assert_eq!(status.status, BatchStatus::Completed, "{status:?}");

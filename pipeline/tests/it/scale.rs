@@ -2,12 +2,10 @@
 //! stage's one durable consumer and takes a share of the work, and the batch
 //! ends exactly as it does with one process.
 
-mod support;
-
 use std::collections::BTreeMap;
 
 use facepipe_core::topology::StageName;
-use support::{labelled_photos, prometheus_counter, shared_dir, write_zip, Deployment};
+use crate::support::{labelled_photos, prometheus_counter, shared_dir, write_zip, Deployment, PhotoZip};
 use facepipe_core::domain::BatchStatus;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -23,22 +21,16 @@ async fn three_detect_processes_share_a_batch_and_match_a_one_process_run() {
     assert_eq!(original.wait().unwrap().code(), Some(0));
     let ports: Vec<u16> = (0..3).map(|_| d.start_stage_with_metrics(StageName::Detect)).collect();
 
-    let faces_dir = shared_dir().join("data/faces");
-    let entries: Vec<(String, Vec<u8>)> = labelled_photos()
-        .iter()
-        .map(|p| (p.file.clone(), std::fs::read(faces_dir.join(&p.file)).unwrap()))
-        .collect();
-    let zip = d.dir.path().join("faces.zip");
-    write_zip(&zip, &entries);
+    let (zip, image_count) = PhotoZip::of(&labelled_photos()).write(&d.dir.path().join("faces.zip"));
     d.cli_ok(&["submit", zip.to_str().unwrap(), "--batch-id", "scaled"]);
     let status = d.wait_for_batch("scaled", std::time::Duration::from_secs(300)).await;
-    assert_eq!((status.status.as_str(), status.processed), ("completed", entries.len() as i32));
+    assert_eq!((status.status, status.processed), (BatchStatus::Completed, image_count as i32));
 
     // Every replica did part of the work, and together exactly all of it.
     for port in &ports {
-        assert_eq!(support::http_get(*port, "/healthz").0, 200);
-        assert_eq!(support::http_get(*port, "/readyz"), (200, "ready\n".to_string()));
-        assert_eq!(support::http_get(*port, "/nothing").0, 404);
+        assert_eq!(crate::support::http_get(*port, "/healthz").0, 200);
+        assert_eq!(crate::support::http_get(*port, "/readyz"), (200, "ready\n".to_string()));
+        assert_eq!(crate::support::http_get(*port, "/nothing").0, 404);
     }
     let shares: Vec<f64> = ports
         .iter()
@@ -46,7 +38,7 @@ async fn three_detect_processes_share_a_batch_and_match_a_one_process_run() {
         .collect();
     eprintln!("detect shares: {shares:?}");
     assert!(shares.iter().all(|s| *s >= 5.0), "each replica took a share: {shares:?}");
-    assert_eq!(shares.iter().sum::<f64>(), entries.len() as f64);
+    assert_eq!(shares.iter().sum::<f64>(), image_count as f64);
 
     // `pipeline stats` counts the processes connected to each stage.
     let stats: serde_json::Value = serde_json::from_str(&d.cli_ok(&["stats", "--json"])).unwrap();
@@ -112,7 +104,7 @@ async fn pipeline_up_starts_the_topology_replicas_unless_a_flag_overrides_them()
     assert_eq!(status.status, BatchStatus::Completed);
     // SAFETY: kill(2) on a child we spawned and have not reaped.
     unsafe { libc::kill(up.id() as i32, libc::SIGTERM) };
-    assert_eq!(support::wait_exit(&mut up, std::time::Duration::from_secs(30)), Ok(Some(0)));
+    assert_eq!(crate::support::wait_exit(&mut up, std::time::Duration::from_secs(30)), Ok(Some(0)));
 }
 
 /// A tiny JPEG (48x36), one of 64 patterns: many entries, little detection work.

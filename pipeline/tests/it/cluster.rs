@@ -8,14 +8,12 @@
 //! the end the images redelivered (attempts > 1) and the outcomes persist saw again
 //! and skipped (duplicates prevented).
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use facepipe_core::topology::StageName;
 use facepipe_runtime::store::Store;
-use support::{http_get, labelled_photos, shared_dir, write_zip, Deployment};
+use crate::support::{http_get, labelled_photos, Deployment, PhotoZip};
 use facepipe_core::domain::{BatchStatus, ImageStatus};
 
 const BATCH_TIMEOUT: Duration = Duration::from_secs(600);
@@ -36,21 +34,6 @@ async fn clustered() -> Deployment {
     .await
 }
 const PLANTED: &str = "planted-broken.jpg";
-
-/// The labelled photos twice over (328 entries), and one that is not an image.
-fn batch_zip(d: &Deployment) -> (std::path::PathBuf, usize) {
-    let faces = shared_dir().join("data/faces");
-    let mut entries: Vec<(String, Vec<u8>)> = Vec::new();
-    for round in 0..2 {
-        for p in labelled_photos() {
-            entries.push((format!("{round}/{}", p.file), std::fs::read(faces.join(&p.file)).unwrap()));
-        }
-    }
-    entries.push((PLANTED.to_string(), b"\xFF\xD8\xFF this is no JPEG".to_vec()));
-    let path = d.dir.path().join("cluster.zip");
-    write_zip(&path, &entries);
-    (path, entries.len())
-}
 
 async fn jetstream_of(d: &Deployment) -> jetstream::Context {
     let servers: Vec<async_nats::ServerAddr> = d.nats_urls().split(',').map(|u| u.parse().unwrap()).collect();
@@ -121,7 +104,7 @@ async fn check_end_state(d: &Deployment, js: &jetstream::Context, batch: &str, e
         .filter(|r| r.status == ImageStatus::Failed)
         .map(|r| format!("{} at {:?}: {}", r.entry, r.failed_stage, r.error.as_deref().unwrap_or("")))
         .collect();
-    assert_eq!((status.status.as_str(), status.failed), ("completed", 1), "only the planted entry fails: {status:?}\n{failures:#?}");
+    assert_eq!((status.status, status.failed), (BatchStatus::Completed, 1), "only the planted entry fails: {status:?}\n{failures:#?}");
     assert_eq!(results.len(), entries, "every entry recorded exactly once");
     assert_eq!(status.processed as usize, entries, "the counters count each once: {status:?}");
     let failed: Vec<_> = results.iter().filter(|r| r.status == ImageStatus::Failed).collect();
@@ -243,4 +226,9 @@ async fn losing_two_of_three_nodes_pauses_the_batch_and_loses_nothing() {
         assert!(Instant::now() < deadline, "detect not ready again");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Every labelled photo twice, and one planted bad entry; its entry count.
+fn batch_zip(d: &Deployment) -> (std::path::PathBuf, usize) {
+    PhotoZip::of(&labelled_photos()).copies(2).with(PLANTED, *b"\xFF\xD8\xFF this is no JPEG").write(&d.dir.path().join("cluster.zip"))
 }

@@ -2,9 +2,7 @@
 //! its monitoring port), PostgreSQL, the stage binaries and `perf`: the paired
 //! comparison of two builds and the account of CPU by process and operation.
 
-mod support;
-
-use support::{bin_dir, free_port, shared_dir, Deployment, NatsServer};
+use crate::support::{bin_dir, free_port, shared_dir, Deployment, NatsServer};
 
 /// The numbers of the line of `text` that starts with `label`.
 fn figures(text: &str, label: &str) -> Vec<f64> {

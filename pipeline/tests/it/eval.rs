@@ -2,12 +2,10 @@
 //! repository's topology (the second pass on) must stay above the quality floor
 //! measured for them, and YuNet alone above its own.
 
-mod support;
-
 use std::ffi::OsStr;
 use std::process::Output;
 
-use support::{bin, onnxruntime_library, repo_root, shared_dir};
+use crate::support::{bin, onnxruntime_library, repo_root, shared_dir};
 
 /// The default (the repository's topology): YuNet 2023mar on ONNX Runtime at score 0.7,
 /// then RetinaFace's second pass on the photos YuNet is unsure of (scores 0.65 to 0.8):

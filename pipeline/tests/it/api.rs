@@ -2,13 +2,11 @@
 //! deployment (nats-server, PostgreSQL, the stage binaries) and, for
 //! `add-images`, a real HTTP server serving images on 127.0.0.1.
 
-mod support;
-
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{labelled_photos, shared_dir, write_zip, ApiServer, Deployment};
+use crate::support::{labelled_photos, write_zip, ApiServer, Deployment, PhotoZip};
 
 const TOKEN: &str = "test-token-3f9a";
 const BATCH_TIMEOUT: Duration = Duration::from_secs(180);
@@ -64,12 +62,7 @@ impl ApiServer {
 }
 
 fn photo_entries(n: usize) -> Vec<(String, Vec<u8>)> {
-    let faces_dir = shared_dir().join("data/faces");
-    labelled_photos()
-        .iter()
-        .take(n)
-        .map(|p| (p.file.clone(), std::fs::read(faces_dir.join(&p.file)).unwrap()))
-        .collect()
+    PhotoZip::of(labelled_photos().iter().take(n)).entries().to_vec()
 }
 
 fn zip_form(bytes: Vec<u8>, project: &str) -> reqwest::multipart::Form {
@@ -228,7 +221,7 @@ async fn upload_zip_then_status_results_crops_and_queue_stats() {
 
 /// Runs schemathesis against `api`'s own document; returns its output when it finds a failure.
 fn schemathesis(api: &ApiServer, token: Option<&str>, report: &std::path::Path) -> Result<String, String> {
-    let bin = support::repo_root().join("target/tools/venv/bin/schemathesis");
+    let bin = crate::support::repo_root().join("target/tools/venv/bin/schemathesis");
     assert!(bin.exists(), "schemathesis is installed by `scripts/setup --test` at {}", bin.display());
     let mut command = std::process::Command::new(bin);
     command
