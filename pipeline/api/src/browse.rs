@@ -177,8 +177,33 @@ pub async fn original(
         Err(StoreError::NotFound(_)) => return Err(gone()),
         Err(e) => return Err(ApiError::unavailable("the object store", e)),
     };
-    Ok(([(header::CONTENT_TYPE, media_type(&bytes))], bytes))
+    Ok(stored_file(&image_id, bytes))
 }
+
+/// A stored file (an original, a crop) as an answer that nothing can run: its media
+/// type from its bytes (never from its name, which the uploader chose), no sniffing,
+/// a sandboxing Content-Security-Policy (HTML or SVG posing as an image runs no script,
+/// submits nothing and reads nothing of this origin), and a download unless it is an
+/// image the dashboard shows.
+pub fn stored_file(name: &str, bytes: bytes::Bytes) -> impl IntoResponse {
+    let media_type = media_type(&bytes);
+    let disposition = match media_type {
+        "application/octet-stream" => format!("attachment; filename=\"{name}.bin\""),
+        image => format!("inline; filename=\"{name}.{}\"", image.trim_start_matches("image/")),
+    };
+    (
+        [
+            (header::CONTENT_TYPE, media_type.to_string()),
+            (header::CONTENT_DISPOSITION, disposition),
+            (header::CONTENT_SECURITY_POLICY, STORED_FILE_POLICY.to_string()),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_string()),
+        ],
+        bytes,
+    )
+}
+
+/// No script, no form, no plugin, nothing loaded: a stored file is data.
+const STORED_FILE_POLICY: &str = "sandbox; default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'";
 
 /// The media type of an image's bytes, from its signature (an image that is not
 /// one is still served, as bytes).

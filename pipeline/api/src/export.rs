@@ -127,18 +127,41 @@ fn csv_fields(v: &ImageView) -> [String; 12] {
     ]
 }
 
-/// One CSV record, quoted as needed (by the `csv` crate).
+/// One CSV record, safe to open in a spreadsheet: every cell quoted (by the `csv`
+/// crate), and a cell a spreadsheet would read as a formula made text (OWASP's rule for
+/// CSV injection): entry names, record ids and error texts come from whoever made the
+/// batch, and `=cmd|' /C calc'!A0` in one would run in whoever opens the export.
 fn csv_row(fields: &[String]) -> Vec<u8> {
-    let mut writer = csv::Writer::from_writer(Vec::new());
-    writer.write_record(fields).expect("writing to memory");
+    let mut writer = csv::WriterBuilder::new().quote_style(csv::QuoteStyle::Always).from_writer(Vec::new());
+    writer.write_record(fields.iter().map(|f| spreadsheet_safe(f).into_owned())).expect("writing to memory");
     writer.into_inner().expect("writing to memory")
+}
+
+/// `cell`, or `'` + `cell` when it starts with a character a spreadsheet reads as the
+/// start of a formula (`=`, `+`, `-`, `@`) or that can smuggle one (tab, carriage return).
+fn spreadsheet_safe(cell: &str) -> std::borrow::Cow<'_, str> {
+    match cell.chars().next() {
+        Some('=' | '+' | '-' | '@' | '\t' | '\r') => format!("'{cell}").into(),
+        _ => cell.into(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn csv_fields_are_quoted_when_they_need_it() {
+    fn every_cell_is_quoted_and_formulas_are_made_text() {
         let row = super::csv_row(&["a".into(), "b,c".into(), "say \"hi\"".into(), String::new()]);
-        assert_eq!(String::from_utf8(row).unwrap(), "a,\"b,c\",\"say \"\"hi\"\"\",\n");
+        assert_eq!(String::from_utf8(row).unwrap(), "\"a\",\"b,c\",\"say \"\"hi\"\"\",\"\"\n");
+        for (cell, safe) in [
+            ("=cmd|' /C calc'!A0.jpg", "'=cmd|' /C calc'!A0.jpg"),
+            ("+SUM(1+1)*cmd|a.jpg", "'+SUM(1+1)*cmd|a.jpg"),
+            ("-2+3", "'-2+3"),
+            ("@SUM(A1)", "'@SUM(A1)"),
+            ("\t=1", "'\t=1"),
+            ("\r=1", "'\r=1"),
+            ("photo=1.jpg", "photo=1.jpg"),
+        ] {
+            assert_eq!(super::spreadsheet_safe(cell), safe);
+        }
     }
 }

@@ -69,6 +69,8 @@ pub struct ApiState {
     pub db: Db,
     /// Per-client limit on new batches.
     pub limiter: guard::RateLimiter,
+    /// Per-client limit on failed authentications.
+    pub auth_failures: guard::AuthFailures,
     /// Starting batches, as the CLI does it.
     pub batches: facepipe_control::batches::Batches,
     /// The OpenAPI document, as served (set when the router is built).
@@ -83,6 +85,7 @@ impl ApiState {
     /// State for `topology`'s services.
     pub fn new(topology: Topology, bus: Bus, store: Store, db: Db) -> Self {
         let limiter = guard::RateLimiter::new(topology.api.uploads_per_minute);
+        let auth_failures = guard::AuthFailures::new(topology.api.auth_failures_per_minute);
         let batches = facepipe_control::batches::Batches::new(topology.clone(), bus.clone(), db.clone(), store.clone());
         Self {
             topology,
@@ -90,6 +93,7 @@ impl ApiState {
             store,
             db,
             limiter,
+            auth_failures,
             batches,
             openapi: std::sync::OnceLock::new(),
             sessions: session::Sessions::default(),
@@ -107,7 +111,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
     let (router, doc) = with_open_routes(api).split_for_parts();
     let doc = openapi::document(doc, state.topology.api.token.is_some());
     let _ = state.openapi.set(doc.to_pretty_json().expect("the OpenAPI document serializes"));
-    router.merge(dashboard::routes()).with_state(state)
+    router
+        .merge(dashboard::routes())
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard::require_known_host))
+        .layer(axum::middleware::from_fn(guard::common_headers))
+        .with_state(state)
 }
 
 /// The OpenAPI document of the routes [`router`] serves (`token_required`: a token is configured).

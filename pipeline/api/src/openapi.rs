@@ -16,7 +16,7 @@ use crate::wire::ErrorBody;
     ),
     components(
         schemas(ErrorBody),
-        responses(BadRequest, Unauthorized, NotFound, TooLarge, UnsupportedMediaType, TooMany, Unavailable),
+        responses(BadRequest, Unauthorized, NotFound, TooLarge, UnsupportedMediaType, TooMany, TooManyFailures, Unavailable),
     ),
     tags(
         (name = "batches", description = "Start batches, follow them, read their outcomes and crops."),
@@ -38,8 +38,10 @@ impl Modify for BearerToken {
     }
 }
 
-/// The document for a deployment: with a token configured, every `/api` operation requires it.
+/// The document for a deployment: with a token configured, every `/api` operation
+/// requires it, and may answer 429 to a client that failed too often.
 pub fn document(mut doc: utoipa::openapi::OpenApi, token_required: bool) -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::{Ref, RefOr};
     if token_required {
         for (path, item) in doc.paths.paths.iter_mut() {
             if !path.starts_with("/api/") {
@@ -47,6 +49,7 @@ pub fn document(mut doc: utoipa::openapi::OpenApi, token_required: bool) -> utoi
             }
             for operation in [&mut item.get, &mut item.post].into_iter().flatten() {
                 operation.security = Some(vec![SecurityRequirement::new("bearer", Vec::<String>::new())]);
+                operation.responses.responses.entry("429".into()).or_insert_with(|| RefOr::Ref(Ref::from_response_name("TooManyFailures")));
             }
         }
     }
@@ -84,6 +87,13 @@ pub struct UnsupportedMediaType(ErrorBody);
 #[response(headers(("Retry-After" = u64, description = "Seconds until a batch is allowed again.")))]
 #[allow(dead_code)]
 pub struct TooMany(ErrorBody);
+
+/// More failed authentications from this client than `api.auth_failures_per_minute`:
+/// refused, whatever it sends, until its allowance refills.
+#[derive(ToResponse)]
+#[response(headers(("Retry-After" = u64, description = "Seconds until this client may try again.")))]
+#[allow(dead_code)]
+pub struct TooManyFailures(ErrorBody);
 
 /// A service behind the API (NATS, PostgreSQL, the object store) failed; try again.
 #[derive(ToResponse)]

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -122,6 +122,7 @@ pub struct Login {
 /// `POST /ui/login` with `{"token": ".."}`: sets the session cookie and answers the CSRF token.
 pub async fn login(
     State(state): State<Arc<ApiState>>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     headers: HeaderMap,
     body: Result<Json<Login>, JsonRejection>,
 ) -> Result<Response, ApiError> {
@@ -130,8 +131,10 @@ pub async fn login(
     let Some(expected) = &state.topology.api.token else {
         return Ok(Json(SessionAnswer { token_required: false, signed_in: true, csrf: None }).into_response());
     };
+    // Too many wrong tokens from this client: refused, the right one too, for a while.
+    state.auth_failures.refuse_while_blocked(peer.ip())?;
     if !constant_time_eq(login.token.as_bytes(), expected.expose().as_bytes()) {
-        tracing::warn!("dashboard sign-in with a wrong token");
+        state.auth_failures.failed(peer.ip(), "a dashboard sign-in with a wrong token")?;
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "wrong token"));
     }
     let (id, csrf) = state.sessions.open();

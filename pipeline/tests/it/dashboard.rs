@@ -25,13 +25,13 @@ const BATCH_TIMEOUT: Duration = Duration::from_secs(240);
 const PHOTOS: usize = 6;
 
 /// A chromedriver process on a free port, stopped (by its PID) on drop.
-struct Chromedriver {
+pub(crate) struct Chromedriver {
     child: Child,
     url: String,
 }
 
 impl Chromedriver {
-    fn start(log: &Path) -> Self {
+    pub(crate) fn start(log: &Path) -> Self {
         let port = free_port();
         let child = Command::new("chromedriver")
             .arg(format!("--port={port}"))
@@ -46,10 +46,22 @@ impl Chromedriver {
 
     /// A new headless Chromium window of `width` x `height`.
     async fn browser(&self, width: u32, height: u32) -> Client {
+        self.browser_with(width, height, &[]).await
+    }
+
+    /// A new headless Chromium window of `width` x `height`, with `extra` command-line arguments.
+    pub(crate) async fn browser_with(&self, width: u32, height: u32, extra: &[String]) -> Client {
+        let mut args = vec![
+            "--headless=new".to_string(),
+            "--no-sandbox".into(),
+            "--disable-gpu".into(),
+            "--disable-dev-shm-usage".into(),
+            format!("--window-size={width},{height}"),
+        ];
+        args.extend_from_slice(extra);
         let options = json!({
             "binary": std::env::var("PIPELINE_TEST_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into()),
-            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     format!("--window-size={width},{height}")],
+            "args": args,
         });
         let mut caps = serde_json::Map::new();
         caps.insert("goog:chromeOptions".into(), options);

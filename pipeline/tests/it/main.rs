@@ -18,6 +18,7 @@ mod detector;
 mod end_to_end;
 mod engines;
 mod eval;
+mod hardening;
 mod hostile;
 mod logs;
 mod orientation;

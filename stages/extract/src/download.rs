@@ -13,7 +13,7 @@
 //! goes through [`PublicOnly`], so a name cannot pass the check and then
 //! connect elsewhere. `allow_private_addresses` lifts this for trusted inputs.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,41 +80,7 @@ pub struct NotPublic {
     pub host: String,
 }
 
-/// True for addresses reachable across the internet: not loopback, private
-/// (RFC 1918, fc00::/7), link-local, shared (100.64/10), unspecified,
-/// multicast, broadcast or reserved.
-pub fn is_public(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => is_public_v4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => is_public_v4(v4),
-            None => is_public_v6(v6),
-        },
-    }
-}
-
-fn is_public_v4(ip: Ipv4Addr) -> bool {
-    let [a, b, c, _] = ip.octets();
-    !(ip.is_unspecified()
-        || ip.is_loopback()
-        || ip.is_private()
-        || ip.is_link_local()
-        || ip.is_broadcast()
-        || ip.is_multicast()
-        || a == 0
-        || a >= 240
-        || (a == 100 && (64..128).contains(&b))
-        || (a == 192 && b == 0 && c == 0))
-}
-
-fn is_public_v6(ip: Ipv6Addr) -> bool {
-    let first = ip.segments()[0];
-    !(ip.is_unspecified()
-        || ip.is_loopback()
-        || ip.is_multicast()
-        || (first & 0xfe00) == 0xfc00
-        || (first & 0xffc0) == 0xfe80)
-}
+pub use crate::address::is_public;
 
 /// The host of `url` when it is an address literal that is not public.
 fn literal_not_public(url: &url::Url) -> Option<NotPublic> {
@@ -281,20 +247,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_internet_addresses_are_public() {
-        for private in [
-            "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0",
-            "255.255.255.255", "224.0.0.1", "240.0.0.1", "192.0.0.8", "::1", "::", "fd00::1", "fe80::1",
-            "::ffff:127.0.0.1", "::ffff:169.254.169.254",
-        ] {
-            assert!(!is_public(private.parse().unwrap()), "{private} is not public");
-        }
-        for public in ["93.184.216.34", "8.8.8.8", "100.128.0.1", "172.32.0.1", "2606:2800:220:1::1", "::ffff:8.8.8.8"] {
-            assert!(is_public(public.parse().unwrap()), "{public} is public");
-        }
-    }
-
-    #[test]
     fn address_literals_are_checked_names_are_left_to_the_resolver() {
         let check = |u: &str| literal_not_public(&url::Url::parse(u).unwrap()).map(|r| r.host);
         assert_eq!(check("http://127.0.0.1:8080/a.jpg").as_deref(), Some("127.0.0.1"));
@@ -302,6 +254,9 @@ mod tests {
         // The URL parser reads these spellings of 127.0.0.1 as the address itself.
         assert_eq!(check("http://2130706433/a.jpg").as_deref(), Some("127.0.0.1"));
         assert_eq!(check("http://0x7f.1/a.jpg").as_deref(), Some("127.0.0.1"));
+        assert_eq!(check("http://[64:ff9b::7f00:1]/a.jpg").as_deref(), Some("[64:ff9b::7f00:1]"));
+        assert_eq!(check("http://[2002:7f00:1::1]/a.jpg").as_deref(), Some("[2002:7f00:1::1]"));
+        assert_eq!(check("http://192.0.2.1/a.jpg").as_deref(), Some("192.0.2.1"));
         assert_eq!(check("http://8.8.8.8/a.jpg"), None);
         assert_eq!(check("http://localhost/a.jpg"), None);
     }

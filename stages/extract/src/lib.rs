@@ -7,9 +7,11 @@
 //! `parallelism` entries whatever the batch's size.
 //!
 //! ## Layout
+//! - [`address`]: which addresses an image URL may reach (globally reachable ones only).
 //! - [`download`]: fetching images given by URL, with time, size, redirect and address limits.
 //! - this file: the [`Extract`] handler, which stores, registers and publishes entries.
 
+pub mod address;
 pub mod download;
 
 use std::path::PathBuf;

@@ -375,15 +375,20 @@ pub struct ApiServer {
     pub child: Child,
     /// `http://127.0.0.1:<port>`.
     pub base: String,
+    /// Its port.
+    pub port: u16,
     /// A client for it.
     pub client: reqwest::Client,
+    /// Where its log goes.
+    pub log: PathBuf,
 }
 
 impl ApiServer {
     /// `pipeline serve` for `d`, with `PIPELINE_API_TOKEN` set to `token` (or unset).
     pub fn start_with_token(d: &Deployment, token: Option<&str>) -> Self {
         let port = free_port();
-        let log = std::fs::File::create(d.dir.path().join(format!("api-{port}.log.txt"))).unwrap();
+        let log_path = d.dir.path().join(format!("api-{port}.log.txt"));
+        let log = std::fs::File::create(&log_path).unwrap();
         let mut command = d.command("pipeline");
         command.args(["serve", "--listen", &format!("127.0.0.1:{port}")]).env_remove("PIPELINE_API_TOKEN");
         if let Some(token) = token {
@@ -391,7 +396,7 @@ impl ApiServer {
         }
         let child = command.stdout(Stdio::null()).stderr(log).spawn().unwrap();
         wait_for_port(port, Duration::from_secs(30));
-        Self { child, base: format!("http://127.0.0.1:{port}"), client: reqwest::Client::new() }
+        Self { child, base: format!("http://127.0.0.1:{port}"), port, client: reqwest::Client::new(), log: log_path }
     }
 
     /// Peak resident memory of the server so far, in bytes (Linux's VmHWM).
