@@ -401,7 +401,7 @@ pub async fn crop(
     }
     let key = keys::crop_key_of(&batch_id, &name);
     match state.store.get(&key).await {
-        Ok(bytes) => Ok(crate::browse::stored_file(name.trim_end_matches(".jpg"), bytes)),
+        Ok(bytes) => Ok(crate::stored::stored_file(name.trim_end_matches(".jpg"), bytes)),
         Err(StoreError::NotFound(_)) => Err(ApiError::not_found(format!("no crop `{name}` in batch `{batch_id}`"))),
         Err(e) => Err(ApiError::unavailable("the object store", e)),
     }

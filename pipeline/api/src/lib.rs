@@ -5,7 +5,7 @@
 //! - [`batches`]: `upload-zip` (streamed to disk, then to the object store),
 //!   `add-images`, `status`, paged `results` and crop downloads.
 //! - [`browse`]: the batch list, a batch's failures by reason, one image and its original;
-//!   [`listing`]: the queries behind them.
+//!   [`listing`]: the queries behind them; [`stored`]: an original or a crop served as data.
 //! - [`export`]: a batch's outcomes as one JSON Lines or CSV download.
 //! - [`events`]: a batch's progress as server-sent events.
 //! - [`queues`]: `queue-stats` (the old queue names mapped onto the stages) and
@@ -39,6 +39,7 @@ pub mod openapi;
 pub mod queues;
 pub mod service;
 pub mod session;
+pub mod stored;
 pub mod wire;
 
 use std::net::SocketAddr;
