@@ -108,6 +108,20 @@ enum Operation {
         #[arg(long)]
         json: bool,
     },
+    /// Find images whose messages the broker lost (pending, nothing of their batch in
+    /// any stream) and publish their jobs again; every `reconcile.every` until Ctrl-C,
+    /// as persist does, unless `--once`.
+    Reconcile {
+        /// Look once, and exit.
+        #[arg(long)]
+        once: bool,
+        /// Say what would be marked stalled and re-driven; change nothing (implies --once).
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// List or replay messages that failed for good.
     DeadLetters {
         #[command(subcommand)]
@@ -230,6 +244,7 @@ async fn main() -> anyhow::Result<()> {
         Operation::Stats { json } => stats(&topology, json).await,
         Operation::Results { batch } => results(&topology, &batch).await,
         Operation::DeadLetters { command } => dead_letters(&topology, command).await,
+        Operation::Reconcile { once, dry_run, json } => reconcile(&topology, once || dry_run, dry_run, json).await,
         Operation::Sweep { json } => sweep(&topology, json).await,
         Operation::Up { replicas } => up(&cli.topology, &topology, replicas.into_iter().collect()).await,
         Operation::Serve { listen } => serve(topology, listen).await,
@@ -447,6 +462,16 @@ async fn status(topology: &Topology, batch_id: &str, json: bool) -> anyhow::Resu
         println!("failed       {}", s.failed);
         println!("faces        {}", s.faces);
         println!("skipped      {} non-image entries", s.skipped);
+        if let Some(since) = s.stalled_since {
+            println!(
+                "stalled      since {} (images pending, nothing of the batch in any stream): re-driven once unchanged for {:?}",
+                since.format("%Y-%m-%d %H:%M:%S"),
+                topology.stalled_after()
+            );
+        }
+        if s.redriven > 0 {
+            println!("re-driven    {} image(s), the broker having lost their messages", s.redriven);
+        }
         if let Some(e) = &s.error {
             println!("error        {e}");
         }
@@ -489,6 +514,48 @@ async fn results(topology: &Topology, batch_id: &str) -> anyhow::Result<()> {
     })
     .await?;
     out.flush()?;
+    Ok(())
+}
+
+async fn reconcile(topology: &Topology, once: bool, dry_run: bool, json: bool) -> anyhow::Result<()> {
+    use facepipe_control::reconcile::{self, Mode};
+    let bus = Bus::connect(&topology.nats, "facepipe-cli", false).await?;
+    let db = database(topology)?;
+    if !once {
+        eprintln!("reconciling every {:?} (re-driving after {:?} stalled); Ctrl-C stops", topology.reconcile.every, topology.stalled_after());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let run = tokio::spawn(reconcile::run(bus, db, topology.clone(), stop.clone()));
+        facepipe_runtime::worker::shutdown_signal().await;
+        stop.cancel();
+        run.await?;
+        return Ok(());
+    }
+    let mode = if dry_run { Mode::DryRun } else { Mode::Act };
+    let report = reconcile::reconcile_once(&bus, &db, topology, mode).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    if !report.ran {
+        println!("another reconciler is running (a persist process, or another `pipeline reconcile`); nothing done");
+        return Ok(());
+    }
+    println!("{} batch(es) running, {} stalled", report.active, report.stalled.len());
+    for s in &report.stalled {
+        let what = match (s.redriven, dry_run, s.marked) {
+            (true, _, _) => "re-driven now",
+            (false, true, false) => "would be marked stalled, and re-driven once unchanged for stalled_after",
+            (false, true, true) => "stalled; would be re-driven if unchanged for stalled_after",
+            (false, false, _) => "stalled; re-driven once unchanged for stalled_after",
+        };
+        println!("  {}  {:<10} {} pending  {what}", s.batch_id, s.status.as_str(), s.pending);
+    }
+    if !dry_run {
+        println!(
+            "re-drove {} image(s) and {} extract job(s); recorded {} lost failure(s)",
+            report.redriven_images, report.redriven_jobs, report.recorded_failures
+        );
+    }
     Ok(())
 }
 

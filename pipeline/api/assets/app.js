@@ -293,7 +293,7 @@ function batchRow(b) {
   return el('tr', { 'data-batch-id': b.batchId },
     td(el('a', { href: batchHref(b.batchId), class: 'mono', text: b.batchId })),
     td(b.projectId),
-    td(badge(b.status)),
+    td(b.stalledSince && !isFinal(b.status) ? el('span', {}, badge(b.status), ' ', badge('stalled')) : badge(b.status)),
     td(el('span', { class: 'progress-cell' }, bar, fmtPct(b.progressPercent))),
     td(fmtRate(b.imagesPerSecond), 'num'),
     td(isFinal(b.status) ? '–' : fmtEta(b.etaSeconds), 'num'),
@@ -374,6 +374,7 @@ function renderBatch(root, batchId) {
   const progressText = el('p', { id: 'batch-progress-text', text: 'Loading…' });
   const meta = el('div');
   const errorLine = el('p', { class: 'error', hidden: true });
+  const stalledLine = el('p', { id: 'batch-stalled', class: 'warning', hidden: true });
   const failuresBody = el('div', {}, el('p', { class: 'muted', text: 'Loading…' }));
   const resultsStatus = el('select', { id: 'results-status' },
     options(['', 'cropped', 'no_face', 'failed', 'pending']));
@@ -386,7 +387,7 @@ function renderBatch(root, batchId) {
   root.append(
     el('p', { class: 'crumbs' }, el('a', { href: '#/batches', text: '← Batches' })),
     el('h1', {}, 'Batch ', el('span', { class: 'mono', text: batchId }), ' ', status),
-    meta, progress, progressText, errorLine,
+    meta, progress, progressText, stalledLine, errorLine,
     el('p', { class: 'downloads' },
       el('a', { id: 'download-jsonl', class: 'button', href: `/api/batch/${enc(batchId)}/export?format=jsonl`, download: true, text: 'Download JSONL' }),
       el('a', { id: 'download-csv', class: 'button', href: `/api/batch/${enc(batchId)}/export?format=csv`, download: true, text: 'Download CSV' })),
@@ -418,11 +419,17 @@ function renderBatch(root, batchId) {
     const parts = [`${done} / ${p.total ?? '?'} images (${fmtPct(b.progressPercent)})`,
       `${p.failed ?? 0} failed`, `${b.facesFound ?? 0} faces`];
     if (b.skipped) parts.push(`${b.skipped} skipped`);
+    if (b.redriven) parts.push(`${b.redriven} re-driven`);
     if (!isFinal(b.status) && rate != null) parts.push(`${rate.toFixed(1)} images/s`);
     if (!isFinal(b.status) && eta != null) parts.push(`ETA ${fmtEta(eta)}`);
     progressText.textContent = parts.join(' · ');
     errorLine.hidden = !b.error;
     errorLine.textContent = b.error ? `Error: ${b.error}` : '';
+    stalledLine.hidden = !b.stalledSince || isFinal(b.status);
+    stalledLine.textContent = b.stalledSince
+      ? `Stalled since ${fmtTime(b.stalledSince)}: images are pending and nothing of this batch is left in any stream ` +
+        '(the broker lost their messages). The reconciler publishes them again once it stays so.'
+      : '';
   }
 
   async function loadFailures() {

@@ -180,6 +180,12 @@ pub struct BatchView {
     pub created_at: chrono::DateTime<chrono::Utc>,
     /// When its last image got its outcome.
     pub completed_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Since when images of it are pending with nothing of it in any stream (the broker
+    /// lost their messages): the reconciler re-drives them once it stays so for
+    /// `reconcile.stalled_after`. Null while it flows, or waits behind a backlog.
+    pub stalled_since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Images the reconciler published again, in all.
+    pub redriven: i32,
 }
 
 /// The old design's `progress` object.
@@ -213,6 +219,8 @@ impl From<BatchSummary> for BatchView {
             error: b.error,
             created_at: b.created_at,
             completed_at: b.completed_at,
+            stalled_since: b.stalled_since,
+            redriven: b.redriven,
         }
     }
 }

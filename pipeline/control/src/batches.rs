@@ -123,7 +123,7 @@ impl Batches {
         priority: Priority,
         images: Vec<RemoteImage>,
     ) -> Result<Started, BatchError> {
-        let job = ExtractJob { batch_id: Some(batch_id.clone()), project_id, priority, zip: None, images };
+        let job = ExtractJob { batch_id: Some(batch_id.clone()), project_id, priority, zip: None, images, redrive: 0 };
         self.start(&job, &job.describe_source()).await?;
         Ok(Started { batch_id, bytes: 0 })
     }
@@ -136,7 +136,7 @@ impl Batches {
             BusError::TooLarge { size, max } => BatchError::TooLarge { size, max },
             other => BatchError::Bus(other),
         })?;
-        self.db.insert_batch(batch_id, &job.project_id, job.priority, source).await?;
+        self.db.insert_batch(batch_id, job, source).await?;
         self.bus.publish_job_payload(&self.topology, job, payload).await?;
         Ok(())
     }

@@ -63,7 +63,7 @@ fn delay(topology: &Topology, kind: ObjectKind) -> Option<Duration> {
 
 /// Runs one sweep, unless another sweeper is running (then `ran` is false).
 pub async fn sweep(db: &Db, store: &Store, topology: &Topology) -> Result<SweepReport, SweepError> {
-    let Some(_lock) = db.try_sweep_lock().await? else {
+    let Some(_lock) = db.try_lock(facepipe_ledger::SWEEP_LOCK).await? else {
         tracing::info!("another sweeper is running; skipping this sweep");
         return Ok(SweepReport::default());
     };

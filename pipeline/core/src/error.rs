@@ -7,13 +7,17 @@
 //! (a later attempt may succeed). The stage runtime reads that through
 //! [`Classify`] when it turns an error into a retry or a dead letter.
 
-/// Whether retrying can help.
+/// Whether retrying can help, and how.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     /// A service was unavailable or slow (object store, database, NATS), or a
     /// runtime (OpenCV, ONNX Runtime) failed: Nak with a delay and try again, up
     /// to `max_deliver` attempts.
     Transient,
+    /// A place to write is full (the object store's disk, JetStream's store): the
+    /// message waits for space in place, kept by in-progress acks, and no attempt is
+    /// spent on it, so a full disk fails no image.
+    Full,
     /// The input itself is bad (undecodable image, malformed message, missing
     /// object): retrying cannot help, so it becomes a dead letter at once.
     Permanent,

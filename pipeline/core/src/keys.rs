@@ -93,6 +93,23 @@ pub fn msg_id(kind: MessageKind, batch_id: &str, image_id: &str) -> String {
     format!("{}:{batch_id}:{image_id}", kind.as_str())
 }
 
+/// `Nats-Msg-Id` of a message of `kind` about `image`: [`msg_id`], and, once the
+/// reconciler has re-driven the image, `:r<n>` (a fresh id for every re-drive, so
+/// JetStream's duplicate window never drops a re-driven message as a duplicate of one
+/// the broker lost).
+pub fn image_msg_id(kind: MessageKind, image: &crate::messages::ImageRef) -> String {
+    redriven(msg_id(kind, &image.batch_id, &image.image_id), image.redrive)
+}
+
+/// `Nats-Msg-Id` of a batch's extract job, `submit:<batch>:job`, with `:r<n>` once re-driven.
+pub fn job_msg_id(batch_id: &str, redrive: u32) -> String {
+    redriven(msg_id(MessageKind::ExtractJob, batch_id, "job"), redrive)
+}
+
+fn redriven(id: String, redrive: u32) -> String {
+    if redrive == 0 { id } else { format!("{id}:r{redrive}") }
+}
+
 /// `Nats-Msg-Id` of the dead letter of message `sequence` of `stream`: a message fails
 /// for good once, however many replicas see it fail.
 pub fn dead_letter_msg_id(stream: &str, sequence: u64) -> String {
@@ -141,6 +158,12 @@ mod tests {
         assert_eq!(crop_key("b-1", "0000042", 0), "batches/b-1/crops/0000042-0.jpg");
         assert!(crop_key("b", "i", 0).starts_with(&batch_prefix("b")));
         assert_eq!(msg_id(MessageKind::DetectJob, "b-1", "0000042"), "detect:b-1:0000042");
+        let mut image = crate::messages::ImageRef::new("b-1", "0000042", crate::domain::Priority::DEFAULT);
+        assert_eq!(image_msg_id(MessageKind::CropJob, &image), "crop:b-1:0000042");
+        image.redrive = 2;
+        assert_eq!(image_msg_id(MessageKind::CropJob, &image), "crop:b-1:0000042:r2", "a re-drive is never a duplicate");
+        assert_eq!(job_msg_id("b-1", 0), "submit:b-1:job");
+        assert_eq!(job_msg_id("b-1", 1), "submit:b-1:job:r1");
     }
 
     #[test]

@@ -55,6 +55,14 @@ pub struct ExtractJob {
     /// Images to download instead of a ZIP; image `n` of the list gets image id `n`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub images: Vec<RemoteImage>,
+    /// How many times the reconciler has published this job again (its message id
+    /// changes with it, so JetStream's duplicate window does not drop the new one).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub redrive: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// One image of an [`ExtractJob`] given by URL.
@@ -79,7 +87,7 @@ pub enum ExtractSource<'a> {
 impl ExtractJob {
     /// A job unpacking the ZIP at `zip` into batch `batch_id`.
     pub fn for_zip(batch_id: Option<String>, project_id: String, priority: Priority, zip: String) -> Self {
-        Self { batch_id, project_id, priority, zip: Some(zip), images: Vec::new() }
+        Self { batch_id, project_id, priority, zip: Some(zip), images: Vec::new(), redrive: 0 }
     }
 
     /// The job's one source, or why it has none or two.
@@ -112,6 +120,19 @@ pub struct ImageRef {
     /// The batch's priority, 1-10: picks the band subject of every stage it passes.
     #[serde(default)]
     pub priority: Priority,
+    /// How many times the reconciler has published this image's job again; every
+    /// message id of the image's way through the stages carries it (see
+    /// [`crate::keys::image_msg_id`]), so none is dropped as a duplicate of one the
+    /// broker lost. Object keys do not carry it: a re-driven image overwrites the same crops.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub redrive: u32,
+}
+
+impl ImageRef {
+    /// The image `image_id` of `batch_id`, at `priority`, as extract first sends it.
+    pub fn new(batch_id: impl Into<String>, image_id: impl Into<String>, priority: Priority) -> Self {
+        Self { batch_id: batch_id.into(), image_id: image_id.into(), priority, redrive: 0 }
+    }
 }
 
 /// The ids any message may carry, read leniently (every field optional) so logs
@@ -350,7 +371,7 @@ mod tests {
     #[test]
     fn messages_round_trip_flat() {
         let job = CropJob {
-            image: ImageRef { batch_id: "b".into(), image_id: "000001".into(), priority: Priority::DEFAULT },
+            image: ImageRef::new("b", "000001", Priority::DEFAULT),
             key: "batches/b/originals/000001.jpg".into(),
             width: 10,
             height: 20,

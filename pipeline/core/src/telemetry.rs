@@ -22,6 +22,10 @@ pub const PROCESSING_SECONDS: &str = "facepipe_processing_seconds";
 pub const IN_FLIGHT: &str = "facepipe_in_flight_messages";
 /// Counter: faces detect found.
 pub const FACES_FOUND: &str = "facepipe_faces_found_total";
+/// Counter: work the reconciler published again, by `what` (`image`, `job`).
+pub const REDRIVEN: &str = "facepipe_redriven_total";
+/// Gauge: batches the reconciler found stalled and has not re-driven yet.
+pub const STALLED_BATCHES: &str = "facepipe_stalled_batches";
 /// Histogram: time of one step of handling an image, by `step` (see [`Step`]).
 pub const STEP_SECONDS: &str = "facepipe_step_seconds";
 /// Counter: bytes read from the object store.
@@ -123,6 +127,8 @@ pub fn describe() {
     describe_histogram!(PROCESSING_SECONDS, Unit::Seconds, "Time from delivery to ack, Nak or Term.");
     describe_gauge!(IN_FLIGHT, "Messages being handled now.");
     describe_counter!(FACES_FOUND, "Faces detected.");
+    describe_counter!(REDRIVEN, "Images and extract jobs the reconciler published again, the broker having lost them.");
+    describe_gauge!(STALLED_BATCHES, "Batches with images pending and nothing of them in any stream, not yet re-driven.");
     describe_counter!(SECOND_PASS_IMAGES, "Photos decided by detect's second pass (RetinaFace), YuNet being unsure of them.");
     describe_histogram!(STEP_SECONDS, Unit::Seconds, "Time of one step (fetch, decode, detect, encode, store).");
     describe_counter!(OBJECT_READ_BYTES, Unit::Bytes, "Bytes read from the object store.");
@@ -191,6 +197,13 @@ pub fn register_zeros(stage_name: StageName) {
     if stage_name == StageName::Detect {
         metrics::counter!(FACES_FOUND, "stage" => stage).absolute(0);
         metrics::counter!(SECOND_PASS_IMAGES, "stage" => stage).absolute(0);
+    }
+    if stage_name == StageName::Persist {
+        // The reconciler runs in persist.
+        for what in ["image", "job"] {
+            metrics::counter!(REDRIVEN, "what" => what).absolute(0);
+        }
+        metrics::gauge!(STALLED_BATCHES).set(0.0);
     }
     metrics::counter!(OBJECT_READ_BYTES).absolute(0);
     metrics::counter!(OBJECT_WRITTEN_BYTES).absolute(0);

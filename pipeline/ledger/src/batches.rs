@@ -39,12 +39,18 @@ pub struct BatchSummary {
     pub completed_at: Option<chrono::DateTime<chrono::Utc>>,
     /// When its row last changed (an outcome recorded, a state change).
     pub updated_at: chrono::DateTime<chrono::Utc>,
+    /// Since when images of it are pending with nothing of it left in any stream (the
+    /// broker lost their messages); the reconciler re-drives them once it stays so
+    /// for `reconcile.stalled_after`. None while it flows or waits behind a backlog.
+    pub stalled_since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Images the reconciler published again, in all.
+    pub redriven: i32,
 }
 
 impl BatchSummary {
     /// The columns [`BatchSummary::from_row`] reads, in its order.
     pub const COLUMNS: &str = "batch_id, project_id, priority, status, image_count, processed, failed,
-     faces, skipped_count, error, created_at, completed_at, updated_at";
+     faces, skipped_count, error, created_at, completed_at, updated_at, stalled_at, redriven";
 
     /// A batch row, selected with [`BatchSummary::COLUMNS`].
     pub fn from_row(r: &tokio_postgres::Row) -> Result<Self, DbError> {
@@ -70,6 +76,8 @@ impl BatchSummary {
             created_at: r.get(10),
             completed_at: r.get(11),
             updated_at: r.get(12),
+            stalled_since: r.get(13),
+            redriven: r.get(14),
         })
     }
 }

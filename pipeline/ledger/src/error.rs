@@ -44,6 +44,9 @@ pub enum DbError {
     /// A stored value is not one the pipeline writes (the schema and the code disagree).
     #[error("unexpected value in the database: {0}")]
     Value(#[from] facepipe_core::domain::UnknownValue),
+    /// A stored value does not read back (a job recorded with a batch, say).
+    #[error("unexpected value in the database: {0}")]
+    Stored(String),
     /// A stored priority is outside 1-10.
     #[error("unexpected value in the database: {0}")]
     Priority(#[from] facepipe_core::domain::PriorityError),

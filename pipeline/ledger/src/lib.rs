@@ -14,10 +14,12 @@
 //! - [`batches`]: a batch's progress as operators read it; reopening a failure for a replay.
 //! - [`results`]: a batch's per-image outcomes, by keyed page or as a stream.
 //! - [`retention`]: what the retention sweeper asks.
+//! - [`reconcile`]: what the reconciler asks: batches still running, pending images, re-drives.
 
 pub mod batches;
 pub mod error;
 pub mod pool;
+pub mod reconcile;
 pub mod results;
 pub mod retention;
 pub mod tls;
@@ -25,8 +27,9 @@ pub mod writes;
 
 pub use batches::BatchSummary;
 pub use error::DbError;
-pub use pool::{connect_one, ensure_database, Db};
+pub use pool::{connect_one, ensure_database, AdvisoryLock, Db};
+pub use reconcile::{ActiveBatch, PendingImage};
 pub use results::{ordered_page, ImageResult, PageStart};
-pub use retention::{ObjectKind, SweepLock};
+pub use retention::{ObjectKind, SWEEP_LOCK};
 pub use tls::TlsSetupError;
 pub use writes::{NewImage, Progress, Recorded};

@@ -28,6 +28,19 @@ pub struct Db {
     pub(crate) pool: Pool,
 }
 
+/// A session-level advisory lock, held on its own connection ([`Db::try_lock`]).
+pub struct AdvisoryLock {
+    client: deadpool_postgres::ClientWrapper,
+}
+
+impl AdvisoryLock {
+    /// `Ok` while the lock's connection stands (and so the lock is held), else why not.
+    pub async fn check(&self) -> Result<(), DbError> {
+        self.client.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+}
+
 /// One connection outside the pool, through the same TLS connector as the pool's:
 /// for what a pool cannot do, such as creating the database the pool would connect
 /// to ([`ensure_database`]). Its connection task runs on the current runtime.
@@ -118,6 +131,17 @@ impl Db {
         let db = Self::connect(&postgres.url, postgres.pool_size)?;
         db.migrate().await?;
         Ok(db)
+    }
+
+    /// Takes the session-level advisory lock `key` on a connection of its own, or
+    /// `None` when another process holds it: how one sweeper and one reconciler work at
+    /// a time in a deployment of any size. The lock lasts as long as the returned value
+    /// and its connection: a holder that dies releases it.
+    pub async fn try_lock(&self, key: i64) -> Result<Option<AdvisoryLock>, DbError> {
+        // Taken out of the pool: a pooled connection would keep the lock after use.
+        let client = deadpool_postgres::Object::take(self.pool.get().await?);
+        let row = client.query_one("SELECT pg_try_advisory_lock($1)", &[&key]).await?;
+        Ok(row.get::<_, bool>(0).then_some(AdvisoryLock { client }))
     }
 
     /// A connection from the pool, for the queries that live with their one user

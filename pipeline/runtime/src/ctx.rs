@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use facepipe_core::keys::{self, MessageKind};
 use facepipe_core::messages::{self, ImageRef, Outcome};
 use facepipe_core::topology::{StageName, Topology};
 
@@ -51,10 +52,12 @@ impl Ctx {
         &self.cpu
     }
 
-    /// `Ok` while JetStream serves this stage's own stream and the next stage's, where
-    /// its output goes (a message whose output cannot be stored cannot be done), else why not.
+    /// `Ok` while JetStream serves this stage's own stream and consumers, and the next
+    /// stage's stream, where its output goes (a message whose output cannot be stored
+    /// cannot be done), else why not.
     pub async fn check_streams(&self) -> Result<(), String> {
         self.bus.check(&self.topology.stream_name(self.stage)).await?;
+        self.bus.check_consumers(&self.topology, self.stage).await?;
         match self.stage.next() {
             Some(next) => self.bus.check(&self.topology.stream_name(next)).await,
             None => Ok(()),
@@ -67,24 +70,21 @@ impl Ctx {
         self.live.borrow().clone()
     }
 
-    /// Publishes `msg` about `image` on the stage's next subject (the band of the
-    /// image's priority) with a deterministic message id.
-    pub async fn publish_next<T: serde::Serialize>(
-        &self,
-        msg_id: &str,
-        image: &ImageRef,
-        msg: &T,
-    ) -> Result<(), StageError> {
-        let next = self.topology.stage(self.stage).next.ok_or_else(|| {
-            StageError::permanent(format!("stage {} has no next subject", self.stage))
-        })?;
-        let subject = self.topology.priority_subject(next, image.priority);
-        Ok(self.bus.publish(&subject, msg_id, messages::encode(msg)).await?)
+    /// Publishes `msg` about `image` to the next stage: on the image's batch's subject of
+    /// its priority's band (so the stream's per-subject counts show what of the batch is
+    /// queued), under the image's message id for `kind` (deterministic, so a redelivery
+    /// publishes a duplicate JetStream drops).
+    pub async fn publish_next<T: serde::Serialize>(&self, kind: MessageKind, image: &ImageRef, msg: &T) -> Result<(), StageError> {
+        let next = self.stage.next().ok_or_else(|| StageError::permanent(format!("stage {} has no next stage", self.stage)))?;
+        let subject = self.topology.batch_subject(next, image.priority, &image.batch_id);
+        Ok(self.bus.publish(&subject, &keys::image_msg_id(kind, image), messages::encode(msg)).await?)
     }
 
-    /// Publishes an image outcome straight to the persist stage (its priority's band).
+    /// Publishes an image outcome straight to persist (its batch's subject of its
+    /// priority's band) under `msg_id`.
     pub async fn publish_outcome(&self, msg_id: &str, outcome: &Outcome) -> Result<(), StageError> {
-        let subject = self.topology.priority_subject(self.topology.outcome_subject(), outcome.image.priority);
+        let image = &outcome.image;
+        let subject = self.topology.batch_subject(StageName::Persist, image.priority, &image.batch_id);
         Ok(self.bus.publish(&subject, msg_id, messages::encode(outcome)).await?)
     }
 }

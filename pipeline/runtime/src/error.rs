@@ -47,6 +47,11 @@ impl StageError {
         self.kind == ErrorKind::Permanent
     }
 
+    /// True for [`ErrorKind::Full`]: the message waits for space in place.
+    pub fn is_full(&self) -> bool {
+        self.kind == ErrorKind::Full
+    }
+
     /// The cause and its sources, `a: b: c` (see [`chain`]).
     pub fn message(&self) -> String {
         chain(&*self.cause)

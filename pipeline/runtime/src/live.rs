@@ -163,56 +163,68 @@ pub fn merge_live(current: &Topology, incoming: &Topology) -> Topology {
     t
 }
 
-/// Watches the stored topology and sends every valid live change into `tx`,
-/// until the bucket's watch ends. A missing bucket (no `apply` since it
-/// existed) just means nothing changes live.
+/// Watches the stored topology and sends every valid live change into `tx`, for as
+/// long as the process runs. A missing bucket (no `apply` yet) just means nothing
+/// changes live; a watch that ends (the bucket deleted with a server's store, then made
+/// again by `apply`) is started again.
 pub async fn watch(bus: Bus, stage: StageName, tx: watch::Sender<Arc<Topology>>) {
     let name = bucket(&tx.borrow());
-    let kv = loop {
-        match bus.js.get_key_value(&name).await {
-            Ok(kv) => break kv,
-            Err(_) => tokio::time::sleep(std::time::Duration::from_secs(5)).await,
+    let mut last_stored: Option<Topology> = None;
+    loop {
+        let kv = loop {
+            match bus.js.get_key_value(&name).await {
+                Ok(kv) => break kv,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_secs(5)).await,
+            }
+        };
+        match kv.watch_with_history(KEY).await {
+            Ok(mut updates) => {
+                while let Some(update) = updates.next().await {
+                    match update {
+                        Ok(entry) if entry.operation == async_nats::jetstream::kv::Operation::Put => {
+                            apply_stored(stage, &tx, &mut last_stored, entry.revision, &entry.value)
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(bucket = name, error = %e, "the topology's watch failed; watching again");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(bucket = name, error = %e, "cannot watch the topology; trying again"),
         }
-    };
-    let mut updates = match kv.watch_with_history(KEY).await {
-        Ok(w) => w,
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    }
+}
+
+/// Takes a stored topology's live settings into `tx` when they are valid and changed.
+fn apply_stored(stage: StageName, tx: &watch::Sender<Arc<Topology>>, last_stored: &mut Option<Topology>, revision: u64, value: &[u8]) {
+    let incoming = match Topology::parse(&String::from_utf8_lossy(value)) {
+        Ok(t) => t,
         Err(e) => {
-            tracing::warn!(bucket = name, error = %e, "cannot watch the topology; live reconfiguration is off");
+            tracing::warn!(revision, error = %e, "stored topology does not parse; ignored");
             return;
         }
     };
-    let mut last_stored: Option<Topology> = None;
-    while let Some(update) = updates.next().await {
-        let Ok(entry) = update else { continue };
-        if entry.operation != async_nats::jetstream::kv::Operation::Put {
-            continue;
+    // Changes between two applies (not this process's own environment) that need a restart.
+    if let Some(previous) = last_stored.replace(incoming.clone()) {
+        let restart = changes(&previous, &incoming).restart;
+        if !restart.is_empty() {
+            tracing::warn!(%stage, changes = ?restart, "topology changes that need a restart of this process");
         }
-        let incoming = match Topology::parse(&String::from_utf8_lossy(&entry.value)) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(revision = entry.revision, error = %e, "stored topology does not parse; ignored");
-                continue;
-            }
-        };
-        // Changes between two applies (not this process's own environment) that need a restart.
-        if let Some(previous) = last_stored.replace(incoming.clone()) {
-            let restart = changes(&previous, &incoming).restart;
-            if !restart.is_empty() {
-                tracing::warn!(%stage, changes = ?restart, "topology changes that need a restart of this process");
-            }
-        }
-        let current = tx.borrow().clone();
-        let mut merged = merge_live(&current, &incoming);
-        // This process's own overrides (e.g. PIPELINE_DETECT_MODEL) still win.
-        if let Err(e) = merged.apply_env(|k| std::env::var(k).ok()).and_then(|()| merged.validate()) {
-            tracing::warn!(revision = entry.revision, error = %e, "stored topology is invalid; ignored");
-            continue;
-        }
-        let live = changes(&current, &merged).live;
-        if !live.is_empty() {
-            tracing::info!(%stage, revision = entry.revision, changes = ?live, "configuration changed live");
-            tx.send_replace(Arc::new(merged));
-        }
+    }
+    let current = tx.borrow().clone();
+    let mut merged = merge_live(&current, &incoming);
+    // This process's own overrides (e.g. PIPELINE_DETECT_MODEL) still win.
+    if let Err(e) = merged.apply_env(|k| std::env::var(k).ok()).and_then(|()| merged.validate()) {
+        tracing::warn!(revision, error = %e, "stored topology is invalid; ignored");
+        return;
+    }
+    let live = changes(&current, &merged).live;
+    if !live.is_empty() {
+        tracing::info!(%stage, revision, changes = ?live, "configuration changed live");
+        tx.send_replace(Arc::new(merged));
     }
 }
 

@@ -54,6 +54,29 @@ pub enum StoreError {
     /// Local file I/O around the store failed.
     #[error("object store i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// The store's disk (or quota) is full: the write waits for space, it does not fail.
+    #[error("the object store is full (no space left for `{key}`)")]
+    Full {
+        /// The key that could not be written.
+        key: String,
+        /// The error that said so.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// True when `error`, or one of its causes, is a full disk or quota (ENOSPC, EDQUOT).
+pub fn is_no_space(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::StorageFull || io.kind() == std::io::ErrorKind::QuotaExceeded {
+                return true;
+            }
+        }
+        cause = e.source();
+    }
+    false
 }
 
 impl facepipe_core::error::Classify for StoreError {
@@ -62,8 +85,25 @@ impl facepipe_core::error::Classify for StoreError {
         use facepipe_core::error::ErrorKind;
         match self {
             StoreError::NotFound(_) | StoreError::InvalidKey(_) => ErrorKind::Permanent,
+            StoreError::Full { .. } => ErrorKind::Full,
             _ => ErrorKind::Transient,
         }
+    }
+}
+
+/// Bytes a readiness probe writes into a local store: about one crop, so a disk that
+/// cannot take a crop is found full.
+const PROBE_BYTES: usize = 64 << 10;
+
+/// Writes and removes a probe file in `root`; [`StoreError::Full`] when there is no room.
+async fn probe_write(root: &std::path::Path) -> Result<(), StoreError> {
+    let probe = root.join(format!(".facepipe-probe-{}", std::process::id()));
+    let written = tokio::fs::write(&probe, vec![0u8; PROBE_BYTES]).await;
+    let _ = tokio::fs::remove_file(&probe).await;
+    match written {
+        Ok(()) => Ok(()),
+        Err(e) if is_no_space(&e) => Err(StoreError::Full { key: ".facepipe-probe".into(), source: Box::new(e) }),
+        Err(e) => Err(StoreError::Io(e)),
     }
 }
 
@@ -138,7 +178,11 @@ impl Store {
     /// that answers a HEAD (a missing object is an answer). Never retries.
     pub async fn ping(&self) -> Result<(), StoreError> {
         if let Some(root) = &self.local_root {
-            return if root.is_dir() { Ok(()) } else { Err(StoreError::NotFound(root.display().to_string())) };
+            if !root.is_dir() {
+                return Err(StoreError::NotFound(root.display().to_string()));
+            }
+            // A disk that is full answers every read: only a write tells.
+            return probe_write(root).await;
         }
         let path = self.path(".facepipe-probe")?;
         match self.probe.head(&path).await {
@@ -158,6 +202,7 @@ impl Store {
     fn map_err(key: &str, e: object_store::Error) -> StoreError {
         match e {
             object_store::Error::NotFound { .. } => StoreError::NotFound(key.to_string()),
+            other if is_no_space(&other) => StoreError::Full { key: key.to_string(), source: Box::new(other) },
             other => StoreError::Backend(other),
         }
     }

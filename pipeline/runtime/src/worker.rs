@@ -39,6 +39,12 @@ use crate::handler::{Delivery, Failed, Handled, Handler};
 /// How long one pull request waits for messages; bounds how long shutdown waits for the pull loop.
 const PULL_EXPIRES: Duration = Duration::from_secs(1);
 
+/// How long a message that found no space to write waits before trying again, at
+/// first (the wait doubles from one try to the next)...
+const FULL_WAIT_FIRST: Duration = Duration::from_millis(500);
+/// ...and at most.
+const FULL_WAIT_MAX: Duration = Duration::from_secs(15);
+
 /// How long shutdown waits for the NATS connection to drain.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -81,6 +87,9 @@ struct Worker<H> {
     handler: Arc<H>,
     /// Set by a transient failure; the pull loop then waits for readiness before pulling more.
     degraded: AtomicBool,
+    /// Messages waiting in place for space to write: while any does, readiness stays
+    /// "waiting for space" (the periodic probe cannot see a full JetStream store).
+    waiting_for_space: std::sync::atomic::AtomicUsize,
     /// Cancelled when the shutdown grace period is over: unfinished messages are Nak'd.
     abandon: CancellationToken,
     /// Test hooks, read once at start (feature `fault-injection` only).
@@ -100,6 +109,7 @@ pub async fn run<H: Handler>(
         ctx: ctx.clone(),
         handler,
         degraded: AtomicBool::new(false),
+        waiting_for_space: std::sync::atomic::AtomicUsize::new(0),
         abandon: CancellationToken::new(),
         #[cfg(feature = "fault-injection")]
         faults: crate::faults::Faults::from_env(),
@@ -257,6 +267,7 @@ impl<H: Handler> Worker<H> {
         let work = async {
             #[cfg(feature = "fault-injection")]
             self.faults.stall_if_marked(&msg.payload, &span).await;
+            let mut full_wait = FULL_WAIT_FIRST;
             loop {
                 let result = async {
                     if msg.payload.len() > settings.max_message_bytes {
@@ -271,6 +282,20 @@ impl<H: Handler> Worker<H> {
                 }
                 .await;
                 match result {
+                    // A full disk or store fails no image: the message waits for space here
+                    // (kept by in-progress acks, no attempt spent), readiness says why, and
+                    // the stage stops pulling until its services answer again.
+                    Err(e) if e.is_full() => {
+                        tracing::warn!(parent: &span, error = %e.message(), retry_in = ?full_wait, "no space to write; waiting for space, then trying again in place");
+                        self.ctx.health.set_services(Err(format!("waiting for space: {}", e.message())));
+                        self.degraded.store(true, Ordering::SeqCst);
+                        {
+                            let _waiting = Counted::new(&self.waiting_for_space);
+                            tokio::time::sleep(full_wait).await;
+                        }
+                        full_wait = (full_wait * 2).min(FULL_WAIT_MAX);
+                        self.wait_ready().await;
+                    }
                     // On the last attempt, an outage must not turn a good message into a
                     // dead letter: wait for the services and try again in place.
                     Err(e) if is_last_transient(&e, attempt, settings.max_deliver) && self.handler.ready(ctx).await.is_err() =>
@@ -360,6 +385,22 @@ impl<H: Handler> Worker<H> {
     }
 }
 
+/// One more in a count while it lives (dropped, also when its future is, one less).
+struct Counted<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn new(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// What the runtime does with a message once its handler is done with it.
 #[derive(Debug)]
 enum Verdict<'a> {
@@ -383,7 +424,8 @@ fn verdict<'a>(
 ) -> Verdict<'a> {
     match result {
         Ok(handled) => Verdict::Ack(*handled),
-        Err(e) if !e.is_permanent() && i64::from(attempt) < max_deliver => Verdict::Retry(retry.delay(u64::from(attempt), rng), e),
+        // A full store is waited out in place before a verdict; should one reach here, it is retried.
+        Err(e) if e.is_full() || (!e.is_permanent() && i64::from(attempt) < max_deliver) => Verdict::Retry(retry.delay(u64::from(attempt), rng), e),
         Err(e) => Verdict::DeadLetter(e),
     }
 }
@@ -397,11 +439,23 @@ fn is_last_transient(error: &StageError, attempt: u32, max_deliver: i64) -> bool
 /// How often `/readyz` re-checks the stage's services while nothing else does.
 const READINESS_PROBE: Duration = Duration::from_secs(2);
 
-/// Keeps `/readyz` true to the services' state even while no message flows.
+/// Keeps `/readyz` true to the services' state even while no message flows, and
+/// says in the log when that state changes (a stream gone, a service back).
 async fn probe_readiness<H: Handler>(worker: Arc<Worker<H>>) {
+    let mut last: Result<(), String> = Ok(());
     loop {
         tokio::time::sleep(READINESS_PROBE).await;
         let services = worker.handler.ready(&worker.ctx).await;
+        if worker.waiting_for_space.load(Ordering::SeqCst) > 0 {
+            continue;
+        }
+        if services != last {
+            match &services {
+                Err(why) => tracing::warn!(stage = %worker.ctx.stage, reason = %why, "not ready"),
+                Ok(()) => tracing::info!(stage = %worker.ctx.stage, "ready again"),
+            }
+            last = services.clone();
+        }
         worker.ctx.health.set_services(services);
     }
 }

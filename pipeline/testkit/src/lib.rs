@@ -11,15 +11,18 @@
 //! - [`database`]: a fresh database per test (dropped after it), one connection through the
 //!   pipeline's own connector, and a proxy that cuts the database without stopping it.
 //! - [`stage`]: one stage's handler on a real nats-server, as the runtime runs it.
+//! - [`netns`]: test hosts in network namespaces of the test's own, to cut and join again.
 //! - this file: where the repository and `../shared` are.
 
 use std::path::{Path, PathBuf};
 
 pub mod database;
+pub mod netns;
 pub mod servers;
 pub mod stage;
 
 pub use database::*;
+pub use netns::{Host, Network};
 pub use servers::*;
 pub use stage::{Published, StageHarness};
 

@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::netns::Host;
+
 /// A TCP port free on 127.0.0.1 right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -16,9 +18,14 @@ pub fn free_port() -> u16 {
 
 /// Waits until something listens on 127.0.0.1:`port`.
 pub fn wait_for_port(port: u16, timeout: Duration) {
+    wait_for_address("127.0.0.1", port, timeout);
+}
+
+/// Waits until something listens on `host`:`port`.
+pub fn wait_for_address(host: &str, port: u16, timeout: Duration) {
     let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(start.elapsed() < timeout, "nothing listens on port {port}");
+    while std::net::TcpStream::connect((host, port)).is_err() {
+        assert!(start.elapsed() < timeout, "nothing listens on {host}:{port}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -68,8 +75,12 @@ pub struct NatsServer {
     extra_args: Vec<String>,
     /// Port it listens on.
     pub port: u16,
-    /// `nats://127.0.0.1:<port>`.
+    /// `nats://<host>:<port>`.
     pub url: String,
+    /// The address it listens on: 127.0.0.1, or its test host's.
+    pub host: String,
+    /// The test host it runs on, if not this one.
+    netns: Option<Host>,
     store_dir: tempfile::TempDir,
 }
 
@@ -93,22 +104,71 @@ impl NatsServer {
 
     /// Starts a server with extra command-line arguments (authentication, TLS).
     pub fn start_with_args(args: &[&str]) -> Self {
+        Self::start_on(None, args, None)
+    }
+
+    /// Starts a server with a configuration file of `config` (what has no flag:
+    /// `jetstream { max_file_store: 1MB }`, `jetstream { sync_interval: always }`), and the
+    /// usual flags, which take precedence.
+    pub fn start_with_config(config: &str) -> Self {
+        Self::start_on(None, &[], Some(config))
+    }
+
+    /// Like [`NatsServer::start_with_config`], with the monitoring endpoint (`/varz`,
+    /// `/jsz`) on a port of its own; returns that port too.
+    pub fn start_monitored(config: &str) -> (Self, u16) {
+        // Both ports taken at once, so they differ.
+        let (a, b) = (TcpListener::bind("127.0.0.1:0").unwrap(), TcpListener::bind("127.0.0.1:0").unwrap());
+        let (port, monitor) = (a.local_addr().unwrap().port(), b.local_addr().unwrap().port());
+        drop((a, b));
+        let server = Self::start_at_port(None, &["-m", &monitor.to_string()], Some(config), port);
+        wait_for_port(monitor, Duration::from_secs(10));
+        (server, monitor)
+    }
+
+    /// Starts a server on test host `host` (see [`crate::netns`]), with extra arguments.
+    pub fn start_in(host: &Host, args: &[&str]) -> Self {
+        Self::start_on(Some(host), args, None)
+    }
+
+    fn start_on(host: Option<&Host>, args: &[&str], config: Option<&str>) -> Self {
+        Self::start_at_port(host, args, config, free_port())
+    }
+
+    fn start_at_port(host: Option<&Host>, args: &[&str], config: Option<&str>, port: u16) -> Self {
+        let store_dir = tempfile::tempdir().unwrap();
+        let mut extra_args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        if let Some(config) = config {
+            let path = store_dir.path().join("server.conf");
+            std::fs::write(&path, config).unwrap();
+            extra_args.extend(["-c".to_string(), path.display().to_string()]);
+        }
+        let address = host.map_or_else(|| "127.0.0.1".to_string(), |h| h.ip.clone());
         let mut server = Self {
             child: None,
-            extra_args: args.iter().map(|a| a.to_string()).collect(),
-            port: free_port(),
-            url: String::new(),
-            store_dir: tempfile::tempdir().unwrap(),
+            extra_args,
+            port,
+            url: format!("nats://{address}:{port}"),
+            host: address,
+            netns: host.cloned(),
+            store_dir,
         };
-        server.url = format!("nats://127.0.0.1:{}", server.port);
         server.spawn();
         server
     }
 
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
-        let child = Command::new(nats_server_bin())
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+        let mut command = match &self.netns {
+            Some(host) => {
+                let mut c = Command::new("ip");
+                c.args(host.exec_prefix()).arg(nats_server_bin());
+                c
+            }
+            None => Command::new(nats_server_bin()),
+        };
+        let child = command
+            .args(["-a", &self.host, "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(self.store_dir.path())
             .args(&self.extra_args)
             .stdout(Stdio::null())
@@ -116,7 +176,28 @@ impl NatsServer {
             .spawn()
             .expect("start nats-server (set NATS_SERVER_BIN)");
         self.child = Some(child);
-        wait_for_port(self.port, Duration::from_secs(10));
+        wait_for_address(&self.host, self.port, Duration::from_secs(10));
+    }
+
+    /// Replaces the configuration file of a server started with
+    /// [`NatsServer::start_with_config`]; it applies from the next start.
+    pub fn set_config(&self, config: &str) {
+        let path = self.store_dir.path().join("server.conf");
+        assert!(path.is_file(), "the server was started without a configuration file");
+        std::fs::write(path, config).unwrap();
+    }
+
+    /// Where JetStream keeps its streams (`<store>/jetstream`).
+    pub fn jetstream_dir(&self) -> PathBuf {
+        self.store_dir.path().join("jetstream")
+    }
+
+    /// Kills the server (SIGKILL), deletes its JetStream store, and starts it again
+    /// empty on the same port: a broker whose disk was replaced.
+    pub fn wipe(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(self.jetstream_dir());
+        self.spawn();
     }
 
     /// Kills the server (SIGKILL) and starts it again on the same port and storage.
@@ -181,13 +262,21 @@ impl Drop for NatsServer {
 /// A JetStream cluster of `n` nats-server processes on loopback ports, named `n0`,
 /// `n1`, ..., each with its own store directory, with routes to the others.
 pub fn start_cluster(n: usize) -> Vec<NatsServer> {
-    let route_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-    (0..n)
-        .map(|i| {
-            let routes: Vec<String> =
-                route_ports.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, p)| format!("nats://127.0.0.1:{p}")).collect();
-            let (name, listen, routes) = (format!("n{i}"), format!("nats://127.0.0.1:{}", route_ports[i]), routes.join(","));
-            NatsServer::start_with_args(&["--server_name", &name, "--cluster_name", "facepipe", "--cluster", &listen, "--routes", &routes])
+    start_cluster_on(&vec![None; n])
+}
+
+/// A JetStream cluster of one nats-server per entry: on that test host, or on loopback.
+pub fn start_cluster_on(hosts: &[Option<&Host>]) -> Vec<NatsServer> {
+    let address = |h: &Option<&Host>| h.map_or_else(|| "127.0.0.1".to_string(), |h| h.ip.clone());
+    let routes: Vec<String> = hosts.iter().map(|h| format!("nats://{}:{}", address(h), free_port())).collect();
+    hosts
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let others: Vec<&str> = routes.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, r)| r.as_str()).collect();
+            let (name, others) = (format!("n{i}"), others.join(","));
+            let args = ["--server_name", &name, "--cluster_name", "facepipe", "--cluster", &routes[i], "--routes", &others];
+            NatsServer::start_on(*host, &args, None)
         })
         .collect()
 }

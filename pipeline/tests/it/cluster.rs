@@ -20,7 +20,7 @@ const BATCH_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// One cluster at a time: three clusters' nine servers and twelve stages at once on two
 /// cores stretch every election and ack past what the assertions are about.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A clustered deployment as the docs advise: more deliveries than on one server, since
 /// a message in flight when leaders change can be delivered again without its worker failing.
@@ -35,13 +35,13 @@ async fn clustered() -> Deployment {
 }
 const PLANTED: &str = "planted-broken.jpg";
 
-async fn jetstream_of(d: &Deployment) -> jetstream::Context {
+pub(crate) async fn jetstream_of(d: &Deployment) -> jetstream::Context {
     let servers: Vec<async_nats::ServerAddr> = d.nats_urls().split(',').map(|u| u.parse().unwrap()).collect();
     jetstream::new(async_nats::connect(servers.as_slice()).await.unwrap())
 }
 
 /// The node (index) leading `stream`, once the cluster has elected one.
-async fn leader_of(js: &jetstream::Context, stream: &str) -> usize {
+pub(crate) async fn leader_of(js: &jetstream::Context, stream: &str) -> usize {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(Ok(mut s)) = tokio::time::timeout(Duration::from_secs(2), js.get_stream(stream)).await {
@@ -57,7 +57,7 @@ async fn leader_of(js: &jetstream::Context, stream: &str) -> usize {
 }
 
 /// Waits until every stream of the pipeline has a leader and all its replicas are current.
-async fn wait_healthy(d: &Deployment, js: &jetstream::Context) {
+pub(crate) async fn wait_healthy(d: &Deployment, js: &jetstream::Context) {
     let streams: Vec<String> = StageName::ALL.iter().map(|s| d.topology.stream_name(*s)).chain([d.topology.dead_letter_stream()]).collect();
     let deadline = Instant::now() + Duration::from_secs(60);
     'again: loop {

@@ -9,7 +9,7 @@ use facepipe_core::domain::BatchStatus;
 
 fn outcome(image_id: &str, status: ImageStatus) -> Outcome {
     Outcome {
-        image: ImageRef { batch_id: "b-1".into(), image_id: image_id.into(), priority: Priority::DEFAULT },
+        image: ImageRef::new("b-1", image_id, Priority::DEFAULT),
         status,
         width: Some(640),
         height: Some(480),
@@ -28,7 +28,13 @@ fn image(id: &str) -> NewImage {
         entry_name: format!("{id}.jpg"),
         original_key: format!("batches/b-1/originals/{id}.jpg"),
         record_id: None,
+        error: None,
     }
+}
+
+/// A ZIP's extract job of project `project`.
+fn job(project: &str, zip: &str) -> facepipe_core::messages::ExtractJob {
+    facepipe_core::messages::ExtractJob::for_zip(None, project.into(), Priority::DEFAULT, zip.into())
 }
 
 #[tokio::test]
@@ -37,8 +43,8 @@ async fn same_outcome_twice_leaves_one_row_and_unchanged_counters() {
     let db = test_db.pool().await;
     assert!(db.migrate().await.unwrap().is_empty(), "migrations run once");
 
-    db.insert_batch("b-1", "proj", Priority::DEFAULT, "uploads/b-1.zip").await.unwrap();
-    db.insert_batch("b-1", "proj", Priority::DEFAULT, "uploads/b-1.zip").await.unwrap();
+    db.insert_batch("b-1", &job("proj", "uploads/b-1.zip"), "uploads/b-1.zip").await.unwrap();
+    db.insert_batch("b-1", &job("proj", "uploads/b-1.zip"), "uploads/b-1.zip").await.unwrap();
     db.insert_images("b-1", &[image("0000000"), image("0000001")]).await.unwrap();
     db.insert_images("b-1", &[image("0000000"), image("0000001")]).await.unwrap();
     assert!(!db.finish_ingest("b-1", 2, &["notes.txt".into()]).await.unwrap());
@@ -81,7 +87,7 @@ async fn unknown_images_are_permanent_errors_and_empty_batches_complete() {
     let err = db.record_outcome(&outcome("0000009", ImageStatus::Cropped)).await.unwrap_err();
     assert!(err.is_permanent(), "{err}");
 
-    db.insert_batch("b-1", "proj", Priority::DEFAULT, "empty.zip").await.unwrap();
+    db.insert_batch("b-1", &job("proj", "empty.zip"), "empty.zip").await.unwrap();
     assert!(db.finish_ingest("b-1", 0, &[]).await.unwrap(), "an empty archive completes at once");
     assert!(!db.finish_ingest("b-1", 0, &[]).await.unwrap(), "and only once");
     assert_eq!(db.batch_status("b-1").await.unwrap().unwrap().status, BatchStatus::Completed);
@@ -91,7 +97,7 @@ async fn unknown_images_are_permanent_errors_and_empty_batches_complete() {
 async fn batch_completes_when_ingest_finishes_after_the_last_outcome() {
     let test_db = TestDb::create().await;
     let db = test_db.pool().await;
-    db.insert_batch("b-1", "proj", Priority::DEFAULT, "x.zip").await.unwrap();
+    db.insert_batch("b-1", &job("proj", "x.zip"), "x.zip").await.unwrap();
     db.insert_images("b-1", &[image("0000000")]).await.unwrap();
     // persist can record an image before extract has finished reading the archive.
     assert!(!db.record_outcome(&outcome("0000000", ImageStatus::Cropped)).await.unwrap().completed_batch);
@@ -107,9 +113,9 @@ async fn concurrent_migrators_apply_each_migration_once() {
     let runs = futures::future::join_all((0..4).map(|_| db.migrate())).await;
     let mut applied: Vec<i32> = runs.into_iter().flat_map(|r| r.unwrap()).collect();
     applied.sort();
-    assert_eq!(applied, [1, 2, 3, 4], "every migration once, whichever process ran it");
+    assert_eq!(applied, [1, 2, 3, 4, 5], "every migration once, whichever process ran it");
     let history = test_db.client().await.query("SELECT version FROM refinery_schema_history ORDER BY version", &[]).await.unwrap();
-    assert_eq!(history.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    assert_eq!(history.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
 }
 
 #[tokio::test]
@@ -130,12 +136,12 @@ async fn a_database_migrated_by_the_earlier_runner_is_adopted_without_running_an
 
     let db = Db::connect(&test_db.url.parse().unwrap(), 2).unwrap();
     // The two it had are adopted, not run again; only the later ones run.
-    assert_eq!(db.migrate().await.unwrap(), [3, 4], "an adopted migration does not run again");
+    assert_eq!(db.migrate().await.unwrap(), [3, 4, 5], "an adopted migration does not run again");
     assert!(db.migrate().await.unwrap().is_empty());
     let legacy = client.query_one("SELECT to_regclass('schema_migrations') IS NULL", &[]).await.unwrap();
     assert!(legacy.get::<_, bool>(0), "the old table is gone once adopted");
     let history = client.query("SELECT version FROM refinery_schema_history ORDER BY version", &[]).await.unwrap();
-    assert_eq!(history.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    assert_eq!(history.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
     assert!(db.batch_status("kept").await.unwrap().is_some(), "the data is untouched");
 }
 
@@ -143,12 +149,12 @@ async fn a_database_migrated_by_the_earlier_runner_is_adopted_without_running_an
 async fn results_page_by_number_and_by_key_and_stream_past_a_chunk() {
     let test_db = TestDb::create().await;
     let db = test_db.pool().await;
-    db.insert_batch("b-1", "proj", Priority::DEFAULT, "uploads/b-1.zip").await.unwrap();
+    db.insert_batch("b-1", &job("proj", "uploads/b-1.zip"), "uploads/b-1.zip").await.unwrap();
     // More than one streaming chunk (1,000 rows), and a second batch that must not leak in.
     let ids: Vec<String> = (0..2345).map(facepipe_core::keys::image_id).collect();
     let images: Vec<NewImage> = ids.iter().map(|id| image(id)).collect();
     db.insert_images("b-1", &images).await.unwrap();
-    db.insert_batch("b-2", "proj", Priority::DEFAULT, "uploads/b-2.zip").await.unwrap();
+    db.insert_batch("b-2", &job("proj", "uploads/b-2.zip"), "uploads/b-2.zip").await.unwrap();
     db.insert_images("b-2", &images[..10]).await.unwrap();
 
     use facepipe_ledger::PageStart;
@@ -188,7 +194,7 @@ async fn the_sweeper_sees_only_completed_batches_and_final_originals() {
     use facepipe_ledger::ObjectKind;
     let test_db = TestDb::create().await;
     let db = test_db.pool().await;
-    db.insert_batch("b-1", "proj", Priority::DEFAULT, "uploads/b-1.zip").await.unwrap();
+    db.insert_batch("b-1", &job("proj", "uploads/b-1.zip"), "uploads/b-1.zip").await.unwrap();
     db.insert_images("b-1", &[image("0000000"), image("0000001"), image("0000002")]).await.unwrap();
     db.finish_ingest("b-1", 3, &[]).await.unwrap();
     db.record_outcome(&outcome("0000000", ImageStatus::Cropped)).await.unwrap();
@@ -214,12 +220,12 @@ async fn the_sweeper_sees_only_completed_batches_and_final_originals() {
     assert_eq!(db.batches_to_sweep(ObjectKind::Originals, later, 10).await.unwrap(), ["b-1"]);
 
     // One sweeper at a time.
-    let lock = db.try_sweep_lock().await.unwrap().expect("free");
-    assert!(db.try_sweep_lock().await.unwrap().is_none());
+    let lock = db.try_lock(facepipe_ledger::SWEEP_LOCK).await.unwrap().expect("free");
+    assert!(db.try_lock(facepipe_ledger::SWEEP_LOCK).await.unwrap().is_none());
     drop(lock);
     let mut again = None;
     for _ in 0..50 {
-        again = db.try_sweep_lock().await.unwrap();
+        again = db.try_lock(facepipe_ledger::SWEEP_LOCK).await.unwrap();
         if again.is_some() {
             break;
         }
@@ -233,7 +239,7 @@ async fn concurrent_outcomes_and_their_redeliveries_complete_the_batch_exactly_o
     let test_db = TestDb::create().await;
     let db = test_db.pool().await;
     let ids: Vec<String> = (0..200).map(|n| format!("{n:07}")).collect();
-    db.insert_batch("b-1", "proj", Priority::DEFAULT, "x.zip").await.unwrap();
+    db.insert_batch("b-1", &job("proj", "x.zip"), "x.zip").await.unwrap();
     db.insert_images("b-1", &ids.iter().map(|id| image(id)).collect::<Vec<_>>()).await.unwrap();
     assert!(!db.finish_ingest("b-1", ids.len(), &[]).await.unwrap());
     // Every outcome twice, as two workers holding a redelivered message would, all at once.

@@ -269,6 +269,50 @@ async fn apply_is_idempotent_and_dry_run_changes_nothing() {
     d.cli_ok_with(&path, &["apply"]);
     let done = d.cli_ok_with(&path, &["apply", "--dry-run"]);
     assert!(!done.contains("update"), "{done}");
+
+    // A stream limit is an in-place update of every stage's stream.
+    changed.nats.stream_max_bytes = Some(bytesize::ByteSize::mib(64));
+    std::fs::write(&path, toml::to_string(&changed).unwrap()).unwrap();
+    let plan = d.cli_ok_with(&path, &["apply"]);
+    for stage in ["EXTRACT", "DETECT", "CROP", "PERSIST"] {
+        assert!(plan.contains(&format!("update    stream FACES_{stage} (replicas 1) (max_bytes -1 -> 67108864)")), "{plan}");
+    }
+    let js = async_nats::jetstream::new(async_nats::connect(&d.nats.url).await.unwrap());
+    let info = js.get_stream("FACES_DETECT").await.unwrap().info().await.unwrap().config.clone();
+    assert_eq!((info.max_bytes, info.discard), (67108864, async_nats::jetstream::stream::DiscardPolicy::New));
+}
+
+/// nats-server before 2.10 (Debian bookworm's 2.9) cannot give a consumer both a band's
+/// plain subject and its batch subjects: `apply` refuses it with what to do, before
+/// creating anything. A distribution's newer server is applied to.
+#[tokio::test(flavor = "multi_thread")]
+async fn apply_on_the_distributions_nats_server_says_what_is_needed_when_it_is_too_old() {
+    let old = std::path::Path::new("/usr/sbin/nats-server");
+    assert!(old.is_file(), "the distribution's nats-server (package nats-server; `scripts/setup --test` installs it)");
+    let version = std::process::Command::new(old).arg("--version").output().unwrap();
+    let version = String::from_utf8_lossy(&version.stdout).to_string();
+    let numbers: Vec<u64> = version.trim().trim_start_matches("nats-server: v").split('.').filter_map(|p| p.parse().ok()).collect();
+    let too_old = numbers.len() >= 2 && (numbers[0], numbers[1]) < (2, 10);
+    let port = crate::support::free_port();
+    let store = tempfile::tempdir().unwrap();
+    let mut server = std::process::Command::new(old)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(store.path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    crate::support::wait_for_port(port, Duration::from_secs(10));
+    let d = Deployment::start_stages(|_| {}, Vec::new(), Vec::new(), false, &[]).await;
+    let out = d.command("pipeline").args(["apply"]).env("PIPELINE_NATS_URL", format!("nats://127.0.0.1:{port}")).output().unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if too_old {
+        assert!(!out.status.success(), "{version}: {err}");
+        assert!(err.contains("cannot give a consumer two filter subjects") && err.contains("2.10 or newer"), "{err}");
+    } else {
+        assert!(out.status.success(), "{version}: {err}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -43,8 +43,7 @@ impl Handler for Crop {
             detector: job.detector,
             image: job.image,
         };
-        let msg_id = keys::msg_id(keys::MessageKind::Outcome, &outcome.image.batch_id, &outcome.image.image_id);
-        ctx.publish_next(&msg_id, &outcome.image, &outcome).await?;
+        ctx.publish_next(keys::MessageKind::Outcome, &outcome.image, &outcome).await?;
         Ok(Handled::Done)
     }
 }
@@ -58,7 +57,7 @@ mod tests {
     use facepipe_testkit::{shared_dir, StageHarness};
 
     fn job(faces: Vec<FaceBox>) -> CropJob {
-        let image = ImageRef { batch_id: "b-1".into(), image_id: "0000000".into(), priority: Priority::DEFAULT };
+        let image = ImageRef::new("b-1", "0000000", Priority::DEFAULT);
         CropJob { image, key: "batches/b-1/originals/0000000.png".into(), width: 512, height: 512, faces, detector: Some(Detector::Yunet) }
     }
 

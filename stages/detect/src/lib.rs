@@ -84,8 +84,7 @@ impl Handler for Detect {
             detector: Some(found.detector),
             image: job.image,
         };
-        let msg_id = keys::msg_id(keys::MessageKind::CropJob, &crop.image.batch_id, &crop.image.image_id);
-        ctx.publish_next(&msg_id, &crop.image, &crop).await?;
+        ctx.publish_next(keys::MessageKind::CropJob, &crop.image, &crop).await?;
         Ok(Handled::Done)
     }
 }
@@ -98,7 +97,7 @@ mod tests {
     use facepipe_testkit::{shared_dir, use_shared_models, StageHarness};
 
     fn job(image_id: &str, priority: i64) -> DetectJob {
-        let image = ImageRef { batch_id: "b-1".into(), image_id: image_id.into(), priority: Priority::new(priority).unwrap() };
+        let image = ImageRef::new("b-1", image_id, Priority::new(priority).unwrap());
         DetectJob { key: format!("batches/b-1/originals/{image_id}.png"), image }
     }
 
@@ -119,7 +118,7 @@ mod tests {
         }
         let published = h.published_to(StageName::Crop).await;
         let subjects: Vec<&str> = published.iter().map(|p| p.subject.as_str()).collect();
-        assert_eq!(subjects, ["faces.crop", "faces.crop.high"], "each on its priority's band");
+        assert_eq!(subjects, ["faces.crop.normal.batch.b-1", "faces.crop.high.batch.b-1"], "each on its batch's subject of its priority's band");
         assert_eq!(published[0].msg_id.as_deref(), Some("crop:b-1:0000000"));
         let crop: CropJob = facepipe_core::messages::decode(&published[0].payload).unwrap();
         assert_eq!((crop.width, crop.height, crop.faces.len()), (512, 512, 1), "{crop:?}");

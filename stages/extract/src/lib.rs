@@ -46,7 +46,7 @@ impl Handler for Extract {
     async fn handle(&self, ctx: &Ctx, job: ExtractJob, delivery: Delivery) -> Result<Handled, StageError> {
         let batch_id = batch_id(&job, delivery.stream_sequence, &delivery.published)?;
         let source = job.source().map_err(StageError::permanent)?;
-        self.db.insert_batch(&batch_id, &job.project_id, job.priority, &job.describe_source()).await?;
+        self.db.insert_batch(&batch_id, &job, &job.describe_source()).await?;
         match source {
             ExtractSource::Zip(zip) => self.unpack(ctx, zip, &batch_id, job.priority).await?,
             ExtractSource::Urls(images) => self.download(ctx, images, &batch_id, job.priority).await?,
@@ -59,7 +59,7 @@ impl Handler for Extract {
     async fn on_dead_letter(&self, _: &Ctx, failed: &Failed<'_>) -> Result<(), StageError> {
         let Ok(job) = messages::decode::<ExtractJob>(failed.payload) else { return Ok(()) };
         let Ok(batch_id) = batch_id(&job, failed.stream_sequence, &failed.published) else { return Ok(()) };
-        self.db.insert_batch(&batch_id, &job.project_id, job.priority, &job.describe_source()).await?;
+        self.db.insert_batch(&batch_id, &job, &job.describe_source()).await?;
         Ok(self.db.fail_batch(&batch_id, &failed.error.message()).await?)
     }
 }
@@ -159,13 +159,13 @@ impl Extract {
                     let image_id = keys::image_id(index);
                     let key = original_key(batch_id, &image_id, &name, from_url);
                     let record_id = record_id(index);
-                    rows.push(NewImage { image_id: image_id.clone(), entry_name: name, original_key: key.clone(), record_id });
+                    rows.push(NewImage { image_id: image_id.clone(), entry_name: name, original_key: key.clone(), record_id, error: None });
                     images.push((image_id, key, bytes::Bytes::from(bytes)));
                 }
                 Entry::Unreadable { index, name, reason } => {
                     let image_id = keys::image_id(index);
                     let record_id = record_id(index);
-                    rows.push(NewImage { image_id: image_id.clone(), entry_name: name, original_key: String::new(), record_id });
+                    rows.push(NewImage { image_id: image_id.clone(), entry_name: name, original_key: String::new(), record_id, error: Some(reason.clone()) });
                     failures.push((image_id, reason));
                 }
                 Entry::Skipped { name } => tracing::debug!(entry = %name, "skipped non-image entry"),
@@ -183,12 +183,18 @@ impl Extract {
             stored?;
         }
         self.db.insert_images(batch_id, &rows).await?;
+        // A job published again (redelivered, or re-driven after the broker lost it)
+        // sends on only the images still without an outcome.
+        let ids: Vec<&str> = rows.iter().map(|r| r.image_id.as_str()).collect();
+        let done = self.db.final_among(batch_id, &ids).await?;
+        images.retain(|(image_id, _, _)| !done.contains(image_id));
+        failures.retain(|(image_id, _)| !done.contains(image_id));
 
         let image_ref =
-            |image_id: &str| ImageRef { batch_id: batch_id.to_string(), image_id: image_id.to_string(), priority };
+            |image_id: &str| ImageRef::new(batch_id, image_id, priority);
         let detect_jobs = images.iter().map(|(image_id, key, _)| async move {
             let job = DetectJob { image: image_ref(image_id), key: key.clone() };
-            ctx.publish_next(&keys::msg_id(MessageKind::DetectJob, batch_id, image_id), &job.image, &job).await
+            ctx.publish_next(MessageKind::DetectJob, &job.image, &job).await
         });
         let failed_outcomes = failures.iter().map(|(image_id, reason)| async move {
             let outcome = Outcome::failed(image_ref(image_id), StageName::Extract, reason.clone(), 1);

@@ -64,15 +64,19 @@ mod tests {
     use facepipe_testkit::{StageHarness, TestDb};
 
     fn outcome(status: ImageStatus) -> Outcome {
-        let image = ImageRef { batch_id: "b-1".into(), image_id: "0000000".into(), priority: Priority::DEFAULT };
+        let image = ImageRef::new("b-1", "0000000", Priority::DEFAULT);
         Outcome { status, ..Outcome::failed(image, StageName::Crop, String::new(), 1) }
+    }
+
+    fn job(project: &str, zip: &str) -> facepipe_core::messages::ExtractJob {
+        facepipe_core::messages::ExtractJob::for_zip(None, project.into(), Priority::DEFAULT, zip.into())
     }
 
     async fn ledger() -> (TestDb, Db) {
         let test_db = TestDb::create().await;
         let db = test_db.pool().await;
-        db.insert_batch("b-1", "p", Priority::DEFAULT, "test").await.unwrap();
-        let image = NewImage { image_id: "0000000".into(), entry_name: "a.jpg".into(), original_key: "k".into(), record_id: None };
+        db.insert_batch("b-1", &job("p", "test"), "test").await.unwrap();
+        let image = NewImage { image_id: "0000000".into(), entry_name: "a.jpg".into(), original_key: "k".into(), record_id: None, error: None };
         db.insert_images("b-1", &[image]).await.unwrap();
         db.finish_ingest("b-1", 1, &[]).await.unwrap();
         (test_db, db)

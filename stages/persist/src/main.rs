@@ -1,6 +1,8 @@
-//! The persist stage binary: the [`persist::Persist`] handler on the stage runtime.
+//! The persist stage binary: the [`persist::Persist`] handler on the stage runtime, and
+//! the reconciler (`facepipe_control::reconcile`) in whichever persist process holds its lock.
 
 use facepipe_core::topology::StageName;
+use facepipe_control::reconcile;
 use facepipe_ledger::{Db, DbError};
 use facepipe_runtime::app::Stage;
 use persist::Persist;
@@ -13,6 +15,12 @@ async fn main() -> anyhow::Result<()> {
         // PostgreSQL may start after the stage: wait for it, migrated.
         let postgres = stage.ctx.topology.postgres.clone();
         let db = stage.wait_for("PostgreSQL", async || Db::open(&postgres).await, DbError::is_permanent).await?;
+        // The reconciler, in whichever persist process holds its lock.
+        let topology = &stage.ctx.topology;
+        if topology.reconcile.enabled {
+            let reconciler = reconcile::run(stage.ctx.bus.clone(), db.clone(), topology.clone(), stage.stopping());
+            tokio::spawn(reconciler);
+        }
         Ok(Persist { db })
     })
     .await?)

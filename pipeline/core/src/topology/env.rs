@@ -24,43 +24,46 @@ pub const ENV_OVERRIDES: &[EnvOverride] = &[
     EnvOverride {
         var: "PIPELINE_NATS_URL",
         key: "nats.url",
-        set: |t, v| Ok(t.nats.url = v.parse().map_err(|e: super::nats::ServersError| e.to_string())?),
+        set: |t, v| { t.nats.url = v.parse().map_err(|e: super::nats::ServersError| e.to_string())?; Ok(()) },
     },
     // Not a number: 0, which validation refuses with the key's name.
-    EnvOverride { var: "PIPELINE_NATS_REPLICAS", key: "nats.replicas", set: |t, v| Ok(t.nats.replicas = v.trim().parse().unwrap_or(0)) },
-    EnvOverride { var: "PIPELINE_NATS_USER", key: "nats.auth.user", set: |t, v| Ok(t.nats.auth.user = Some(v)) },
-    EnvOverride { var: "PIPELINE_NATS_PASSWORD", key: "nats.auth.password", set: |t, v| Ok(t.nats.auth.password = Some(Secret::new(v))) },
-    EnvOverride { var: "PIPELINE_NATS_TOKEN", key: "nats.auth.token", set: |t, v| Ok(t.nats.auth.token = Some(Secret::new(v))) },
-    EnvOverride { var: "PIPELINE_NATS_CREDS", key: "nats.auth.creds_file", set: |t, v| Ok(t.nats.auth.creds_file = Some(v.into())) },
-    EnvOverride { var: "PIPELINE_OBJECT_STORE_URL", key: "object_store.url", set: |t, v| Ok(t.object_store.url = v) },
-    EnvOverride { var: "PIPELINE_OBJECT_STORE_ENDPOINT", key: "object_store.endpoint", set: |t, v| Ok(t.object_store.endpoint = Some(v)) },
-    EnvOverride { var: "PIPELINE_OBJECT_STORE_REGION", key: "object_store.region", set: |t, v| Ok(t.object_store.region = Some(v)) },
+    EnvOverride { var: "PIPELINE_NATS_REPLICAS", key: "nats.replicas", set: |t, v| { t.nats.replicas = v.trim().parse().unwrap_or(0); Ok(()) } },
+    EnvOverride { var: "PIPELINE_NATS_USER", key: "nats.auth.user", set: |t, v| { t.nats.auth.user = Some(v); Ok(()) } },
+    EnvOverride { var: "PIPELINE_NATS_PASSWORD", key: "nats.auth.password", set: |t, v| { t.nats.auth.password = Some(Secret::new(v)); Ok(()) } },
+    EnvOverride { var: "PIPELINE_NATS_TOKEN", key: "nats.auth.token", set: |t, v| { t.nats.auth.token = Some(Secret::new(v)); Ok(()) } },
+    EnvOverride { var: "PIPELINE_NATS_CREDS", key: "nats.auth.creds_file", set: |t, v| { t.nats.auth.creds_file = Some(v.into()); Ok(()) } },
+    EnvOverride { var: "PIPELINE_OBJECT_STORE_URL", key: "object_store.url", set: |t, v| { t.object_store.url = v; Ok(()) } },
+    EnvOverride { var: "PIPELINE_OBJECT_STORE_ENDPOINT", key: "object_store.endpoint", set: |t, v| { t.object_store.endpoint = Some(v); Ok(()) } },
+    EnvOverride { var: "PIPELINE_OBJECT_STORE_REGION", key: "object_store.region", set: |t, v| { t.object_store.region = Some(v); Ok(()) } },
     EnvOverride {
         var: "PIPELINE_OBJECT_STORE_ALLOW_HTTP",
         key: "object_store.allow_http",
-        set: |t, v| Ok(t.object_store.allow_http = Some(flag(&v)?)),
+        set: |t, v| { t.object_store.allow_http = Some(flag(&v)?); Ok(()) },
     },
     EnvOverride {
         var: "PIPELINE_DATABASE_URL",
         key: "postgres.url",
-        set: |t, v| Ok(t.postgres.url = v.parse().map_err(|e: crate::database_url::DatabaseUrlError| e.to_string())?),
+        set: |t, v| { t.postgres.url = v.parse().map_err(|e: crate::database_url::DatabaseUrlError| e.to_string())?; Ok(()) },
     },
     // After the URL, so that a password kept apart from it is added to whichever URL is used.
     EnvOverride {
         var: "PIPELINE_DATABASE_PASSWORD",
         key: "postgres.url",
-        set: |t, v| Ok(t.postgres.url.set_password(&Secret::new(v))),
+        set: |t, v| {
+            t.postgres.url.set_password(&Secret::new(v));
+            Ok(())
+        },
     },
-    EnvOverride { var: "PIPELINE_DETECT_MODEL", key: "stages.detect.params.model", set: |t, v| Ok(t.stages.detect.params.model = Some(v.into())) },
+    EnvOverride { var: "PIPELINE_DETECT_MODEL", key: "stages.detect.params.model", set: |t, v| { t.stages.detect.params.model = Some(v.into()); Ok(()) } },
     EnvOverride {
         var: "PIPELINE_DETECT_OPENCV_MODEL",
         key: "stages.detect.params.opencv_model",
-        set: |t, v| Ok(t.stages.detect.params.opencv_model = Some(v.into())),
+        set: |t, v| { t.stages.detect.params.opencv_model = Some(v.into()); Ok(()) },
     },
     EnvOverride {
         var: "PIPELINE_ONNXRUNTIME",
         key: "stages.detect.params.onnxruntime",
-        set: |t, v| Ok(t.stages.detect.params.onnxruntime = Some(v.into())),
+        set: |t, v| { t.stages.detect.params.onnxruntime = Some(v.into()); Ok(()) },
     },
     EnvOverride {
         var: "PIPELINE_DETECT_SECOND_PASS_MODEL",
@@ -72,12 +75,17 @@ pub const ENV_OVERRIDES: &[EnvOverride] = &[
             Ok(())
         },
     },
-    EnvOverride { var: "PIPELINE_API_TOKEN", key: "api.token", set: |t, v| Ok(t.api.token = Some(Secret::new(v))) },
-    EnvOverride { var: "PIPELINE_API_LISTEN", key: "api.listen", set: |t, v| Ok(t.api.listen = v) },
+    EnvOverride {
+        var: "PIPELINE_RECONCILE_STALLED_AFTER",
+        key: "reconcile.stalled_after",
+        set: |t, v| { t.reconcile.stalled_after = Some(humantime::parse_duration(v.trim()).map_err(|e| format!("`{v}` is not a duration: {e}"))?); Ok(()) },
+    },
+    EnvOverride { var: "PIPELINE_API_TOKEN", key: "api.token", set: |t, v| { t.api.token = Some(Secret::new(v)); Ok(()) } },
+    EnvOverride { var: "PIPELINE_API_LISTEN", key: "api.listen", set: |t, v| { t.api.listen = v; Ok(()) } },
     EnvOverride {
         var: "PIPELINE_API_ALLOW_UNAUTHENTICATED",
         key: "api.allow_unauthenticated",
-        set: |t, v| Ok(t.api.allow_unauthenticated = flag(&v)?),
+        set: |t, v| { t.api.allow_unauthenticated = flag(&v)?; Ok(()) },
     },
 ];
 

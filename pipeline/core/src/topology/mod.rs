@@ -15,7 +15,7 @@
 //! - `stage.rs`: what every `[stages.<name>]` has, and [`StageView`];
 //! - `extract.rs`, `detect.rs`, `crop.rs`, `persist.rs`: each stage's `params`;
 //! - `api.rs`: `[api]`; `priority.rs`: `[priority]` and the band subjects;
-//!   `retention.rs`: `[retention]`.
+//!   `retention.rs`: `[retention]`; `reconcile.rs`: `[reconcile]`.
 
 use std::path::{Path, PathBuf};
 
@@ -31,6 +31,7 @@ mod object_store;
 mod persist;
 mod postgres;
 mod priority;
+mod reconcile;
 mod retention;
 mod retry;
 mod stage;
@@ -45,6 +46,7 @@ pub use object_store::ObjectStoreConfig;
 pub use persist::PersistParams;
 pub use postgres::PostgresConfig;
 pub use priority::{PriorityBand, PriorityConfig, StageBand};
+pub use reconcile::ReconcileConfig;
 pub use retention::RetentionConfig;
 pub use retry::RetryConfig;
 pub use stage::{StageConfig, StageView, Stages};
@@ -116,6 +118,9 @@ pub struct Topology {
     /// How long a batch's objects are kept once it completes.
     #[serde(default)]
     pub retention: RetentionConfig,
+    /// Re-driving work the broker lost, from PostgreSQL's record of it.
+    #[serde(default)]
+    pub reconcile: ReconcileConfig,
 }
 
 impl Topology {
@@ -155,10 +160,20 @@ impl Topology {
             "nats.duplicate_window",
             &format!("must cover the retry horizon ({horizon:?}: every stage's ack waits and retry delays)"),
         )?;
+        if let Some(limit) = self.nats.stream_max_bytes {
+            // A stream smaller than a message it must take could never take it.
+            let largest = StageName::ALL.iter().map(|&s| self.stage(s).max_message_bytes).max().unwrap_or(0);
+            ensure(
+                limit.as_u64() >= largest as u64,
+                "nats.stream_max_bytes",
+                &format!("must hold the largest message a stage takes (max_message_bytes: {largest})"),
+            )?;
+        }
         self.priority.validate()?;
         self.object_store.validate()?;
         self.api.validate()?;
         self.retention.validate()?;
+        self.reconcile.validate()?;
         Ok(())
     }
 
@@ -257,6 +272,8 @@ pub(crate) mod tests {
         // Optional values, so their keys are listed too; secrets are never serialized,
         // so they are named here.
         t.stages.detect.params.second_pass = SecondPass::with_model("m.onnx".into());
+        t.reconcile.stalled_after = Some(std::time::Duration::from_secs(60));
+        t.nats.stream_max_bytes = Some(bytesize::ByteSize::gib(1));
         t.api.upload_dir = Some("spool".into());
         t.nats.auth.creds_file = Some("c".into());
         let (mut all, mut sections) = (Vec::new(), Vec::new());

@@ -30,6 +30,14 @@ pub struct NatsConfig {
     /// Window in which a repeated `Nats-Msg-Id` is dropped; must cover the retry horizon.
     #[serde(default = "default_duplicate_window", with = "humantime_serde")]
     pub duplicate_window: Duration,
+    /// The most each stage's stream may hold (`"1 GiB"`, or bytes), reserved on the
+    /// servers when `pipeline apply` creates it; unset, a stream grows until the server's
+    /// store is full. With it set, a stage whose next stream is at its limit waits (extract
+    /// stops ingesting) while the streams after it still have room, so a full store
+    /// cannot wedge the flow. Four times it must fit in the servers' `max_file_store`
+    /// (see docs/operations.md).
+    #[serde(default, skip_serializing_if = "Option::is_none", serialize_with = "bytes_as_integer")]
+    pub stream_max_bytes: Option<bytesize::ByteSize>,
     /// Subject prefix of the dead-letter stream: dead letters go to `<subject>.<stage>`.
     #[serde(default = "default_dead_letter_subject")]
     pub dead_letter_subject: String,
@@ -40,6 +48,14 @@ pub struct NatsConfig {
     /// Authentication and TLS (all optional; secrets best come from the environment).
     #[serde(default)]
     pub auth: NatsAuth,
+}
+
+/// Written as a plain byte count, which reads back exactly (the text form rounds).
+fn bytes_as_integer<S: serde::Serializer>(size: &Option<bytesize::ByteSize>, out: S) -> Result<S::Ok, S::Error> {
+    match size {
+        Some(size) => out.serialize_some(&size.as_u64()),
+        None => out.serialize_none(),
+    }
 }
 
 fn default_stream_prefix() -> String {

@@ -10,7 +10,10 @@ use std::time::Duration;
 use facepipe_core::topology::{StageName, Topology};
 use facepipe_ledger::{BatchSummary, Db};
 
-use super::{free_port, prometheus_counter, repo_root, start_cluster, use_shared_models, wait_exit, wait_for_jetstream, wait_for_port, NatsServer, TestDb};
+use super::{
+    free_port, prometheus_counter, repo_root, start_cluster_on, use_shared_models, wait_exit, wait_for_jetstream, wait_for_port, Host, NatsServer,
+    TestDb,
+};
 
 /// Directory of the built binaries (`target/debug`).
 pub fn bin_dir() -> PathBuf {
@@ -105,17 +108,24 @@ impl Deployment {
     /// Like [`Deployment::start`], on a 3-node JetStream cluster: `nats.url` lists all
     /// three servers and every stream has 3 replicas.
     pub async fn start_clustered(edit: impl FnOnce(&mut Topology)) -> Self {
-        let mut nodes = start_cluster(3);
+        Self::start_clustered_on(&[None, None, None], edit, &StageName::ALL).await
+    }
+
+    /// Like [`Deployment::start_clustered`], with one node per entry of `hosts` (on that
+    /// test host, or on loopback), starting only the processes of `stages`.
+    pub async fn start_clustered_on(hosts: &[Option<&Host>], edit: impl FnOnce(&mut Topology), stages: &[StageName]) -> Self {
+        let mut nodes = start_cluster_on(hosts);
+        let replicas = nodes.len();
         let first = nodes.remove(0);
         if !wait_for_jetstream(&first.url, Duration::from_secs(30)).await {
             let logs: Vec<String> = std::iter::once(&first).chain(&nodes).map(|n| n.log_text()).collect();
             panic!("the cluster's JetStream is not ready after 30 s:\n{}", logs.join("\n----\n"));
         }
         let edit = |t: &mut Topology| {
-            t.nats.replicas = 3;
+            t.nats.replicas = replicas;
             edit(t)
         };
-        Self::start_on(first, nodes, edit, Vec::new(), Vec::new(), false, &StageName::ALL).await
+        Self::start_on(first, nodes, edit, Vec::new(), Vec::new(), false, stages).await
     }
 
     /// Node `i` of the cluster (0 is `nats`).
@@ -222,12 +232,28 @@ impl Deployment {
         port
     }
 
+    /// Starts one more process of `stage` on test host `host` (see [`facepipe_testkit::Network`]), serving its
+    /// metrics and health endpoints there on a free port; returns the port.
+    pub fn start_stage_on(&mut self, stage: StageName, host: &Host) -> u16 {
+        let port = free_port();
+        let child = self.spawn_stage_on(stage, &[("PIPELINE_METRICS_ADDR".into(), format!("{}:{port}", host.ip))], Some(host));
+        self.stages.push((stage, child));
+        port
+    }
+
     fn spawn_stage(&mut self, stage: StageName, extra_env: &[(String, String)]) -> Child {
+        self.spawn_stage_on(stage, extra_env, None)
+    }
+
+    fn spawn_stage_on(&mut self, stage: StageName, extra_env: &[(String, String)], host: Option<&Host>) -> Child {
         self.spawned += 1;
         let log_path = self.dir.path().join(format!("{stage}-{}.log", self.spawned));
         let log = std::fs::File::create(log_path).unwrap();
         let mut cmd = self.command(stage.as_str());
         cmd.envs(self.stage_env.iter().chain(extra_env).map(|(k, v)| (k, v)));
+        if let Some(host) = host {
+            cmd = on_host(cmd, host);
+        }
         cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap()
     }
 
@@ -324,6 +350,28 @@ impl Deployment {
         }
     }
 
+    /// Asserts what every fault test asserts of a finished batch, and returns its results:
+    /// completed with `entries` images, `failed` of them failed; every entry has exactly
+    /// one final outcome; the crops in the object store are exactly the recorded ones.
+    pub async fn check_every_entry_once(&self, batch_id: &str, entries: usize, failed: usize) -> Vec<facepipe_ledger::ImageResult> {
+        use facepipe_core::domain::{BatchStatus, ImageStatus};
+        let db = self.db().await;
+        let status = db.batch_status(batch_id).await.unwrap().unwrap();
+        assert_eq!(status.status, BatchStatus::Completed, "{status:?}\n{}", self.logs());
+        let results = db.results(batch_id).await.unwrap();
+        let errors: Vec<(&str, Option<&str>)> = results.iter().filter(|r| r.status == ImageStatus::Failed).map(|r| (r.entry.as_str(), r.error.as_deref())).collect();
+        assert_eq!((status.image_count, status.processed, status.failed), (Some(entries as i32), entries as i32, failed as i32), "{status:?}: {errors:?}");
+        assert_eq!(results.len(), entries, "one row per entry");
+        let names: std::collections::BTreeSet<&str> = results.iter().map(|r| r.entry.as_str()).collect();
+        assert_eq!(names.len(), entries, "no entry twice");
+        assert!(results.iter().all(|r| r.status != ImageStatus::Pending), "every entry has its outcome");
+        let store = facepipe_runtime::store::Store::open(&self.topology.object_store).unwrap();
+        let stored: std::collections::BTreeSet<String> = store.list(&format!("batches/{batch_id}/crops")).await.unwrap().into_iter().collect();
+        let recorded: std::collections::BTreeSet<String> = results.iter().flat_map(|r| r.crop_keys.iter().cloned()).collect();
+        assert_eq!(stored, recorded, "the crops stored are exactly the recorded ones");
+        results
+    }
+
     /// The stage logs, for failure messages.
     pub fn logs(&self) -> String {
         let mut out = String::new();
@@ -358,6 +406,19 @@ impl Deployment {
         }
         codes
     }
+}
+
+/// `command`, run on test host `host` (`ip netns exec`, which execs it: the PID is the program's).
+fn on_host(command: Command, host: &Host) -> Command {
+    let mut wrapped = Command::new("ip");
+    wrapped.args(host.exec_prefix()).arg(command.get_program()).args(command.get_args());
+    for (key, value) in command.get_envs() {
+        match value {
+            Some(value) => wrapped.env(key, value),
+            None => wrapped.env_remove(key),
+        };
+    }
+    wrapped
 }
 
 impl Drop for Deployment {
