@@ -26,6 +26,10 @@ pub const FACES_FOUND: &str = "facepipe_faces_found_total";
 pub const REDRIVEN: &str = "facepipe_redriven_total";
 /// Gauge: batches the reconciler found stalled and has not re-driven yet.
 pub const STALLED_BATCHES: &str = "facepipe_stalled_batches";
+/// Counter: statements persist recorded outcomes in (outcomes / groups = the mean group).
+pub const OUTCOME_GROUPS: &str = "facepipe_outcome_groups_total";
+/// Counter: outcomes persist handed to those statements.
+pub const GROUPED_OUTCOMES: &str = "facepipe_grouped_outcomes_total";
 /// Histogram: time of one step of handling an image, by `step` (see [`Step`]).
 pub const STEP_SECONDS: &str = "facepipe_step_seconds";
 /// Counter: bytes read from the object store.
@@ -204,6 +208,8 @@ pub fn register_zeros(stage_name: StageName) {
             metrics::counter!(REDRIVEN, "what" => what).absolute(0);
         }
         metrics::gauge!(STALLED_BATCHES).set(0.0);
+        metrics::counter!(OUTCOME_GROUPS).absolute(0);
+        metrics::counter!(GROUPED_OUTCOMES).absolute(0);
     }
     metrics::counter!(OBJECT_READ_BYTES).absolute(0);
     metrics::counter!(OBJECT_WRITTEN_BYTES).absolute(0);

@@ -50,6 +50,9 @@ pub enum DbError {
     /// A stored priority is outside 1-10.
     #[error("unexpected value in the database: {0}")]
     Priority(#[from] facepipe_core::domain::PriorityError),
+    /// The statement recording a group of outcomes failed (each outcome of the group gets it).
+    #[error(transparent)]
+    Group(std::sync::Arc<DbError>),
     /// An outcome names an image extract never registered.
     #[error("unknown image {image_id} in batch {batch_id}")]
     UnknownImage {
@@ -69,6 +72,7 @@ impl DbError {
             Self::Config(_) | Self::TlsSetup(_) | Self::UnknownImage { .. } => true,
             // Migrations that disagree with the database's history will not agree later.
             Self::Migration(e) => !matches!(e.kind(), refinery::error::Kind::Connection(..)),
+            Self::Group(e) => e.is_permanent(),
             _ => false,
         }
     }

@@ -10,7 +10,8 @@
 //!   refinery under an advisory lock); one connection outside the pool, to create the database.
 //! - [`tls`]: the rustls connector every connection goes through (`sslmode`, `sslrootcert`).
 //! - [`error`]: [`DbError`], with its cause and whether a retry can help.
-//! - [`writes`]: what the stages write (images registered, outcomes recorded once).
+//! - [`writes`]: what extract writes (batches and images registered).
+//! - [`outcomes`]: outcomes recorded once, a group per statement.
 //! - [`batches`]: a batch's progress as operators read it; reopening a failure for a replay.
 //! - [`results`]: a batch's per-image outcomes, by keyed page or as a stream.
 //! - [`retention`]: what the retention sweeper asks.
@@ -18,6 +19,7 @@
 
 pub mod batches;
 pub mod error;
+pub mod outcomes;
 pub mod pool;
 pub mod reconcile;
 pub mod results;
@@ -32,4 +34,5 @@ pub use reconcile::{ActiveBatch, PendingImage};
 pub use results::{ordered_page, ImageResult, PageStart};
 pub use retention::{ObjectKind, SWEEP_LOCK};
 pub use tls::TlsSetupError;
-pub use writes::{NewImage, Progress, Recorded};
+pub use outcomes::{Progress, Recorded};
+pub use writes::NewImage;

@@ -1,13 +1,8 @@
-//! What the stages write: batches and images registered by extract, outcomes
-//! recorded by persist. Idempotency lives here: images are inserted as `pending`
-//! and leave `pending` exactly once (the first outcome wins); the batch counters
-//! move in the same statement, so redelivered outcomes change nothing, and a batch
-//! flips to `completed` by a conditional update that succeeds only once.
+//! What extract writes: batches and their images, registered as `pending` (existing
+//! rows left alone, so a resumed ingest registers nothing twice). Outcomes are
+//! recorded in [`crate::outcomes`].
 
-use serde::Serialize;
-
-use facepipe_core::domain::{Detector, ImageStatus, StageName};
-use facepipe_core::messages::{ExtractJob, Outcome};
+use facepipe_core::messages::ExtractJob;
 
 use crate::error::DbError;
 use crate::pool::Db;
@@ -27,32 +22,6 @@ pub struct NewImage {
     /// while its failure travels to persist, so the reconciler can record it should that
     /// message be lost.
     pub error: Option<String>,
-}
-
-/// What recording an outcome changed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Recorded {
-    /// False when the image already had an outcome (a redelivery): nothing changed.
-    pub first: bool,
-    /// True when this outcome completed its batch.
-    pub completed_batch: bool,
-    /// The batch's counters right after this outcome (absent when nothing changed).
-    pub progress: Option<Progress>,
-}
-
-/// A batch's progress event, published on `<progress_subject>.<batch>` by persist.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct Progress {
-    /// Batch id.
-    pub batch_id: String,
-    /// Images with an outcome.
-    pub processed: i32,
-    /// Of those, failed.
-    pub failed: i32,
-    /// Images in the archive, once extract has read it all.
-    pub image_count: Option<i32>,
-    /// True on the event that completed the batch.
-    pub completed: bool,
 }
 
 impl Db {
@@ -143,85 +112,6 @@ impl Db {
             )
             .await?;
         Ok(())
-    }
-
-    /// Records an image's outcome. Only the first outcome for an image counts.
-    pub async fn record_outcome(&self, outcome: &Outcome) -> Result<Recorded, DbError> {
-        // One statement, so one round trip and one implicit transaction instead of
-        // five: the image's row is claimed (only while pending, so a redelivery
-        // changes nothing), and only then the batch's counters move and, when this
-        // was its last image, the batch completes. The batch's row lock orders
-        // outcomes of one batch, so exactly one of them sees the count reach
-        // `image_count` in a `processing` batch: that one completes it.
-        let client = self.pool.get().await?;
-        let image = &outcome.image;
-        let faces = serde_json::to_value(&outcome.faces).expect("faces serialize");
-        // Prepared once per connection: a parse is a round trip of its own.
-        let statement = client
-            .prepare_cached(
-                "WITH claimed AS (
-                     UPDATE images SET status = $3, width = $4, height = $5, faces = $6, crop_keys = $7,
-                            detector = $8, error = $9, failed_stage = $10, attempts = $11, updated_at = now()
-                     WHERE batch_id = $1 AND image_id = $2 AND status = 'pending'
-                     RETURNING 1
-                 ), counted AS (
-                     UPDATE batches SET processed = processed + 1, failed = failed + $12, faces = faces + $13,
-                            updated_at = now(),
-                            completed_at = CASE WHEN status = 'processing' AND processed + 1 >= image_count
-                                                THEN now() ELSE completed_at END,
-                            status = CASE WHEN status = 'processing' AND processed + 1 >= image_count
-                                          THEN 'completed' ELSE status END
-                     WHERE batch_id = $1 AND EXISTS (SELECT 1 FROM claimed)
-                     RETURNING processed, failed, image_count,
-                               COALESCE(status = 'completed' AND processed = image_count, false)
-                 )
-                 SELECT EXISTS (SELECT 1 FROM claimed),
-                        EXISTS (SELECT 1 FROM images WHERE batch_id = $1 AND image_id = $2),
-                        counted.*
-                 FROM (SELECT 1) AS one LEFT JOIN counted ON true",
-            )
-            .await?;
-        let row = client
-            .query_one(
-                &statement,
-                &[
-                    &image.batch_id,
-                    &image.image_id,
-                    &outcome.status.as_str(),
-                    &outcome.width.map(|v| v as i32),
-                    &outcome.height.map(|v| v as i32),
-                    &faces,
-                    &outcome.crop_keys,
-                    &outcome.detector.map(Detector::as_str),
-                    &outcome.error,
-                    &outcome.failed_stage.map(StageName::as_str),
-                    &(outcome.attempts as i32),
-                    &i32::from(outcome.status == ImageStatus::Failed),
-                    &(outcome.faces.len() as i32),
-                ],
-            )
-            .await?;
-        let (claimed, exists): (bool, bool) = (row.get(0), row.get(1));
-        if !claimed {
-            return if exists {
-                Ok(Recorded { first: false, completed_batch: false, progress: None })
-            } else {
-                Err(DbError::UnknownImage { batch_id: image.batch_id.clone(), image_id: image.image_id.clone() })
-            };
-        }
-        // Claimed but no batch row: the batch was deleted under it; nothing to count.
-        let Some(processed) = row.get::<_, Option<i32>>(2) else {
-            return Ok(Recorded { first: true, completed_batch: false, progress: None });
-        };
-        let completed_batch: bool = row.get(5);
-        let progress = Progress {
-            batch_id: image.batch_id.clone(),
-            processed,
-            failed: row.get(3),
-            image_count: row.get(4),
-            completed: completed_batch,
-        };
-        Ok(Recorded { first: true, completed_batch, progress: Some(progress) })
     }
 }
 

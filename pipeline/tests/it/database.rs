@@ -267,3 +267,48 @@ async fn concurrent_outcomes_and_their_redeliveries_complete_the_batch_exactly_o
     let s = db.batch_status("b-1").await.unwrap().unwrap();
     assert_eq!((s.status, s.processed, s.failed, s.faces), (BatchStatus::Completed, 200, 0, 200));
 }
+
+/// One statement records a group: several batches, an image twice (the first of the
+/// group wins), an image that was already recorded, an unknown image (its error alone),
+/// and the group that brings a batch to its count completes it; each batch's counters
+/// move once, and its progress goes with one outcome of the group.
+#[tokio::test]
+async fn a_group_of_outcomes_is_recorded_in_one_statement_as_one_at_a_time_would() {
+    let test_db = TestDb::create().await;
+    let db = test_db.pool().await;
+    for batch in ["b-1", "b-2"] {
+        db.insert_batch(batch, &job("proj", "x.zip"), "x.zip").await.unwrap();
+        db.insert_images(batch, &[image("0000000"), image("0000001"), image("0000002")]).await.unwrap();
+        assert!(!db.finish_ingest(batch, 3, &[]).await.unwrap());
+    }
+    let of = |batch: &str, id: &str, status| Outcome { image: ImageRef::new(batch, id, Priority::DEFAULT), ..outcome(id, status) };
+    db.record_outcome(&of("b-2", "0000002", ImageStatus::NoFace)).await.unwrap();
+
+    let group = [
+        of("b-1", "0000000", ImageStatus::Cropped),
+        of("b-1", "0000000", ImageStatus::NoFace), // a redelivery within the group
+        of("b-1", "0000001", ImageStatus::Cropped),
+        of("b-1", "0000002", ImageStatus::Failed),
+        of("b-2", "0000000", ImageStatus::Cropped),
+        of("b-2", "0000002", ImageStatus::Cropped), // already recorded
+        of("b-2", "9999999", ImageStatus::Cropped), // never registered
+    ];
+    let results = db.record_outcomes(&group.iter().collect::<Vec<_>>()).await.unwrap();
+    let first: Vec<Option<bool>> = results.iter().map(|r| r.as_ref().ok().map(|r| r.first)).collect();
+    assert_eq!(first, [Some(true), Some(false), Some(true), Some(true), Some(true), Some(false), None]);
+    assert!(matches!(results[6], Err(facepipe_ledger::DbError::UnknownImage { .. })));
+    // b-1 reached its count in this group: completed, said once, by its last claimed outcome.
+    let completed: Vec<bool> = results.iter().map(|r| r.as_ref().is_ok_and(|r| r.completed_batch)).collect();
+    assert_eq!(completed, [false, false, false, true, false, false, false]);
+    let progress: Vec<(usize, i32)> =
+        results.iter().enumerate().filter_map(|(n, r)| Some((n, r.as_ref().ok()?.progress.as_ref()?.processed))).collect();
+    assert_eq!(progress, [(3, 3), (4, 2)], "one progress per batch, on its last claimed outcome");
+
+    let b1 = db.batch_status("b-1").await.unwrap().unwrap();
+    assert_eq!((b1.status, b1.processed, b1.failed, b1.faces), (BatchStatus::Completed, 3, 1, 3));
+    let b2 = db.batch_status("b-2").await.unwrap().unwrap();
+    assert_eq!((b2.status, b2.processed, b2.failed, b2.faces), (BatchStatus::Processing, 2, 0, 2));
+    let rows = db.results("b-1").await.unwrap();
+    assert_eq!(rows[0].status, ImageStatus::Cropped, "the group's first outcome for an image wins");
+    assert_eq!(rows[0].crop_keys, vec!["batches/b-1/crops/0000000-0.jpg"]);
+}

@@ -1,4 +1,7 @@
-//! The persist stage: image outcome -> idempotent upsert in PostgreSQL, batch progress and completion.
+//! The persist stage: image outcome -> idempotent upsert in PostgreSQL, batch progress
+//! and completion. Outcomes are committed in groups ([`group`]).
+
+pub mod group;
 
 use facepipe_core::domain::StageName;
 use facepipe_core::messages::{self, ImageRef, Outcome};
@@ -9,6 +12,15 @@ use facepipe_runtime::{Ctx, Delivery, Failed, Handled, Handler, StageError};
 pub struct Persist {
     /// Where outcomes are recorded.
     pub db: Db,
+    /// Records them, a group per statement.
+    pub committer: group::Committer,
+}
+
+impl Persist {
+    /// The handler on `db`, with its committer running.
+    pub fn new(db: Db) -> Self {
+        Self { committer: group::Committer::start(db.clone()), db }
+    }
 }
 
 impl Handler for Persist {
@@ -23,13 +35,14 @@ impl Handler for Persist {
         if !outcome.status.is_final() {
             return Err(StageError::permanent(format!("an outcome's status must be final, not `{}`", outcome.status)));
         }
-        let recorded = self.db.record_outcome(&outcome).await?;
+        let batch_id = outcome.image.batch_id.clone();
+        let recorded = self.committer.record(outcome).await?;
         if !recorded.first {
             tracing::debug!("outcome already recorded; redelivery ignored");
             return Ok(Handled::Skipped);
         }
         if recorded.completed_batch {
-            tracing::info!(batch = %outcome.image.batch_id, "batch completed");
+            tracing::info!(batch = %batch_id, "batch completed");
         }
         if let Some(progress) = &recorded.progress {
             // Best effort, for watchers: the database holds the truth.
@@ -88,7 +101,7 @@ mod tests {
     async fn the_first_outcome_is_recorded_and_a_redelivery_is_skipped() {
         let h = StageHarness::start(StageName::Persist, |_| {}).await;
         let (_test_db, db) = ledger().await;
-        let persist = Persist { db: db.clone() };
+        let persist = Persist::new(db.clone());
         let delivery = StageHarness::first_delivery;
         assert_eq!(persist.handle(&h.ctx, outcome(ImageStatus::NoFace), delivery()).await.unwrap(), Handled::Done);
         assert_eq!(persist.handle(&h.ctx, outcome(ImageStatus::Cropped), delivery()).await.unwrap(), Handled::Skipped);
@@ -103,7 +116,7 @@ mod tests {
     async fn an_outcome_it_cannot_record_is_recorded_as_the_images_failure() {
         let h = StageHarness::start(StageName::Persist, |_| {}).await;
         let (_test_db, db) = ledger().await;
-        let persist = Persist { db: db.clone() };
+        let persist = Persist::new(db.clone());
         let pending = outcome(ImageStatus::Pending);
         let error: StageError = persist.handle(&h.ctx, pending.clone(), StageHarness::first_delivery()).await.unwrap_err();
         assert!(error.is_permanent(), "{}", error.message());

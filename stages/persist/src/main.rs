@@ -21,7 +21,7 @@ async fn main() -> anyhow::Result<()> {
             let reconciler = reconcile::run(stage.ctx.bus.clone(), db.clone(), topology.clone(), stage.stopping());
             tokio::spawn(reconciler);
         }
-        Ok(Persist { db })
+        Ok(Persist::new(db))
     })
     .await?)
 }
