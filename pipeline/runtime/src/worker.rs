@@ -2,7 +2,9 @@
 //!
 //! Every stage binary is a [`Handler`] run by [`run`] with a [`Ctx`]. The runtime owns the
 //! delivery semantics so no stage re-implements them:
-//! - it pulls only as many messages as it has free worker slots;
+//! - it holds at most `concurrency` messages (plus the handler's [`Handler::LOOKAHEAD`]),
+//!   and asks for a full complement in one pull: the ones beyond the free slots wait
+//!   for a slot in the process rather than a round trip each;
 //! - a message is acked only after its handler returned `Ok`, which handlers
 //!   return only once their outputs are stored and their publishes acknowledged;
 //! - a transient error is Nak'd with an exponential delay computed from the
@@ -117,9 +119,9 @@ pub async fn run<H: Handler>(
     let watcher = tokio::spawn(crate::live::watch(ctx.bus.clone(), ctx.stage, ctx.live.clone()));
     let sweeper = tokio::spawn(sweep_max_deliveries(worker.clone()));
     let prober = tokio::spawn(probe_readiness(worker.clone()));
-    let slots = Arc::new(Semaphore::new(settings.concurrency));
+    let slots = Arc::new(Semaphore::new(settings.concurrency + H::LOOKAHEAD));
     let resizer = tokio::spawn(follow_concurrency(ctx.clone(), slots.clone(), settings.concurrency));
-    let presence = tokio::spawn(crate::presence::answer(ctx.clone(), slots.clone()));
+    let presence = tokio::spawn(crate::presence::answer(ctx.clone(), slots.clone(), H::LOOKAHEAD));
     let mut tasks = JoinSet::new();
     tracing::info!(stage = %ctx.stage, subject = settings.subject, concurrency = settings.concurrency, "stage started");
     ctx.health.set_ready(true);
@@ -136,7 +138,8 @@ pub async fn run<H: Handler>(
             _ = shutdown.cancelled() => break 'pull,
         };
         let mut permits = vec![first];
-        let want = 1 + slots.available_permits();
+        // A full complement: those beyond the free slots wait here for one.
+        let want = (1 + slots.available_permits()).max(ctx.current().stage(ctx.stage).concurrency + H::LOOKAHEAD);
         // A pull abandoned at shutdown leaves at most its messages un-acked: they are redelivered.
         let pulled = tokio::select! {
             pulled = puller.pull(want, PULL_EXPIRES) => pulled,
