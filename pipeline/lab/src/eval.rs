@@ -135,15 +135,47 @@ pub fn iou(a: [f32; 4], b: [f32; 4]) -> f32 {
 
 /// Scores one photo's detections against its labels.
 pub fn score(label: &Labelled, detections: &[FaceBox]) -> Tally {
+    score_by_size(label, detections).0
+}
+
+/// Upper bounds (exclusive) of the face-size buckets recall is reported in: the labelled
+/// box's smaller side, in original pixels. The last bucket has no bound.
+pub const SIZE_BUCKETS: [f32; 6] = [24.0, 28.0, 32.0, 64.0, 128.0, f32::INFINITY];
+
+/// Countable faces, and those found, in one face-size bucket.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct SizeTally {
+    /// Countable labelled faces of this size.
+    pub faces: usize,
+    /// Of those, faces a detection matched.
+    pub found: usize,
+}
+
+impl SizeTally {
+    /// Found / faces (1 when there were none).
+    pub fn recall(&self) -> f64 {
+        if self.faces == 0 { 1.0 } else { self.found as f64 / self.faces as f64 }
+    }
+}
+
+/// The index in [`SIZE_BUCKETS`] of a face whose smaller side is `side`.
+fn bucket(side: f32) -> usize {
+    SIZE_BUCKETS.iter().position(|upper| side < *upper).unwrap_or(SIZE_BUCKETS.len() - 1)
+}
+
+/// [`score`], with the countable faces and those found, by size bucket.
+pub fn score_by_size(label: &Labelled, detections: &[FaceBox]) -> (Tally, [SizeTally; SIZE_BUCKETS.len()]) {
+    let mut sizes = [SizeTally::default(); SIZE_BUCKETS.len()];
     let mut dets: Vec<&FaceBox> = detections.iter().filter(|d| d.w.min(d.h) >= MIN_DETECTION).collect();
     dets.sort_by(|a, b| b.score.total_cmp(&a.score));
     let Some(faces) = &label.faces else {
         let known = label.face_count_known;
-        return Tally {
+        let tally = Tally {
             count_images: usize::from(known.is_some()),
             count_correct: usize::from(known == Some(dets.len())),
             ..Tally::default()
         };
+        return (tally, sizes);
     };
     let ignored = |i: usize| {
         let invalid = label.wider_attrs.as_ref().and_then(|a| a.get(i)).and_then(|a| a.get(3)) == Some(&1);
@@ -165,7 +197,12 @@ pub fn score(label: &Labelled, detections: &[FaceBox]) -> Tally {
             tally.false_positives += 1;
         }
     }
-    tally
+    for (i, face) in faces.iter().enumerate().filter(|(i, _)| !ignored(*i)) {
+        let size = &mut sizes[bucket(face[2].min(face[3]))];
+        size.faces += 1;
+        size.found += usize::from(matched[i]);
+    }
+    (tally, sizes)
 }
 
 /// Results of an evaluation.
@@ -191,6 +228,11 @@ pub struct Report {
     pub second_pass_images: usize,
     /// Photos evaluated.
     pub images: usize,
+    /// Recall by face size: one entry per [`SIZE_BUCKETS`] bound.
+    pub by_size: Vec<SizeTally>,
+    /// This process's peak resident memory in MiB (`VmHWM`): one thread detecting, as a
+    /// detect process with one worker would.
+    pub peak_rss_mib: f64,
 }
 
 /// Runs the detect stage's code over every photo of a manifest.
@@ -210,6 +252,8 @@ pub fn evaluate(manifest: &Path, params: &DetectParams) -> Result<Report, EvalEr
         second_pass: running.second_pass,
         second_pass_images: 0,
         images: labels.len(),
+        by_size: vec![SizeTally::default(); SIZE_BUCKETS.len()],
+        peak_rss_mib: 0.0,
     };
     let mut elapsed = 0.0;
     for label in &labels {
@@ -219,12 +263,28 @@ pub fn evaluate(manifest: &Path, params: &DetectParams) -> Result<Report, EvalEr
             .map_err(|source| EvalError::Detect { file: label.file.clone(), source })?;
         elapsed += started.elapsed().as_secs_f64();
         report.second_pass_images += usize::from(found.detector == facepipe_core::domain::Detector::Retinaface);
-        let tally = score(label, &found.faces);
+        let (tally, sizes) = score_by_size(label, &found.faces);
+        for (total, size) in report.by_size.iter_mut().zip(sizes) {
+            total.faces += size.faces;
+            total.found += size.found;
+        }
         report.total.add(&tally);
         report.by_source.entry(label.source().to_string()).or_default().add(&tally);
     }
     report.ms_per_image = elapsed * 1000.0 / labels.len().max(1) as f64;
+    report.peak_rss_mib = peak_rss_mib();
     Ok(report)
+}
+
+/// This process's `VmHWM` in MiB (0 where `/proc` does not say).
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
 }
 
 #[cfg(test)]
@@ -266,5 +326,17 @@ mod tests {
         assert_eq!((t.count_images, t.count_correct), (1, 1));
         let t = score(&label(None, Some(1)), &[]);
         assert_eq!((t.count_images, t.count_correct, t.images), (1, 0, 0));
+    }
+
+    #[test]
+    fn recall_by_face_size() {
+        let faces = vec![[0.0, 0.0, 22.0, 30.0], [100.0, 0.0, 40.0, 40.0], [200.0, 0.0, 300.0, 200.0], [600.0, 0.0, 10.0, 10.0]];
+        let (_, sizes) = score_by_size(&label(Some(faces), None), &[det(100.0, 0.0, 40.0, 40.0, 0.9), det(600.0, 0.0, 10.0, 10.0, 0.9)]);
+        // 22 px: the first bucket, missed; 40 px: 32-64, found; 200 px: the last, missed;
+        // the 10 px face is not countable and is in no bucket.
+        assert_eq!(sizes[0], SizeTally { faces: 1, found: 0 });
+        assert_eq!(sizes[3], SizeTally { faces: 1, found: 1 });
+        assert_eq!(sizes[5], SizeTally { faces: 1, found: 0 });
+        assert_eq!(sizes.iter().map(|s| s.faces).sum::<usize>(), 3);
     }
 }

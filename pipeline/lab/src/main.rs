@@ -104,6 +104,15 @@ async fn eval(
             row(source, tally);
         }
         row("all", t);
+        let mut lower = facepipe_lab::eval::MIN_COUNTABLE_FACE;
+        let mut line = String::from("recall by face size (smaller side, px):");
+        for (upper, size) in facepipe_lab::eval::SIZE_BUCKETS.iter().zip(&report.by_size) {
+            let range = if upper.is_finite() { format!("{lower}-{upper}") } else { format!(">={lower}") };
+            line += &format!("  {range} {:.3} ({})", size.recall(), size.faces);
+            lower = *upper;
+        }
+        println!("{line}");
+        println!("peak RSS {:.0} MiB (this process, one thread)", report.peak_rss_mib);
     }
     let mut failed = Vec::new();
     if let Some(min) = min_precision.filter(|m| t.precision() < *m) {

@@ -23,6 +23,7 @@ mod engines;
 mod eval;
 mod hardening;
 mod hostile;
+mod large_photos;
 mod logs;
 mod orientation;
 mod postgres_tls;

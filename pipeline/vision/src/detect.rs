@@ -37,6 +37,7 @@ use facepipe_core::telemetry::Step;
 use super::retinaface::RetinaFace;
 use super::onnx::Shared;
 use super::yunet::OrtYunet;
+use super::tiles;
 use facepipe_core::topology::{CropAlign, CropParams, DetectFallback, DetectParams, DetectorKind, InferenceEngine};
 
 /// Faces found in one image.
@@ -339,19 +340,26 @@ pub fn detect_faces(bytes: &[u8], params: &DetectParams) -> Result<Detection, Vi
 
 /// [`detect_faces`], for a crop stage running `crop`: when it aligns crops by the
 /// eyes, the landmarks of the faces it will crop are refined first (see [`refine_landmarks`]).
+///
+/// With `min_face` set, and faces of that size too small for the whole-photo pass, the
+/// photo is decoded at the scale [`tiles::Plan`] picks and detected in tiles ([`detect_tiled`]).
 pub fn detect_faces_for(bytes: &[u8], params: &DetectParams, crop: Option<&CropParams>) -> Result<Detection, VisionError> {
     let header = decode::probe(bytes, params.max_megapixels)?;
-    let decoded = decode::decode(bytes, header, decode::reduction_for(header, params.width))?;
-    detect_decoded(&decoded, params, crop)
+    let plan = |width, height| params.min_face.and_then(|m| tiles::Plan::for_photo(width, height, params.width, params.upscale, m));
+    // The long side is the same upright or not, so the header's plan sizes the decode.
+    let needed = plan(header.width, header.height).map_or(params.width, |p| p.width.max(p.height));
+    let decoded = decode::decode(bytes, header, decode::reduction_for(header, needed))?;
+    match plan(decoded.full_width, decoded.full_height) {
+        Some(plan) => detect_tiled(&decoded, &plan, params, crop),
+        None => detect_decoded(&decoded, params, crop),
+    }
 }
 
-/// Detects faces on an already decoded image (refining landmarks for `crop` as [`detect_faces_for`] does).
-pub fn detect_decoded(decoded: &Decoded, params: &DetectParams, crop: Option<&CropParams>) -> Result<Detection, VisionError> {
-    // Scaling to the detector's input is part of the step.
-    let _timer = Step::Detect.start();
+/// The decoded photo scaled to the whole-photo pass's size (`width` on the longer side;
+/// enlarged only with `upscale`), with the original pixels per input pixel.
+fn whole_photo_input(decoded: &Decoded, params: &DetectParams) -> Result<(Mat, f64, f64), VisionError> {
     let image = &decoded.image;
     let long = image.cols().max(image.rows());
-    // Scale the longer side to the detection size; enlarge small images only when asked.
     let mut factor = params.width as f64 / long as f64;
     if !params.upscale {
         factor = factor.min(1.0);
@@ -367,11 +375,40 @@ pub fn detect_decoded(decoded: &Decoded, params: &DetectParams, crop: Option<&Cr
         image.clone()
     };
     let (sx, sy) = decoded.scale();
-    let (fx, fy) = (
-        sx * image.cols() as f64 / input.cols() as f64,
-        sy * image.rows() as f64 / input.rows() as f64,
-    );
-    let (w, h) = (decoded.full_width as f32, decoded.full_height as f32);
+    let (fx, fy) = (sx * image.cols() as f64 / input.cols() as f64, sy * image.rows() as f64 / input.rows() as f64);
+    Ok((input, fx, fy))
+}
+
+/// Where a box found on some image lies in the original: `origin` is that image's top-left
+/// corner and `per_pixel` the original pixels per pixel of it, on each axis.
+#[derive(Debug, Clone, Copy)]
+struct ToOriginal {
+    origin: (f64, f64),
+    per_pixel: (f64, f64),
+    /// The original's width and height, to clip to.
+    size: (f32, f32),
+}
+
+impl ToOriginal {
+    /// `f` in original pixels, clipped to the photo; `None` when less than a pixel is left.
+    fn map(&self, f: FaceBox) -> Option<FaceBox> {
+        let ((ox, oy), (px, py), (w, h)) = (self.origin, self.per_pixel, self.size);
+        let x0 = (ox + f.x as f64 * px).max(0.0) as f32;
+        let y0 = (oy + f.y as f64 * py).max(0.0) as f32;
+        let x1 = (ox + (f.x + f.w) as f64 * px).min(w as f64) as f32;
+        let y1 = (oy + (f.y + f.h) as f64 * py).min(h as f64) as f32;
+        // Landmarks are mapped, not clipped: an eye may lie just outside a clipped box.
+        let landmarks = f.landmarks.map(|l| l.map(|[x, y]| [(ox + x as f64 * px) as f32, (oy + y as f64 * py) as f32]));
+        (x1 - x0 >= 1.0 && y1 - y0 >= 1.0).then_some(FaceBox { x: x0, y: y0, w: x1 - x0, h: y1 - y0, score: f.score, landmarks })
+    }
+}
+
+/// Detects faces on an already decoded image (refining landmarks for `crop` as [`detect_faces_for`] does).
+pub fn detect_decoded(decoded: &Decoded, params: &DetectParams, crop: Option<&CropParams>) -> Result<Detection, VisionError> {
+    // Scaling to the detector's input is part of the step.
+    let _timer = Step::Detect.start();
+    let (input, fx, fy) = whole_photo_input(decoded, params)?;
+    let to_original = ToOriginal { origin: (0.0, 0.0), per_pixel: (fx, fy), size: (decoded.full_width as f32, decoded.full_height as f32) };
 
     with_model(params, |model| {
         let mut detector = model_name(model);
@@ -391,36 +428,154 @@ pub fn detect_decoded(decoded: &Decoded, params: &DetectParams, crop: Option<&Cr
             Model::Yunet(net) => run_yunet(net, &input)?,
             Model::Haar(cascade) => run_haar(cascade, &input)?,
         };
-        let mut faces: Vec<FaceBox> = raw
-            .into_iter()
-            .filter_map(|f| {
-                // Map to original pixels and clip to the image.
-                let x0 = (f.x as f64 * fx).max(0.0) as f32;
-                let y0 = (f.y as f64 * fy).max(0.0) as f32;
-                let x1 = (((f.x + f.w) as f64) * fx).min(w as f64) as f32;
-                let y1 = (((f.y + f.h) as f64) * fy).min(h as f64) as f32;
-                // Landmarks are mapped, not clipped: an eye may lie just outside a clipped box.
-                let landmarks = f.landmarks.map(|l| l.map(|[x, y]| [(x as f64 * fx) as f32, (y as f64 * fy) as f32]));
-                (x1 - x0 >= 1.0 && y1 - y0 >= 1.0)
-                    .then_some(FaceBox { x: x0, y: y0, w: x1 - x0, h: y1 - y0, score: f.score, landmarks })
-            })
-            .collect();
+        let mut faces: Vec<FaceBox> = raw.into_iter().filter_map(|f| to_original.map(f)).collect();
         faces.sort_by(|a, b| b.score.total_cmp(&a.score));
-        if let Some(crop) = crop.filter(|c| c.align == CropAlign::Eyes) {
-            for i in super::crop::chosen_faces(&faces, crop) {
-                let face = faces[i];
-                let in_input = |[x, y]: [f32; 2]| [(x as f64 / fx) as f32, (y as f64 / fy) as f32];
-                let on_input = FaceBox {
-                    landmarks: face.landmarks.map(|l| l.map(in_input)),
-                    ..FaceBox::new(in_input([face.x, face.y])[0], in_input([face.x, face.y])[1], (face.w as f64 / fx) as f32, (face.h as f64 / fy) as f32, face.score)
-                };
-                if let Some(refined) = refine_landmarks(model, params, &input, &on_input)? {
-                    faces[i].landmarks = Some(refined.map(|[x, y]| [(x as f64 * fx) as f32, (y as f64 * fy) as f32]));
-                }
-            }
-        }
+        refine_chosen(model, params, crop, &input, (fx, fy), &mut faces)?;
         Ok(Detection { width: decoded.full_width, height: decoded.full_height, faces, detector })
     })
+}
+
+/// Refines the landmarks of the faces `crop` will take, when it aligns by the eyes, on
+/// `input` (`per_pixel`: original pixels per pixel of it).
+fn refine_chosen(
+    model: &mut Model,
+    params: &DetectParams,
+    crop: Option<&CropParams>,
+    input: &Mat,
+    (fx, fy): (f64, f64),
+    faces: &mut [FaceBox],
+) -> Result<(), VisionError> {
+    let Some(crop) = crop.filter(|c| c.align == CropAlign::Eyes) else { return Ok(()) };
+    for i in super::crop::chosen_faces(faces, crop) {
+        let face = faces[i];
+        let in_input = |[x, y]: [f32; 2]| [(x as f64 / fx) as f32, (y as f64 / fy) as f32];
+        let [x, y] = in_input([face.x, face.y]);
+        let on_input = FaceBox {
+            landmarks: face.landmarks.map(|l| l.map(in_input)),
+            ..FaceBox::new(x, y, (face.w as f64 / fx) as f32, (face.h as f64 / fy) as f32, face.score)
+        };
+        if let Some(refined) = refine_landmarks(model, params, input, &on_input)? {
+            faces[i].landmarks = Some(refined.map(|[x, y]| [(x as f64 * fx) as f32, (y as f64 * fy) as f32]));
+        }
+    }
+    Ok(())
+}
+
+/// YuNet (or what runs in its place) on one image, down to `threshold`.
+fn first_pass(model: &mut Model, image: &Mat, threshold: f32, nms_threshold: f32) -> Result<Vec<FaceBox>, VisionError> {
+    match model {
+        Model::YunetOrt { yunet, .. } => yunet.get().detect(image, threshold, nms_threshold),
+        Model::Yunet(net) => run_yunet(net, image),
+        Model::Haar(cascade) => run_haar(cascade, image),
+    }
+}
+
+/// Side, in pixels, of the square RetinaFace checks an uncertain box on ([`VERIFY_SPAN`]
+/// times the face's side, so the face is about 50 px there, well within what RetinaFace
+/// finds; a larger square costs more and found no more on the sheets).
+const VERIFY_SIDE: f64 = 128.0;
+
+/// The checked square's side, in faces.
+const VERIFY_SPAN: f64 = 2.5;
+
+/// Detection with `min_face` ([`tiles`]): YuNet on the whole photo at `width` (the large
+/// faces) and on every tile of `plan` (the small ones), merged in original pixels. With
+/// the second pass on, each box YuNet is unsure of is checked by RetinaFace on its own
+/// neighbourhood ([`VERIFY_SIDE`]) and kept only if RetinaFace finds it there: the cost
+/// follows the number of doubtful faces, not the photo's size.
+fn detect_tiled(decoded: &Decoded, plan: &tiles::Plan, params: &DetectParams, crop: Option<&CropParams>) -> Result<Detection, VisionError> {
+    let _timer = Step::Detect.start();
+    let image = &decoded.image;
+    let (sx, sy) = decoded.scale();
+    let size = (decoded.full_width as f32, decoded.full_height as f32);
+    let (input, fx, fy) = whole_photo_input(decoded, params)?;
+    // Decoded pixels per scaled (tile) pixel.
+    let (kx, ky) = (image.cols() as f64 / plan.width as f64, image.rows() as f64 / plan.height as f64);
+
+    with_model(params, |model| {
+        let verifying = matches!(model, Model::YunetOrt { second: Some(_), .. }) && params.second_pass.active().is_some();
+        let threshold = if verifying { params.score_threshold.min(params.second_pass.uncertain_from) } else { params.score_threshold };
+        let whole = ToOriginal { origin: (0.0, 0.0), per_pixel: (fx, fy), size };
+        let mut found: Vec<FaceBox> = first_pass(model, &input, threshold, params.nms_threshold)?.into_iter().filter_map(|f| whole.map(f)).collect();
+        let mut tile_image = Mat::default();
+        for tile in plan.tiles() {
+            // The tile's rectangle in decoded pixels, resized on its own: one tile in memory.
+            let x0 = (tile.x as f64 * kx).floor() as i32;
+            let y0 = (tile.y as f64 * ky).floor() as i32;
+            let x1 = (((tile.x + tile.w) as f64 * kx).ceil() as i32).min(image.cols());
+            let y1 = (((tile.y + tile.h) as f64 * ky).ceil() as i32).min(image.rows());
+            let source = Mat::roi(image, Rect::new(x0, y0, x1 - x0, y1 - y0))?;
+            let interpolation = if kx > 2.0 { imgproc::INTER_AREA } else { imgproc::INTER_LINEAR };
+            imgproc::resize(&source, &mut tile_image, Size::new(tile.w as i32, tile.h as i32), 0.0, 0.0, interpolation)?;
+            let on_tile = ToOriginal {
+                origin: (x0 as f64 * sx, y0 as f64 * sy),
+                per_pixel: (sx * (x1 - x0) as f64 / tile.w as f64, sy * (y1 - y0) as f64 / tile.h as f64),
+                size,
+            };
+            let boxes = first_pass(model, &tile_image, threshold, params.nms_threshold)?;
+            // Faces wider than the overlap may be cut anywhere: the whole-photo pass's.
+            let small = |f: &FaceBox| f.w.max(f.h) <= plan.overlap as f32;
+            found.extend(boxes.into_iter().filter(|f| small(f) && !tile.cuts(f)).filter_map(|f| on_tile.map(f)));
+        }
+        let merged = tiles::merge(found, params.nms_threshold);
+        let mut detector = model_name(model);
+        let mut faces = Vec::with_capacity(merged.len());
+        match model {
+            Model::YunetOrt { second: Some(retinaface), second_input, .. } if verifying => {
+                let pass = &params.second_pass;
+                for face in merged {
+                    if face.score >= pass.uncertain_to {
+                        faces.push(face);
+                    } else if pass.is_uncertain(face.score) {
+                        detector = Detector::Retinaface;
+                        faces.extend(verify(retinaface, second_input, decoded, &face, pass.score_threshold)?);
+                    } else if face.score >= params.score_threshold {
+                        faces.push(face);
+                    }
+                }
+            }
+            _ => faces.extend(merged.into_iter().filter(|f| f.score >= threshold)),
+        }
+        faces.sort_by(|a, b| b.score.total_cmp(&a.score));
+        refine_chosen(model, params, crop, image, (sx, sy), &mut faces)?;
+        Ok(Detection { width: decoded.full_width, height: decoded.full_height, faces, detector })
+    })
+}
+
+/// RetinaFace's box for `face` (original pixels) on its neighbourhood in the decoded
+/// photo, or `None` when RetinaFace finds no face there scoring `threshold`. The
+/// neighbourhood is always sampled to the same size (black beyond the photo's edge), so
+/// ONNX Runtime plans its memory once for every check.
+fn verify(retinaface: &RetinaFace, buffer: &mut Vec<f32>, decoded: &Decoded, face: &FaceBox, threshold: f32) -> Result<Option<FaceBox>, VisionError> {
+    let (sx, sy) = decoded.scale();
+    let (cx, cy) = ((face.x + face.w / 2.0) as f64 / sx, (face.y + face.h / 2.0) as f64 / sy);
+    let side = VERIFY_SPAN * face.w.max(face.h) as f64 / sx;
+    let window = super::crop::TurnedWindow { cx, cy, side, angle: 0.0 };
+    let region = super::crop::warp(&decoded.image, &window.affine(VERIFY_SIDE), VERIFY_SIDE as i32, core::BORDER_CONSTANT)?;
+    // Region pixel u lies at cx + (u - n/2) * step in decoded pixels.
+    let step = side / VERIFY_SIDE;
+    let to_original = ToOriginal {
+        origin: ((cx - side / 2.0) * sx, (cy - side / 2.0) * sy),
+        per_pixel: (step * sx, step * sy),
+        size: (decoded.full_width as f32, decoded.full_height as f32),
+    };
+    let best = retinaface
+        .detect(buffer, &region, threshold)?
+        .into_iter()
+        .filter_map(|f| to_original.map(f))
+        .map(|f| (iou(&f, face), f))
+        .filter(|(overlap, _)| *overlap >= 0.3)
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    Ok(best.map(|(_, f)| f))
+}
+
+/// Intersection over union of two boxes.
+fn iou(a: &FaceBox, b: &FaceBox) -> f32 {
+    let iw = ((a.x + a.w).min(b.x + b.w) - a.x.max(b.x)).max(0.0);
+    let ih = ((a.y + a.h).min(b.y + b.h) - a.y.max(b.y)).max(0.0);
+    let inter = iw * ih;
+    let union = a.w * a.h + b.w * b.h - inter;
+    if union <= 0.0 { 0.0 } else { inter / union }
 }
 
 /// Side of the square on which landmarks are refined (a multiple of 32, as both networks want).

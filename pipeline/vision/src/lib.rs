@@ -14,6 +14,7 @@
 //! - [`onnx`]: ONNX Runtime, loaded once per process; sessions for one worker thread; NMS.
 //! - [`yunet`]: YuNet on ONNX Runtime, with OpenCV 4.6's pre- and post-processing.
 //! - [`retinaface`]: RetinaFace on ONNX Runtime, the optional second pass of [`detect`].
+//! - [`tiles`]: with `min_face`, the scale and overlapping tiles large photos are detected in, and the merge (pure).
 //! - [`region`]: decode only a crop's rectangle of a JPEG (libjpeg-turbo through the `jpeg-region` crate), upright.
 
 pub mod crop;
@@ -22,6 +23,7 @@ pub mod detect;
 pub mod onnx;
 pub mod region;
 pub mod retinaface;
+pub mod tiles;
 pub mod yunet;
 
 /// What a [`VisionError`] keeps of the library error behind it (its sources included).

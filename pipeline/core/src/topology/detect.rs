@@ -74,6 +74,12 @@ pub struct DetectParams {
     pub width: u32,
     /// Also enlarge images smaller than `width` (finds small faces in small photos).
     pub upscale: bool,
+    /// The smallest face, in original pixels, this deployment wants found. Unset: every
+    /// photo is detected at `width` alone (right for portraits). Set, a photo in which such
+    /// a face would be too small at `width` is also detected at the scale that brings it
+    /// to the smallest size YuNet finds reliably, in overlapping tiles, with the second
+    /// pass only around the boxes YuNet is unsure of (docs/quality.md, "Large photos").
+    pub min_face: Option<u32>,
     /// YuNet score below which a box is dropped.
     pub score_threshold: f32,
     /// YuNet non-maximum-suppression IoU threshold.
@@ -99,6 +105,7 @@ impl Default for DetectParams {
             fallback: DetectFallback::default(),
             width: 640,
             upscale: true,
+            min_face: None,
             score_threshold: 0.8,
             nms_threshold: 0.3,
             max_megapixels: 100.0,
@@ -120,6 +127,7 @@ impl DetectParams {
         )?;
         ensure((0.0..=1.0).contains(&self.nms_threshold), &key("nms_threshold"), "must be in [0, 1]")?;
         ensure(self.max_megapixels > 0.0, &key("max_megapixels"), "must be positive")?;
+        ensure(self.min_face.is_none_or(|m| m >= 8), &key("min_face"), "must be at least 8 (pixels)")?;
         self.second_pass.validate()
     }
 }
