@@ -3,8 +3,8 @@
 //! Every stage binary is a [`Handler`] run by [`run`] with a [`Ctx`]. The runtime owns the
 //! delivery semantics so no stage re-implements them:
 //! - it holds at most `concurrency` messages (plus the handler's [`Handler::LOOKAHEAD`]),
-//!   and asks for a full complement in one pull: the ones beyond the free slots wait
-//!   for a slot in the process rather than a round trip each;
+//!   and pulls only as many as it has free slots, so every message it holds is being
+//!   handled (and kept alive with in-progress acks);
 //! - a message is acked only after its handler returned `Ok`, which handlers
 //!   return only once their outputs are stored and their publishes acknowledged;
 //! - a transient error is Nak'd with an exponential delay computed from the
@@ -138,8 +138,9 @@ pub async fn run<H: Handler>(
             _ = shutdown.cancelled() => break 'pull,
         };
         let mut permits = vec![first];
-        // A full complement: those beyond the free slots wait here for one.
-        let want = (1 + slots.available_permits()).max(ctx.current().stage(ctx.stage).concurrency + H::LOOKAHEAD);
+        // Only as many as there are free slots: a message pulled without one would wait
+        // here, unprocessed and without in-progress acks, until JetStream redelivers it.
+        let want = 1 + slots.available_permits();
         // A pull abandoned at shutdown leaves at most its messages un-acked: they are redelivered.
         let pulled = tokio::select! {
             pulled = puller.pull(want, PULL_EXPIRES) => pulled,
