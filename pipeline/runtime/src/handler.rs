@@ -34,13 +34,6 @@ pub trait Handler: Send + Sync + 'static {
     /// The message type this stage consumes.
     type Input: DeserializeOwned + Send + 'static;
 
-    /// Messages handled beyond `concurrency` (which is also the CPU threads): with one,
-    /// the next message's reads and the last one's publish overlap the CPU work of the
-    /// others, so the cores do not wait on round trips. For stages whose work is on the
-    /// CPU threads (detect, crop); an extract job is long and holds its archive, so
-    /// extract takes none.
-    const LOOKAHEAD: usize = 0;
-
     /// Handles one message. Return `Ok` only when every output is stored and
     /// every publish acknowledged: the runtime acks right after.
     fn handle(

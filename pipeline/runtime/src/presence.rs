@@ -34,7 +34,7 @@ pub fn subject(topology: &Topology) -> String {
 }
 
 /// Answers pings for this process until its connection closes.
-pub async fn answer(ctx: Arc<Ctx>, slots: Arc<Semaphore>, lookahead: usize) {
+pub async fn answer(ctx: Arc<Ctx>, slots: Arc<Semaphore>) {
     let mut pings = match ctx.bus.client.subscribe(subject(&ctx.topology)).await {
         Ok(sub) => sub,
         Err(e) => {
@@ -51,7 +51,7 @@ pub async fn answer(ctx: Arc<Ctx>, slots: Arc<Semaphore>, lookahead: usize) {
             host: host.clone(),
             pid: std::process::id(),
             concurrency,
-            in_flight: (concurrency + lookahead).saturating_sub(slots.available_permits()),
+            in_flight: concurrency.saturating_sub(slots.available_permits()),
         };
         let _ = ctx.bus.client.publish(reply, facepipe_core::messages::encode(&presence)).await;
     }

@@ -2,9 +2,7 @@
 //!
 //! Every stage binary is a [`Handler`] run by [`run`] with a [`Ctx`]. The runtime owns the
 //! delivery semantics so no stage re-implements them:
-//! - it holds at most `concurrency` messages (plus the handler's [`Handler::LOOKAHEAD`]),
-//!   and pulls only as many as it has free slots, so every message it holds is being
-//!   handled (and kept alive with in-progress acks);
+//! - it pulls only as many messages as it has free worker slots;
 //! - a message is acked only after its handler returned `Ok`, which handlers
 //!   return only once their outputs are stored and their publishes acknowledged;
 //! - a transient error is Nak'd with an exponential delay computed from the
@@ -119,9 +117,9 @@ pub async fn run<H: Handler>(
     let watcher = tokio::spawn(crate::live::watch(ctx.bus.clone(), ctx.stage, ctx.live.clone()));
     let sweeper = tokio::spawn(sweep_max_deliveries(worker.clone()));
     let prober = tokio::spawn(probe_readiness(worker.clone()));
-    let slots = Arc::new(Semaphore::new(settings.concurrency + H::LOOKAHEAD));
+    let slots = Arc::new(Semaphore::new(settings.concurrency));
     let resizer = tokio::spawn(follow_concurrency(ctx.clone(), slots.clone(), settings.concurrency));
-    let presence = tokio::spawn(crate::presence::answer(ctx.clone(), slots.clone(), H::LOOKAHEAD));
+    let presence = tokio::spawn(crate::presence::answer(ctx.clone(), slots.clone()));
     let mut tasks = JoinSet::new();
     tracing::info!(stage = %ctx.stage, subject = settings.subject, concurrency = settings.concurrency, "stage started");
     ctx.health.set_ready(true);
@@ -138,8 +136,6 @@ pub async fn run<H: Handler>(
             _ = shutdown.cancelled() => break 'pull,
         };
         let mut permits = vec![first];
-        // Only as many as there are free slots: a message pulled without one would wait
-        // here, unprocessed and without in-progress acks, until JetStream redelivers it.
         let want = 1 + slots.available_permits();
         // A pull abandoned at shutdown leaves at most its messages un-acked: they are redelivered.
         let pulled = tokio::select! {

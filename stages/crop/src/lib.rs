@@ -10,8 +10,6 @@ pub struct Crop;
 
 impl Handler for Crop {
     type Input = CropJob;
-    // One image read (and one publish acknowledged) while the CPU threads work.
-    const LOOKAHEAD: usize = 1;
 
     async fn handle(&self, ctx: &Ctx, job: CropJob, delivery: Delivery) -> Result<Handled, StageError> {
         // Live settings: a crop size changed by `pipeline apply` applies from the next image.

@@ -63,8 +63,6 @@ impl Detect {
 
 impl Handler for Detect {
     type Input = DetectJob;
-    // One image read (and one publish acknowledged) while the CPU threads work.
-    const LOOKAHEAD: usize = 1;
 
     async fn handle(&self, ctx: &Ctx, job: DetectJob, _: Delivery) -> Result<Handled, StageError> {
         let bytes = ctx.store.get(&job.key).await?;
