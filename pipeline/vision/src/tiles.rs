@@ -23,7 +23,8 @@ use facepipe_core::messages::FaceBox;
 pub const YUNET_SMALLEST_FACE: f64 = 16.0;
 
 /// The side of a tile, in scaled pixels, when the overlap allows (a multiple of 32, as YuNet
-/// wants): large enough that the overlap adds a third to the work, small enough that
+/// wants): large enough that the overlaps add under half to the work (1.44x the pixels of a
+/// 12 MP photo at `min_face = 20`), small enough that
 /// YuNet's working memory stays that of the default's.
 pub const TILE: u32 = 960;
 
