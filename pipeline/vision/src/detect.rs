@@ -563,19 +563,10 @@ fn verify(retinaface: &RetinaFace, buffer: &mut Vec<f32>, decoded: &Decoded, fac
         .detect(buffer, &region, threshold)?
         .into_iter()
         .filter_map(|f| to_original.map(f))
-        .map(|f| (iou(&f, face), f))
+        .map(|f| (tiles::iou(&f, face), f))
         .filter(|(overlap, _)| *overlap >= 0.3)
         .max_by(|a, b| a.0.total_cmp(&b.0));
     Ok(best.map(|(_, f)| f))
-}
-
-/// Intersection over union of two boxes.
-fn iou(a: &FaceBox, b: &FaceBox) -> f32 {
-    let iw = ((a.x + a.w).min(b.x + b.w) - a.x.max(b.x)).max(0.0);
-    let ih = ((a.y + a.h).min(b.y + b.h) - a.y.max(b.y)).max(0.0);
-    let inter = iw * ih;
-    let union = a.w * a.h + b.w * b.h - inter;
-    if union <= 0.0 { 0.0 } else { inter / union }
 }
 
 /// Side of the square on which landmarks are refined (a multiple of 32, as both networks want).

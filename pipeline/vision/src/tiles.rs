@@ -132,18 +132,28 @@ pub fn merge(mut faces: Vec<FaceBox>, nms_threshold: f32) -> Vec<FaceBox> {
     let mut kept: Vec<FaceBox> = Vec::with_capacity(faces.len());
     for face in faces {
         let same = kept.iter().any(|k| {
-            let iw = ((k.x + k.w).min(face.x + face.w) - k.x.max(face.x)).max(0.0);
-            let ih = ((k.y + k.h).min(face.y + face.h) - k.y.max(face.y)).max(0.0);
-            let inter = iw * ih;
-            let (ka, fa) = (k.w * k.h, face.w * face.h);
-            let union = ka + fa - inter;
-            union > 0.0 && (inter / union > nms_threshold || inter / ka.min(fa) > 0.6)
+            let (inter, union) = overlap(k, &face);
+            union > 0.0 && (inter / union > nms_threshold || inter / (k.w * k.h).min(face.w * face.h) > 0.6)
         });
         if !same {
             kept.push(face);
         }
     }
     kept
+}
+
+/// Intersection over union of two boxes.
+pub fn iou(a: &FaceBox, b: &FaceBox) -> f32 {
+    let (inter, union) = overlap(a, b);
+    if union <= 0.0 { 0.0 } else { inter / union }
+}
+
+/// The area two boxes share, and the area they cover together.
+fn overlap(a: &FaceBox, b: &FaceBox) -> (f32, f32) {
+    let iw = ((a.x + a.w).min(b.x + b.w) - a.x.max(b.x)).max(0.0);
+    let ih = ((a.y + a.h).min(b.y + b.h) - a.y.max(b.y)).max(0.0);
+    let inter = iw * ih;
+    (inter, a.w * a.h + b.w * b.h - inter)
 }
 
 #[cfg(test)]
